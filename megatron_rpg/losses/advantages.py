@@ -1,0 +1,111 @@
+"""Advantage estimators for outcome rewards (spec notation; section 7 for REINFORCE++).
+
+Sequence rewards R_i, [batch]; `group_ids` [batch] says which prompt each response answers.
+
+    group_mean:      A_i = R_i - mean_{j in g(i)} R_j                      (RPG default)
+    group_mean_std:  A_i = (R_i - mean_g R) / (std_g R + eps)              (GRPO; unbiased std)
+    batch_mean:      A_i = R_i - mean_j R_j
+    reinforce_pp:    token rewards r_t = -beta*(lp_old_t - lp_ref_t), plus R_i at the last valid
+                     token; returns G_t = sum_{s>=t} r_s; whitened over all valid tokens of the
+                     batch: A_t = (G_t - mean G) / (std G + eps)            (REINFORCE++)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+ESTIMATORS: tuple[str, ...] = ("group_mean", "group_mean_std", "batch_mean", "reinforce_pp")
+
+
+def _group_index(group_ids: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
+    if group_ids.shape != rewards.shape or rewards.dim() != 1:
+        raise ValueError(
+            f"rewards and group_ids must both be [batch]; got {tuple(rewards.shape)} "
+            f"and {tuple(group_ids.shape)}"
+        )
+    _, index = torch.unique(group_ids, return_inverse=True)
+    counts = torch.bincount(index).to(rewards.dtype)
+    if bool((counts < 2).any()):
+        raise ValueError(
+            "group advantages need at least 2 responses per prompt (rollout.n >= 2); "
+            f"group sizes are {counts.long().tolist()}"
+        )
+    return index, counts
+
+
+def _group_sum(values: Tensor, index: Tensor, num_groups: int) -> Tensor:
+    return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(
+        0, index, values
+    )
+
+
+def group_mean_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    index, counts = _group_index(group_ids, rewards)
+    mean = _group_sum(rewards, index, counts.numel()) / counts
+    return rewards - mean[index]
+
+
+def group_mean_std_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
+    index, counts = _group_index(group_ids, rewards)
+    mean = _group_sum(rewards, index, counts.numel()) / counts
+    centred = rewards - mean[index]
+    var = _group_sum(centred.square(), index, counts.numel()) / (counts - 1.0)
+    return centred / (var.sqrt()[index] + eps)
+
+
+def batch_mean_advantages(rewards: Tensor) -> Tensor:
+    return rewards - rewards.mean()
+
+
+def reinforce_pp_advantages(
+    rewards: Tensor,
+    response_mask: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    beta: float,
+    eps: float = 1e-6,
+) -> Tensor:
+    """REINFORCE++ token advantages [batch, response_len] (see the module docstring)."""
+    mask = response_mask.to(old_logprobs.dtype)
+    if mask.shape != old_logprobs.shape or ref_logprobs.shape != old_logprobs.shape:
+        raise ValueError("response_mask, old_logprobs and ref_logprobs must have the same shape")
+    token_rewards = -beta * (old_logprobs - ref_logprobs) * mask
+    lengths = mask.sum(dim=-1).long()
+    has_tokens = lengths > 0
+    rows = torch.arange(rewards.numel(), device=rewards.device)[has_tokens]
+    token_rewards[rows, lengths[has_tokens] - 1] += rewards[has_tokens].to(token_rewards.dtype)
+    returns = token_rewards.flip(-1).cumsum(-1).flip(-1) * mask
+    count = mask.sum().clamp(min=1.0)
+    mean = returns.sum() / count
+    std = (((returns - mean) * mask).square().sum() / count).sqrt()
+    return (returns - mean) / (std + eps) * mask
+
+
+def compute_advantages(
+    estimator: str,
+    rewards: Tensor,
+    group_ids: Tensor | None = None,
+    *,
+    response_mask: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    beta: float = 0.0,
+) -> Tensor:
+    """Dispatch on the estimator's name; [batch] for outcome estimators, [batch, T] otherwise."""
+    if estimator in ("group_mean", "group_mean_std"):
+        if group_ids is None:
+            raise ValueError(f"advantage estimator {estimator!r} needs group_ids")
+        if estimator == "group_mean":
+            return group_mean_advantages(rewards, group_ids)
+        return group_mean_std_advantages(rewards, group_ids)
+    if estimator == "batch_mean":
+        return batch_mean_advantages(rewards)
+    if estimator == "reinforce_pp":
+        if response_mask is None or old_logprobs is None or ref_logprobs is None:
+            raise ValueError(
+                "advantage estimator 'reinforce_pp' needs response_mask, old_logprobs "
+                "and ref_logprobs"
+            )
+        return reinforce_pp_advantages(rewards, response_mask, old_logprobs, ref_logprobs, beta)
+    raise ValueError(f"advantage estimator {estimator!r} is not one of {ESTIMATORS}")

@@ -1,0 +1,84 @@
+"""The RPG surrogates (spec sections 1, 2, 4): four divergences x {fully differentiable, REINFORCE}.
+
+Every surrogate satisfies E_{pi_old}[grad L] = -grad J exactly, J = E_{pi_theta}[R] - beta*D
+(tested by exact enumeration in tests/test_losses_enumeration.py), unless a clip is active.
+
+Fully differentiable, `rpg_<div>`:   L = -w*A + beta*estimate_D(w, r, rho)          (section 1)
+    with clip='dual' (Algorithm 1):  L = dual_clip(w, SG(A_hat)) [+ beta*estimate_D if not folded],
+    A_hat = A + C_KL/w for urkl and rkl, A_hat = A for fkl and ufkl.
+REINFORCE, `rpg_reinforce_<div>`:    L = -SG(w*A + C_KL) * lp                        (section 2)
+    clip='dual': Algorithm 2; clip='truncate': w -> clip(w, 1-eps_low, 1+eps_high) inside SG.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from megatron_rpg.config import LossConfig
+from megatron_rpg.losses.clipping import (
+    ClippedLoss,
+    ppo_dual_clip,
+    rpg_reinforce_clip,
+    truncation_masks,
+)
+from megatron_rpg.losses.kl import DIVERGENCES, Divergence
+from megatron_rpg.losses.registry import Surrogate, TokenTerms, register_loss
+
+
+def rpg_loss(divergence: Divergence, terms: TokenTerms, config: LossConfig) -> Surrogate:
+    log_w, log_r, log_rho, adv = (
+        terms.log_ratio,
+        terms.log_ref_ratio,
+        terms.log_rho,
+        terms.advantages,
+    )
+    w = torch.exp(log_w)
+    kl_term = config.beta * divergence.estimate(log_w, log_r, log_rho)
+    if config.clip == "none":
+        return Surrogate(-w * adv + kl_term)
+    if divergence.folds_into_advantage:
+        c_kl = divergence.kl_weight(config.beta, log_w, log_r, log_rho)
+        adv_hat = (adv + c_kl / w).detach()
+        clipped = ppo_dual_clip(w, adv_hat, config.eps_low, config.eps_high, config.dual_clip_c)
+        return Surrogate(clipped.loss, clipped)
+    clipped = ppo_dual_clip(w, adv, config.eps_low, config.eps_high, config.dual_clip_c)
+    return Surrogate(clipped.loss + kl_term, clipped)
+
+
+def rpg_reinforce_loss(divergence: Divergence, terms: TokenTerms, config: LossConfig) -> Surrogate:
+    log_w, log_r, log_rho, adv = (
+        terms.log_ratio,
+        terms.log_ref_ratio,
+        terms.log_rho,
+        terms.advantages,
+    )
+    w = torch.exp(log_w)
+    if config.clip == "dual":
+        c_kl = divergence.kl_weight(config.beta, log_w, log_r, log_rho)
+        clipped = rpg_reinforce_clip(
+            terms.logprobs, w, adv, c_kl, config.eps_low, config.eps_high, config.dual_clip_c
+        )
+        return Surrogate(clipped.loss, clipped)
+    if config.clip == "truncate":
+        log_w_bar = log_w.clamp(math.log1p(-config.eps_low), math.log1p(config.eps_high))
+        log_r_bar = log_w_bar - log_rho  # log r = log w - log rho
+        weight = torch.exp(log_w_bar) * adv + divergence.kl_weight(
+            config.beta, log_w_bar, log_r_bar, log_rho
+        )
+        upper, lower = truncation_masks(w.detach(), config.eps_low, config.eps_high)
+        loss = -weight.detach() * terms.logprobs
+        return Surrogate(loss, ClippedLoss(loss, upper, lower, torch.zeros_like(upper)))
+    weight = w * adv + divergence.kl_weight(config.beta, log_w, log_r, log_rho)
+    return Surrogate(-weight.detach() * terms.logprobs)
+
+
+for _divergence in DIVERGENCES.values():
+    register_loss(f"rpg_{_divergence.name}", has_kl=True, clip_modes=("none", "dual"))(
+        functools.partial(rpg_loss, _divergence)
+    )
+    register_loss(
+        f"rpg_reinforce_{_divergence.name}", has_kl=True, clip_modes=("none", "dual", "truncate")
+    )(functools.partial(rpg_reinforce_loss, _divergence))

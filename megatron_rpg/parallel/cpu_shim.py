@@ -1,0 +1,182 @@
+"""Megatron-Core on a CPU-only torch, with gloo: every patch we need, in one place.
+
+`apply()` patches once per process and only when CUDA is unavailable; on a GPU it does nothing.
+Each patch names the megatron-core call site that needs it (0.16.1; the recipe and the failure
+each patch prevents are in ../shared/docs/megatron_cpu.md). Import it in every spawned rank:
+patches are not inherited with the spawn start method.
+
+Not covered (no CPU code path of ours uses them): the distributed optimizer's checkpoint resume
+(patch 11 of the recipe) and batched p2p sync (we run pipelines with batch_p2p_comm=False).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_applied = False
+
+
+def apply() -> bool:
+    """Patch megatron-core for the CPU; returns whether patches are (now) in place."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if not _applied:
+        _patch_cuda_device_queries()
+        _patch_rng()
+        _patch_cuda_tensor_factories()
+        _patch_cuda_type_checks()
+        _patch_sequence_parallel_norm()
+        _patch_missing_psutil()
+        _applied = True
+    return True
+
+
+def _patch_cuda_device_queries() -> None:
+    # param_and_grad_buffer.py (grad/param buffers), p2p recv buffers, GlobalMemoryBuffer,
+    # ChainedOptimizer.get_loss_scale: device=torch.cuda.current_device(). "cpu", never 0 (cuda:0).
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
+    # p2p_communication._communicate with batch_p2p_sync, _communicate_shapes.
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+
+
+def _patch_rng() -> None:
+    """The CUDA RNG tracker (tensor_parallel/random.py) drives the CPU default generator instead.
+
+    Redirecting get_rng_state alone is not enough: torch.cuda.manual_seed is silently queued on a
+    CPU build, which would leave every tracker state identical and unseeded.
+    """
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # type: ignore[assignment]
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
+    torch.cuda.random.get_rng_state = torch.cuda.get_rng_state  # type: ignore[assignment]
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state()
+    )
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+        torch.set_rng_state(new_state)
+    )
+
+    class _DropCpuRngWarning(logging.Filter):
+        # On the CPU the "CUDA" RNG *is* the CPU RNG, so the tracker warns on every dropout.
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+    logging.getLogger(mcore_random.__name__).addFilter(_DropCpuRngWarning())
+
+
+class _CudaToCpuTorch:
+    """A stand-in for the `torch` module inside one megatron module: tensor factories asked for
+    device="cuda" build on the CPU; everything else is the real torch."""
+
+    _FACTORIES = ("zeros", "empty", "ones", "full", "tensor")
+
+    def __init__(self, real: Any):
+        self._real = real
+        for name in self._FACTORIES:
+            setattr(self, name, self._on_cpu(getattr(real, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    @staticmethod
+    def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        @functools.wraps(factory)
+        def build(*args: Any, **kwargs: Any) -> torch.Tensor:
+            device = kwargs.get("device")
+            if device is not None and torch.device(device).type == "cuda":  # "cuda", 0, cuda:1
+                kwargs["device"] = "cpu"
+            kwargs.pop("pin_memory", None)
+            return factory(*args, **kwargs)
+
+        return build
+
+
+def _patch_cuda_tensor_factories() -> None:
+    # schedules.py total_num_tokens (3 schedules); FP32Optimizer._scale and MixedPrecisionOptimizer
+    # buffers; clip_grads.py norm/overflow buffers; utils.local_multi_tensor_l2_norm.
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.pipeline_parallel import schedules
+
+    for module in (schedules, optimizer, clip_grads, utils):
+        module.torch = _CudaToCpuTorch(torch)  # type: ignore[attr-defined]
+
+
+def _reporting_cuda_type_names(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """While `fn` runs, `tensor.type()` of a CPU tensor reports the torch.cuda.* name.
+    Swaps a class attribute: not thread-safe (megatron calls these from one thread)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.type
+
+        def cuda_type_name(self: torch.Tensor, dtype: Any = None, *a: Any, **k: Any) -> Any:
+            if dtype is None and not a and not k and self.device.type == "cpu":
+                return original(self).replace("torch.", "torch.cuda.", 1)
+            return original(self, dtype, *a, **k)
+
+        torch.Tensor.type = cuda_type_name  # type: ignore[method-assign,assignment]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original  # type: ignore[method-assign]
+
+    return wrapper
+
+
+def _patch_cuda_type_checks() -> None:
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    # clip_grads.clip_grad_by_total_norm_fp32 asserts grad.type() == 'torch.cuda.FloatTensor';
+    # wrapped at its import site in optimizer.py.
+    optimizer.clip_grad_by_total_norm_fp32 = _reporting_cuda_type_names(
+        optimizer.clip_grad_by_total_norm_fp32
+    )
+    # DistributedOptimizer._build_model_and_main_param_groups accepts only torch.cuda.* params.
+    cls = distrib_optimizer.DistributedOptimizer
+    build = cls.__dict__["_build_model_and_main_param_groups"].__func__
+    cls._build_model_and_main_param_groups = classmethod(_reporting_cuda_type_names(build))  # type: ignore[assignment]
+
+
+def _patch_sequence_parallel_norm() -> None:
+    """Without Apex/TE the local spec uses torch norms, whose wrapper refuses sequence parallel.
+
+    Build the norm without SP and tag its parameters `sequence_parallel`, as FusedLayerNorm does,
+    so that finalize_model_grads sums the norm's gradients over the TP group. (Dropping the assert
+    without the tag trains silently wrong.)
+    """
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    original_new = WrappedTorchNorm.__new__
+
+    def new(cls: type, config: Any, *args: Any, **kwargs: Any) -> Any:
+        if not config.sequence_parallel:
+            return original_new(cls, config, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original_new(cls, plain, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    WrappedTorchNorm.__new__ = new  # type: ignore[method-assign,assignment]
+
+
+def _patch_missing_psutil() -> None:
+    # dist_checkpointing's async writer calls _process_memory() outside its try/except: without
+    # psutil the writer process dies and save() hangs forever. psutil is a dependency; this guards
+    # an environment that lacks it anyway.
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        filesystem_async._process_memory = lambda: 0

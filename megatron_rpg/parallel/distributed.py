@@ -1,0 +1,104 @@
+"""torch.distributed and Megatron-Core parallel state for a given TP x PP x DP layout.
+
+    init_process_group()                     # from RANK/WORLD_SIZE/MASTER_* (torchrun, srun, pool)
+    layout = initialize_model_parallel(ParallelConfig(tensor_parallel=2), seed=1234)
+    ...
+    destroy_model_parallel()
+
+NCCL with CUDA, gloo without (backend='auto'). DP is what remains: world = TP * PP * DP.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_rpg.config import ConfigError, ParallelConfig
+from megatron_rpg.parallel import cpu_shim
+from megatron_rpg.parallel.seeding import seed_everything
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """This rank's place in the layout."""
+
+    world_size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+
+def resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend", backend, "'gloo' or 'auto' on a machine without CUDA")
+    return backend
+
+
+def init_process_group(backend: str = "auto", timeout_minutes: int = 30) -> None:
+    """Join the default process group from the launcher's environment (idempotent)."""
+    if dist.is_initialized():
+        return
+    backend = resolve_backend(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def initialize_model_parallel(parallel: ParallelConfig, seed: int) -> ParallelLayout:
+    """Create Megatron's TP/PP/DP groups on the initialized default group and seed every RNG."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        raise RuntimeError("call init_process_group() before initialize_model_parallel()")
+    cpu_shim.apply()
+    world = dist.get_world_size()
+    model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
+    if world % model_parallel:
+        raise ConfigError(
+            "parallel",
+            f"tensor_parallel={parallel.tensor_parallel} x pipeline_parallel="
+            f"{parallel.pipeline_parallel}",
+            f"a product that divides the world size {world}",
+        )
+    vpp = parallel.virtual_pipeline_parallel
+    if vpp > 1 and parallel.pipeline_parallel == 1:
+        raise ConfigError(
+            "parallel.virtual_pipeline_parallel", vpp, "1 unless pipeline_parallel > 1"
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+        distributed_timeout_minutes=parallel.timeout_minutes,
+    )
+    seed_everything(seed)
+    return ParallelLayout(
+        world_size=world,
+        tensor_parallel=parallel.tensor_parallel,
+        pipeline_parallel=parallel.pipeline_parallel,
+        data_parallel=world // model_parallel,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+    )
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's groups (keeps the default group), so another layout can follow."""
+    import sys
+
+    if "megatron.core.parallel_state" not in sys.modules:
+        return
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()

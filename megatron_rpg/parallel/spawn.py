@@ -1,0 +1,150 @@
+"""Run functions on N spawned gloo ranks on one machine: tests, benchmarks, CPU examples.
+
+    with RankPool(world_size=2) as pool:       # ranks start once (a spawn costs seconds here)
+        results = pool.run(fn, arg)            # fn(arg) on every rank -> [result_rank0, ...]
+        more = pool.run(other_fn)              # many cases on the same ranks
+
+`fn` must be importable by name (a module-level function). If a rank raises, `run` raises
+`RankError` carrying that rank's traceback; ranks left waiting in a collective are killed and the
+pool restarts on the next `run`. After each function, Megatron's parallel state is destroyed so
+the next case may use another layout.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+class RankError(RuntimeError):
+    def __init__(self, rank: int, remote_traceback: str):
+        self.rank, self.remote_traceback = rank, remote_traceback
+        super().__init__(f"rank {rank} raised:\n{remote_traceback}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(
+    rank: int, world_size: int, port: int, timeout_s: float, tasks: Any, results: Any
+) -> None:
+    import torch.distributed as dist
+
+    from megatron_rpg.parallel.distributed import destroy_model_parallel
+
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)  # ranks share the machine's cores; more threads oversubscribe
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    while (task := tasks.get()) is not None:
+        fn, args, kwargs = task
+        try:
+            # Pickle here: an unpicklable result would otherwise fail silently in the queue's
+            # feeder thread and leave the parent waiting.
+            results.put((rank, True, pickle.dumps(fn(*args, **kwargs))))
+        except BaseException:
+            results.put((rank, False, traceback.format_exc()))
+        finally:
+            destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+class RankPool:
+    def __init__(self, world_size: int, timeout_s: float = 300.0, error_grace_s: float = 10.0):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size, self.timeout_s, self.error_grace_s = world_size, timeout_s, error_grace_s
+        self._procs: list[Any] = []
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self._tasks = [ctx.Queue() for _ in range(self.world_size)]
+        self._results = ctx.Queue()
+        self._procs = [
+            ctx.Process(
+                target=_worker,
+                args=(r, self.world_size, port, self.timeout_s, self._tasks[r], self._results),
+                daemon=True,
+            )
+            for r in range(self.world_size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Call fn(*args, **kwargs) on every rank; return the results in rank order."""
+        if not self._procs:
+            self._start()
+        for q in self._tasks:
+            q.put((fn, args, kwargs))
+        results: dict[int, Any] = {}
+        error: RankError | None = None
+        wait = self.timeout_s
+        while len(results) < self.world_size:
+            try:
+                rank, ok, payload = self._results.get(timeout=wait)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                self.close(force=True)
+                if error is not None:
+                    raise error from None
+                missing = sorted(set(range(self.world_size)) - set(results))
+                raise RankError(
+                    missing[0] if missing else -1,
+                    f"no result within {wait:.0f} s from ranks {missing} (dead: {dead})",
+                ) from None
+            results[rank] = pickle.loads(payload) if ok else payload
+            if not ok and error is None:
+                error = RankError(rank, payload)
+                wait = self.error_grace_s  # others may be stuck in a collective with this rank
+        if error is not None:
+            raise error
+        return [results[r] for r in range(self.world_size)]
+
+    def close(self, force: bool = False) -> None:
+        """Stop the ranks: politely (finish, leave the group) or, with force, at once."""
+        if self._procs and not force:
+            for q in self._tasks:
+                q.put(None)
+        for p in self._procs:
+            p.join(timeout=0 if force else 30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self._procs = []
+
+    def __enter__(self) -> RankPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_on_ranks(world_size: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+    """One-off: spawn `world_size` gloo ranks, run fn on each, return the results."""
+    with RankPool(world_size) as pool:
+        return pool.run(fn, *args, **kwargs)

@@ -1,0 +1,27 @@
+"""megatron_rpg: Regularized Policy Gradient (arXiv 2505.17508) post-training on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_rpg",
+    version="0.1.0",
+    description="RL post-training of LLMs with the RPG family of KL-regularized policy gradients",
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_rpg", "megatron_rpg.*"]),
+    install_requires=[
+        # Ranges, not pins: GPU containers bring their own torch / megatron-core.
+        # CPU machines and CI pin exact versions through constraints/cpu.txt.
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "pyyaml",
+        "psutil",  # without it megatron's dist_checkpointing.save hangs (docs/install.md)
+    ],
+    extras_require={
+        # apex is NOT the unrelated PyPI package `apex`: build it from NVIDIA's source
+        # (https://github.com/NVIDIA/apex) inside the GPU container; see docs/install.md.
+        "gpu": ["transformer-engine[pytorch]>=2.0", "vllm>=0.33"],
+        "dev": ["pytest", "hypothesis", "ruff", "mypy"],
+    },
+    entry_points={"console_scripts": ["megatron-rpg=megatron_rpg.cli:main"]},
+)

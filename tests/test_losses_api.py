@@ -1,0 +1,222 @@
+"""Aggregation, advantage estimators, input validation and robustness of the loss library."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from megatron_rpg.losses import (
+    LOSSES,
+    LossConfig,
+    aggregate,
+    compute_advantages,
+    count_sequences,
+    count_tokens,
+    policy_loss,
+)
+
+torch.set_default_dtype(torch.float64)
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+LOSS_MATRIX = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0]])
+MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("token-mean", (1 + 2 + 3 + 4) / 4),
+        ("seq-mean-token-sum", ((1 + 2 + 3) + 4) / 2),  # the empty sequence is not counted
+        ("seq-mean-token-mean", ((1 + 2 + 3) / 3 + 4 / 1) / 2),
+    ],
+)
+def test_aggregation_modes_by_hand(mode, expected):
+    assert aggregate(LOSS_MATRIX, MASK, mode).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_micro_batch_sums_with_global_counts_equal_full_batch(mode):
+    g = torch.Generator().manual_seed(0)
+    losses = torch.randn(8, 5, generator=g)
+    mask = torch.rand(8, 5, generator=g) > 0.3
+    full = aggregate(losses, mask, mode)
+    n_tok, n_seq = count_tokens(mask), count_sequences(mask)
+    parts = [
+        aggregate(losses[i : i + 2], mask[i : i + 2], mode, n_tok, n_seq) for i in (0, 2, 4, 6)
+    ]
+    torch.testing.assert_close(sum(parts), full, atol=1e-14, rtol=0)
+    if mode == "token-mean":  # a mean of micro-batch token means is not the token mean
+        local = [aggregate(losses[i : i + 2], mask[i : i + 2], mode) for i in (0, 2, 4, 6)]
+        assert abs(torch.stack(local).mean().item() - full.item()) > 1e-3
+
+
+def test_empty_mask_gives_zero_loss_and_zero_gradient():
+    lp = torch.full((2, 3), -1.0, requires_grad=True)
+    loss, metrics = policy_loss(
+        "rpg_reinforce_urkl",
+        lp,
+        lp.detach() - 0.3,
+        torch.ones(2),
+        torch.zeros(2, 3, dtype=torch.bool),
+    )
+    loss.backward()
+    assert loss.item() == 0.0 and metrics["tokens"].item() == 0.0
+    assert torch.equal(lp.grad, torch.zeros_like(lp))
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def test_group_advantages():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    groups = torch.tensor([7, 7, 7, 3, 3, 3])
+    mean_adv = compute_advantages("group_mean", rewards, groups)
+    torch.testing.assert_close(mean_adv, torch.tensor([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0]))
+    std = torch.tensor([1.0, 0.0, 0.0]).std()  # unbiased, as GRPO
+    grpo_adv = compute_advantages("group_mean_std", rewards, groups)
+    torch.testing.assert_close(grpo_adv[:3], mean_adv[:3] / (std + 1e-6))
+    assert torch.equal(grpo_adv[3:], torch.zeros(3))  # all-equal rewards: zero, finite
+    torch.testing.assert_close(compute_advantages("batch_mean", rewards), rewards - 4 / 6)
+
+
+def test_group_advantages_need_two_responses_per_prompt():
+    with pytest.raises(ValueError, match=r"rollout.n >= 2"):
+        compute_advantages("group_mean", torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1]))
+
+
+def test_reinforce_pp_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    old = torch.tensor([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -2.0, 0.0], [-0.5, -1.0, -2.0]])
+    beta = 0.1
+    # token rewards: -beta*(old - ref), plus R at the last valid token; returns = suffix sums
+    r0 = [-0.05, 0.0 + 1.0]  # sequence 0: two valid tokens, reward 1
+    r1 = [0.05, 0.0, -0.1 + 0.0]  # sequence 1: three valid tokens, reward 0
+    flat = torch.tensor([r0[0] + r0[1], r0[1], sum(r1), r1[1] + r1[2], r1[2]])
+    whitened = (flat - flat.mean()) / (flat.std(unbiased=False) + 1e-6)
+    got = compute_advantages(
+        "reinforce_pp", rewards, response_mask=mask, old_logprobs=old, ref_logprobs=ref, beta=beta
+    )
+    torch.testing.assert_close(got[mask], whitened)
+    assert torch.equal(got[~mask], torch.zeros(1))
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _inputs(batch=2, length=3):
+    lp = torch.full((batch, length), -1.0)
+    return lp, lp - 0.1, torch.ones(batch), torch.ones(batch, length, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "rpg_nope"}, r"unknown loss 'rpg_nope'.*rpg_urkl"),
+        (
+            {"old_logprobs": torch.zeros(2, 4)},
+            r"old_logprobs has shape \(2, 4\); logprobs has \(2, 3\)",
+        ),
+        ({"advantages": torch.zeros(3)}, r"advantages must be \[batch\]"),
+        (
+            {"config": LossConfig(clip="truncate")},
+            r"'rpg_urkl' does not support loss.clip='truncate'",
+        ),
+        ({"name": "dapo"}, r"'dapo' has no KL term in the loss; set loss.beta=0"),
+        (
+            {"config": LossConfig(kl_anchor="ref")},
+            r"kl_anchor='ref' with loss 'rpg_urkl' needs ref_logprobs",
+        ),
+        ({"ref_logprobs": torch.zeros(2, 3)}, r"kl_anchor='old' uses old_logprobs"),
+        ({"config": LossConfig(rollout_is="token")}, r"rollout_is='token' needs rollout_logprobs"),
+        ({"logprobs": torch.zeros(2, 3, dtype=torch.long)}, r"logprobs must be a floating"),
+    ],
+)
+def test_invalid_inputs_name_the_problem(kwargs, message):
+    lp, old, adv, mask = _inputs()
+    args = {
+        "name": "rpg_urkl",
+        "logprobs": lp,
+        "old_logprobs": old,
+        "advantages": adv,
+        "response_mask": mask,
+    } | kwargs
+    with pytest.raises(ValueError, match=message):
+        policy_loss(**args)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("clip", "soft", r"'clip': got 'soft'; allowed: one of \['none', 'dual', 'truncate'\]"),
+        ("dual_clip_c", 1.0, r"'dual_clip_c': got 1.0; allowed: > 1"),
+        ("eps_low", 1.0, r"'eps_low': got 1.0; allowed: in \[0, 1\)"),
+        ("beta", -1.0, r"'beta': got -1.0"),
+        ("agg", "sum", r"'agg': got 'sum'"),
+    ],
+)
+def test_loss_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LossConfig(**{field: value})
+
+
+# ----------------------------------------------------------------------------- properties
+
+VALID_CLIPS = [(name, clip) for name, spec in sorted(LOSSES.items()) for clip in spec.clip_modes]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.data(),
+    batch=st.integers(1, 4),
+    length=st.integers(1, 6),
+    agg=st.sampled_from(["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]),
+    anchor=st.sampled_from(["old", "ref"]),
+    rollout_is=st.sampled_from(["none", "token", "sequence"]),
+    equal_rewards=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+@pytest.mark.parametrize(("name", "clip"), VALID_CLIPS)
+def test_extreme_inputs_give_finite_loss_and_gradient(
+    name, clip, data, batch, length, agg, anchor, rollout_is, equal_rewards, dtype
+):
+    """Log-probs anywhere in [-50, 0] (gaps up to +-50), any mask (empty too), equal rewards."""
+    shape = (batch, length)
+    logprob = st.floats(-50.0, 0.0, allow_nan=False)
+
+    def tensor(elements):
+        values = data.draw(st.lists(elements, min_size=batch * length, max_size=batch * length))
+        return torch.tensor(values, dtype=dtype).reshape(shape)
+
+    lp = tensor(logprob).requires_grad_()
+    old, ref, rollout = tensor(logprob), tensor(logprob), tensor(logprob)
+    mask = tensor(st.booleans()).bool()
+    rewards = torch.full((batch,), 0.5) if equal_rewards else tensor(st.floats(-1, 1))[:, 0]
+    adv = rewards - rewards.mean()
+    config = LossConfig(
+        beta=0.1 if LOSSES[name].has_kl else 0.0,
+        clip=clip,
+        agg=agg,
+        kl_anchor=anchor,
+        rollout_is=rollout_is,
+    )
+    loss, metrics = policy_loss(
+        name,
+        lp,
+        old,
+        adv.to(dtype),
+        mask,
+        ref_logprobs=ref if anchor == "ref" else None,
+        rollout_logprobs=rollout,
+        config=config,
+    )
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert torch.isfinite(lp.grad).all()
+    assert torch.equal(lp.grad[~mask], torch.zeros_like(lp.grad[~mask]))
+    assert all(torch.isfinite(v).all() for v in metrics.values())

@@ -1,0 +1,119 @@
+"""The distributed runtime: rank pool, Megatron parallel state with the CPU shim, seeding."""
+
+import os
+
+import pytest
+import torch
+
+from megatron_rpg.config import ConfigError, ParallelConfig
+from megatron_rpg.parallel import RankError
+
+from megatron_tiny import train_tiny_gpt
+
+
+def whoami(tag):
+    import torch.distributed as dist
+
+    return (tag, dist.get_rank(), dist.get_world_size(), int(os.environ["RANK"]))
+
+
+def fail_on_rank_one():
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise ValueError("boom on rank one")
+    return "fine"
+
+
+def fail_while_peer_waits_in_collective():
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise KeyError("rank one gave up")
+    dist.all_reduce(torch.ones(1))  # never completes: rank 1 is not coming
+    return "unreachable"
+
+
+def unpicklable_result():
+    return lambda: "a local function cannot be pickled"
+
+
+def test_an_unpicklable_result_is_an_error_not_a_hang(pool2):
+    with pytest.raises(RankError, match=r"(?s)rank [01] raised.*Can.t pickle local object"):
+        pool2.run(unpicklable_result)
+
+
+def test_results_come_back_in_rank_order(pool2):
+    assert pool2.run(whoami, "x") == [("x", 0, 2, 0), ("x", 1, 2, 1)]
+
+
+def test_a_rank_exception_is_reraised_with_its_traceback(pool2):
+    with pytest.raises(RankError) as info:
+        pool2.run(fail_on_rank_one)
+    assert info.value.rank == 1
+    assert "ValueError: boom on rank one" in info.value.remote_traceback
+    assert "fail_on_rank_one" in info.value.remote_traceback
+    assert pool2.run(whoami, "after")[1] == ("after", 1, 2, 1)  # the pool still serves
+
+
+def test_a_rank_stuck_in_a_collective_is_cleaned_up(pool2):
+    with pytest.raises(RankError, match="rank one gave up"):
+        pool2.run(fail_while_peer_waits_in_collective)
+    assert pool2.run(whoami, "restarted") == [("restarted", 0, 2, 0), ("restarted", 1, 2, 1)]
+
+
+def rng_streams_under_tp2():
+    from megatron.core import tensor_parallel
+
+    from megatron_rpg.parallel import initialize_model_parallel
+
+    layout = initialize_model_parallel(ParallelConfig(tensor_parallel=2), seed=11)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    with tracker.fork():  # model-parallel-rng: one stream per TP rank
+        model_parallel = torch.rand(4)
+    with tracker.fork("data-parallel-rng"):
+        data_parallel = torch.rand(4)
+    default = torch.rand(4)
+    return layout.tp_rank, model_parallel, data_parallel, default
+
+
+def test_tensor_parallel_ranks_get_own_model_rng_and_shared_data_rng(pool2):
+    (r0, mp0, dp0, d0), (r1, mp1, dp1, d1) = pool2.run(rng_streams_under_tp2)
+    assert (r0, r1) == (0, 1)
+    assert not torch.equal(mp0, mp1)
+    assert torch.equal(dp0, dp1) and torch.equal(d0, d1)
+    # Reproducible: the same seed gives the same streams again.
+    (_, mp0_again, _, _), _ = pool2.run(rng_streams_under_tp2)
+    assert torch.equal(mp0, mp0_again)
+
+
+def layout_that_does_not_divide():
+    from megatron_rpg.parallel import initialize_model_parallel
+
+    initialize_model_parallel(ParallelConfig(tensor_parallel=4), seed=0)
+
+
+def test_a_layout_that_does_not_divide_the_world_is_refused(pool2):
+    with pytest.raises(RankError, match=r"tensor_parallel=4 x pipeline_parallel=1.*world size 2"):
+        pool2.run(layout_that_does_not_divide)
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_megatron_training_through_the_shim_is_layout_invariant(pool2):
+    """DDP + Megatron's optimizer + the no-pipelining schedule on gloo: DP=2 and TP=2 train the
+    same model (TP does not change the initialization) to the same losses, within fp32 noise."""
+    dp = pool2.run(train_tiny_gpt, 1, 1, 4)
+    tp = pool2.run(train_tiny_gpt, 2, 1, 4)
+    dp_losses, tp_losses = dp[0]["losses"], tp[0]["losses"]
+    assert dp_losses[-1] < dp_losses[0] - 0.05  # it learns
+    torch.testing.assert_close(torch.tensor(dp_losses), torch.tensor(tp_losses), rtol=1e-5, atol=0)
+    # Data-parallel replicas hold identical parameters after the steps (finalize_model_grads).
+    assert dp[0]["digest"] == dp[1]["digest"]
+    assert dp[1]["losses"] == dp_losses
+
+
+def test_pipeline_parallel_trains_through_the_shim(pool2):
+    out = pool2.run(train_tiny_gpt, 1, 2, 3)
+    losses = out[0]["losses"]
+    assert out[1]["losses"] == losses and losses[-1] < losses[0]
+    assert {o["layout"].pp_rank for o in out} == {0, 1}
