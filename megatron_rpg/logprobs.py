@@ -1,0 +1,344 @@
+"""Per-token log-probs and entropies from vocab-parallel logits, never gathering the vocabulary.
+
+Results are fp32 (fp64 for fp64 inputs).
+
+Logits are sharded on the last dim over the tensor-parallel group `group`: rank r holds vocabulary
+entries [r*V_local, (r+1)*V_local). With x = logits / temperature, per token:
+
+    lse        = log sum_v exp(x_v)                      (online over the TP shards)
+    log p(y)   = x_y - lse
+    entropy    = lse - E_p[x]
+    d log p(y) / dx_v = ([v = y] - p_v) / T,    d entropy / dx_v = -p_v (x_v - E_p[x]) / T
+
+Collectives per chunk of tokens, on `group` (none when group is None or of size 1):
+all-reduce MAX of the row max, then one all-reduce SUM of the stacked [sum of exps, target logit,
+sum of exp * x]. Tokens are processed in chunks of `chunk_size`, so the extra memory is one
+[chunk, V_local] fp32 block, not [tokens, V_local]; backward recomputes the softmax per chunk from
+the saved per-token lse and E_p[x] ([tokens] each). Inputs are never modified in place.
+
+Megatron pads the vocabulary to a multiple of 128 (and of TP); `vocab_size` (the real one) keeps the
+padded entries out of the softmax, as vLLM and Hugging Face compute it.
+
+`fused_logprobs` goes from the final hidden states and the output layer's weight shard: logits exist
+one chunk at a time, in forward and (recomputed) in backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+DEFAULT_CHUNK = 1024
+
+ProcessGroup = Any  # torch.distributed.ProcessGroup | None
+
+
+def _world(group: ProcessGroup) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _all_reduce(tensor: Tensor, op: Any, group: ProcessGroup) -> None:
+    if _world(group)[0] > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+
+
+@dataclass
+class _Targets:
+    """Targets of a chunk in this rank's vocabulary shard."""
+
+    local: Tensor  # [c] index into the shard (clamped)
+    in_shard: Tensor  # [c] bool
+
+    @classmethod
+    def of(cls, targets: Tensor, vocab_start: int, local_vocab: int) -> _Targets:
+        local = targets - vocab_start
+        in_shard = (local >= 0) & (local < local_vocab)
+        return cls(local.clamp(0, local_vocab - 1), in_shard)
+
+
+def _chunk_statistics(
+    x: Tensor, targets: _Targets | None, group: ProcessGroup
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """x: [c, V_local] fp32 scaled logits -> (lse [c], target logit [c] or None, E_p[x] [c])."""
+    if x.shape[-1]:
+        row_max = x.max(dim=-1).values
+    else:  # this rank's shard is all vocabulary padding
+        row_max = torch.full(x.shape[:1], float("-inf"), dtype=x.dtype, device=x.device)
+    _all_reduce(row_max, dist.ReduceOp.MAX, group)
+    exp = torch.exp(x - row_max[:, None])
+    parts = [exp.sum(-1), (exp * x).sum(-1)]
+    if targets is not None:
+        picked = x.gather(-1, targets.local[:, None]).squeeze(-1) if x.shape[-1] else row_max
+        parts.append(torch.where(targets.in_shard, picked, torch.zeros_like(picked)))
+    stacked = torch.stack(parts)
+    _all_reduce(stacked, dist.ReduceOp.SUM, group)
+    lse = row_max + stacked[0].log()
+    mean_x = stacked[1] / stacked[0]
+    return lse, (stacked[2] if targets is not None else None), mean_x
+
+
+def _chunk_grad_logits(
+    x: Tensor,
+    lse: Tensor,
+    mean_x: Tensor,
+    targets: _Targets | None,
+    grad_logprobs: Tensor | None,
+    grad_entropy: Tensor | None,
+    temperature: float,
+) -> Tensor:
+    """d(sum grad_lp * log p(y) + grad_ent * entropy) / d logits for one chunk, [c, V_local]."""
+    if not x.shape[-1]:
+        return x.clone()
+    p = torch.exp(x - lse[:, None])
+    grad = torch.zeros_like(x)
+    if grad_logprobs is not None and targets is not None:
+        grad -= p * grad_logprobs[:, None]
+        hit = torch.where(targets.in_shard, grad_logprobs, torch.zeros_like(grad_logprobs))
+        grad.scatter_add_(-1, targets.local[:, None], hit[:, None])
+    if grad_entropy is not None:
+        grad -= grad_entropy[:, None] * p * (x - mean_x[:, None])
+    return grad / temperature
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """This rank's slice of the (padded) vocabulary: [start, start + width), of which the first
+    `valid` entries are real tokens."""
+
+    start: int
+    width: int
+    valid: int
+
+    @classmethod
+    def of(cls, local_vocab: int, group: ProcessGroup, vocab_size: int | None) -> _Shard:
+        start = _world(group)[1] * local_vocab
+        real = local_vocab if vocab_size is None else min(max(vocab_size - start, 0), local_vocab)
+        return cls(start, local_vocab, real)
+
+    def targets(self, targets: Tensor) -> _Targets:
+        return _Targets.of(targets, self.start, max(self.valid, 1))
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs, fp64 for fp64 inputs (exact tests)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _chunks(n: int, chunk_size: int) -> list[slice]:
+    return [slice(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    """(logits [N, V_local], targets [N] or None) -> (log p(target) [N] or empty, entropy [N])."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        logits: Tensor,
+        targets: Tensor | None,
+        temperature: float,
+        chunk_size: int,
+        group: ProcessGroup,
+        vocab_size: int | None,
+    ) -> tuple[Tensor, Tensor]:
+        n = logits.shape[0]
+        shard = _Shard.of(logits.shape[1], group, vocab_size)
+        stats = dict(dtype=_compute_dtype(logits), device=logits.device)
+        lse, mean_x = torch.empty(n, **stats), torch.empty(n, **stats)
+        logprobs = torch.empty(n if targets is not None else 0, **stats)
+        for rows in _chunks(n, chunk_size):
+            x = logits[rows, : shard.valid].to(stats["dtype"]) / temperature
+            tgt = None if targets is None else shard.targets(targets[rows])
+            lse[rows], picked, mean_x[rows] = _chunk_statistics(x, tgt, group)
+            if picked is not None:
+                logprobs[rows] = picked - lse[rows]
+        ctx.save_for_backward(logits, targets, lse, mean_x)
+        ctx.temperature, ctx.chunk_size, ctx.shard = temperature, chunk_size, shard
+        return logprobs, lse - mean_x
+
+    @staticmethod
+    def backward(ctx: Any, grad_logprobs: Tensor, grad_entropy: Tensor) -> Any:  # type: ignore[override]
+        logits, targets, lse, mean_x = ctx.saved_tensors
+        shard = ctx.shard
+        grad = torch.zeros_like(logits)  # padded vocabulary entries get zero gradient
+        for rows in _chunks(logits.shape[0], ctx.chunk_size):
+            x = logits[rows, : shard.valid].to(lse.dtype) / ctx.temperature
+            tgt = None if targets is None else shard.targets(targets[rows])
+            grad[rows, : shard.valid] = _chunk_grad_logits(
+                x,
+                lse[rows],
+                mean_x[rows],
+                tgt,
+                None if targets is None else grad_logprobs[rows],
+                grad_entropy[rows],
+                ctx.temperature,
+            ).to(logits.dtype)
+        return grad, None, None, None, None, None
+
+
+class _FusedLinearLogprobs(torch.autograd.Function):
+    """(hidden [N, H], weight [V_local, H], targets [N]) -> (log p(target) [N], entropy [N]).
+
+    Collectives on `group`: per chunk those of the module docstring; in backward one all-reduce SUM
+    of grad_hidden (each rank's vocabulary shard contributes a partial sum, as Megatron's
+    copy_to_tensor_model_parallel_region does before the output layer).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        temperature: float,
+        chunk_size: int,
+        group: ProcessGroup,
+        vocab_size: int | None,
+    ) -> tuple[Tensor, Tensor]:
+        n = hidden.shape[0]
+        shard = _Shard.of(weight.shape[0], group, vocab_size)
+        real_rows = weight[: shard.valid]
+        stats = dict(dtype=_compute_dtype(weight), device=hidden.device)
+        lse, mean_x, logprobs = (torch.empty(n, **stats) for _ in range(3))
+        for rows in _chunks(n, chunk_size):
+            x = (hidden[rows].to(weight.dtype) @ real_rows.t()).to(stats["dtype"]) / temperature
+            lse[rows], picked, mean_x[rows] = _chunk_statistics(
+                x, shard.targets(targets[rows]), group
+            )
+            logprobs[rows] = picked - lse[rows]  # type: ignore[operator]
+        ctx.save_for_backward(hidden, weight, targets, lse, mean_x)
+        ctx.temperature, ctx.chunk_size, ctx.group = temperature, chunk_size, group
+        ctx.shard = shard
+        return logprobs, lse - mean_x
+
+    @staticmethod
+    def backward(ctx: Any, grad_logprobs: Tensor, grad_entropy: Tensor) -> Any:  # type: ignore[override]
+        hidden, weight, targets, lse, mean_x = ctx.saved_tensors
+        shard = ctx.shard
+        real_rows = weight[: shard.valid]
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+        for rows in _chunks(hidden.shape[0], ctx.chunk_size):
+            h = hidden[rows].to(weight.dtype)
+            x = (h @ real_rows.t()).to(lse.dtype) / ctx.temperature
+            grad_x = _chunk_grad_logits(
+                x,
+                lse[rows],
+                mean_x[rows],
+                shard.targets(targets[rows]),
+                grad_logprobs[rows],
+                grad_entropy[rows],
+                ctx.temperature,
+            ).to(weight.dtype)
+            grad_hidden[rows] = (grad_x @ real_rows).to(hidden.dtype)
+            grad_weight[: shard.valid] += (grad_x.t() @ h).to(grad_weight.dtype)  # fp32/fp64
+        _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+
+
+def _flatten(tensor: Tensor, keep_last: bool) -> Tensor:
+    return tensor.reshape(-1, tensor.shape[-1]) if keep_last else tensor.reshape(-1)
+
+
+def vocab_parallel_logprobs(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    group: ProcessGroup = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """log p(target) in fp32 from logits [..., V_local] sharded over `group`; targets [...]."""
+    _check(logits, targets, temperature, chunk_size)
+    logprobs, _ = _VocabParallelLogprobs.apply(
+        _flatten(logits, True),
+        _flatten(targets, False),
+        temperature,
+        chunk_size,
+        group,
+        vocab_size,
+    )
+    return logprobs.reshape(targets.shape)
+
+
+def vocab_parallel_entropy(
+    logits: Tensor,
+    temperature: float = 1.0,
+    group: ProcessGroup = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Entropy of softmax(logits / temperature) in fp32, [...], from logits [..., V_local]."""
+    _check(logits, None, temperature, chunk_size)
+    _, entropy = _VocabParallelLogprobs.apply(
+        _flatten(logits, True), None, temperature, chunk_size, group, vocab_size
+    )
+    return entropy.reshape(logits.shape[:-1])
+
+
+def vocab_parallel_logprobs_and_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    group: ProcessGroup = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Both in one pass over the logits (one set of collectives)."""
+    _check(logits, targets, temperature, chunk_size)
+    logprobs, entropy = _VocabParallelLogprobs.apply(
+        _flatten(logits, True),
+        _flatten(targets, False),
+        temperature,
+        chunk_size,
+        group,
+        vocab_size,
+    )
+    return logprobs.reshape(targets.shape), entropy.reshape(targets.shape)
+
+
+def fused_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    group: ProcessGroup = None,
+    chunk_size: int = DEFAULT_CHUNK,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(log p(target), entropy) in fp32 from final hidden states [..., H] (replicated over the TP
+    group) and the output layer's weight shard [V_local, H], one chunk of logits at a time."""
+    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(
+            f"hidden [..., {hidden.shape[-1]}] does not match output weight {tuple(weight.shape)}"
+        )
+    _check(hidden, targets, temperature, chunk_size)
+    logprobs, entropy = _FusedLinearLogprobs.apply(
+        _flatten(hidden, True),
+        weight,
+        _flatten(targets, False),
+        temperature,
+        chunk_size,
+        group,
+        vocab_size,
+    )
+    return logprobs.reshape(targets.shape), entropy.reshape(targets.shape)
+
+
+def _check(values: Tensor, targets: Tensor | None, temperature: float, chunk_size: int) -> None:
+    if targets is not None and tuple(values.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(
+            f"targets {tuple(targets.shape)} must match the leading dims of {tuple(values.shape)}"
+        )
+    if targets is not None and targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
