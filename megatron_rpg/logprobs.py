@@ -149,11 +149,11 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor]:
         n = logits.shape[0]
         shard = _Shard.of(logits.shape[1], group, vocab_size)
-        stats = dict(dtype=_compute_dtype(logits), device=logits.device)
-        lse, mean_x = torch.empty(n, **stats), torch.empty(n, **stats)
-        logprobs = torch.empty(n if targets is not None else 0, **stats)
+        dtype = _compute_dtype(logits)
+        lse, mean_x = (torch.empty(n, dtype=dtype, device=logits.device) for _ in range(2))
+        logprobs = torch.empty(n if targets is not None else 0, dtype=dtype, device=logits.device)
         for rows in _chunks(n, chunk_size):
-            x = logits[rows, : shard.valid].to(stats["dtype"]) / temperature
+            x = logits[rows, : shard.valid].to(dtype) / temperature
             tgt = None if targets is None else shard.targets(targets[rows])
             lse[rows], picked, mean_x[rows] = _chunk_statistics(x, tgt, group)
             if picked is not None:
@@ -204,10 +204,12 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         n = hidden.shape[0]
         shard = _Shard.of(weight.shape[0], group, vocab_size)
         real_rows = weight[: shard.valid]
-        stats = dict(dtype=_compute_dtype(weight), device=hidden.device)
-        lse, mean_x, logprobs = (torch.empty(n, **stats) for _ in range(3))
+        dtype = _compute_dtype(weight)
+        lse, mean_x, logprobs = (
+            torch.empty(n, dtype=dtype, device=hidden.device) for _ in range(3)
+        )
         for rows in _chunks(n, chunk_size):
-            x = (hidden[rows].to(weight.dtype) @ real_rows.t()).to(stats["dtype"]) / temperature
+            x = (hidden[rows].to(weight.dtype) @ real_rows.t()).to(dtype) / temperature
             lse[rows], picked, mean_x[rows] = _chunk_statistics(
                 x, shard.targets(targets[rows]), group
             )
