@@ -32,6 +32,7 @@ def apply() -> bool:
         _patch_rng()
         _patch_cuda_tensor_factories()
         _patch_cuda_type_checks()
+        _patch_tied_embedding_sync()
         _patch_sequence_parallel_norm()
         _patch_missing_psutil()
         _applied = True
@@ -144,6 +145,27 @@ def _patch_cuda_type_checks() -> None:
     cls = distrib_optimizer.DistributedOptimizer
     build = cls.__dict__["_build_model_and_main_param_groups"].__func__
     cls._build_model_and_main_param_groups = classmethod(_reporting_cuda_type_names(build))  # type: ignore[assignment]
+
+
+def _patch_tied_embedding_sync() -> None:
+    """LanguageModule.setup_embeddings_and_output_layer (tied embeddings with PP > 1) moves the
+    weight with `.cuda()` before all-reducing it between the first and last stage. Not in the
+    recipe of ../shared/docs/megatron_cpu.md (found with tied Qwen2 at PP=2): while it runs,
+    `.cuda()` leaves tensors where they are."""
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(setup)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **k: tensor  # type: ignore[method-assign,assignment]
+        try:
+            return setup(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original  # type: ignore[method-assign]
+
+    LanguageModule.setup_embeddings_and_output_layer = wrapper  # type: ignore[method-assign]
 
 
 def _patch_sequence_parallel_norm() -> None:

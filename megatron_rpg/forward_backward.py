@@ -1,0 +1,148 @@
+"""Megatron's pipeline schedule over micro-batches, producing per-token log-probs and entropies
+on the last pipeline stage, either returned (forward only) or fed to a loss (training).
+
+A micro-batch is a dict with "tokens" [b, s] (prompt + response, right-padded to a common s) plus
+whatever the loss reads. Log-probs are of the next token, [b, s-1]:
+
+    logprobs[:, i] = log p(tokens[:, i+1] | tokens[:, :i+1])      (at temperature T)
+
+Training: loss_fn(logprobs, entropy, micro_batch) -> (loss, metrics), where loss is the
+micro-batch's *share* of the step's loss (e.g. policy_loss with the step's global token count).
+Megatron divides each micro-batch's loss by the number of micro-batches and averages gradients
+over data-parallel ranks; we multiply both back, so the gradients are those of the sum of the
+shares over all micro-batches and ranks (loss library contract, docs/losses.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from megatron_rpg.logprobs import (
+    DEFAULT_CHUNK,
+    fused_logprobs,
+    vocab_parallel_logprobs_and_entropy,
+)
+
+Batch = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor, Batch], tuple[Tensor, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class LogprobOptions:
+    vocab_size: int  # the real vocabulary (Megatron's is padded)
+    temperature: float = 1.0
+    fused: bool = True  # from hidden states, never materializing more than a chunk of logits
+    chunk_size: int = DEFAULT_CHUNK
+
+
+def unwrap(module: Any) -> Any:
+    """The GPTModel inside Megatron's DDP wrapper (or the module itself)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def output_weight(gpt: Any) -> Tensor:
+    """This rank's shard [V_local, H] of the output layer's weight (tied or not)."""
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+@contextlib.contextmanager
+def final_hidden_states(gpt: Any) -> Iterator[None]:
+    """While active, the output layer returns its input, so the model returns the final hidden
+    states [b, s, H] instead of logits. Under sequence parallelism they are all-gathered over the
+    TP group (backward: split), as the output layer would."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    layer = gpt.output_layer
+
+    def passthrough(hidden: Tensor, weight: Tensor | None = None, **_: Any) -> tuple[Tensor, None]:
+        if layer.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return hidden, None
+
+    layer.forward = passthrough
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
+def sequence_logprobs(
+    model: nn.Module, tokens: Tensor, options: LogprobOptions
+) -> tuple[Tensor, Tensor] | Tensor:
+    """Next-token (log-probs, entropies) [b, s-1] on the last stage, else the stage output."""
+    from megatron.core import parallel_state
+
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=tokens.device).expand(b, s)
+    causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu(1)[None, None]
+    gpt = unwrap(model)
+    if not gpt.post_process:
+        return model(tokens, position_ids, causal)
+    group = parallel_state.get_tensor_model_parallel_group()
+    targets = tokens[:, 1:]
+    args = (options.temperature, group, options.chunk_size, options.vocab_size)
+    if options.fused:
+        with final_hidden_states(gpt):
+            hidden = model(tokens, position_ids, causal)  # [b, s, H]
+        return fused_logprobs(hidden[:, :-1], output_weight(gpt), targets, *args)
+    logits = model(tokens, position_ids, causal)  # [b, s, V_local]
+    return vocab_parallel_logprobs_and_entropy(logits[:, :-1], targets, *args)
+
+
+def forward_backward(
+    model_chunks: list[nn.Module],
+    micro_batches: list[Batch],
+    options: LogprobOptions,
+    loss_fn: LossFn | None = None,
+) -> list[dict[str, Any]]:
+    """Run the schedule. Forward only (loss_fn None): per micro-batch {"logprobs", "entropy"} on
+    the last pipeline stage. Training: per micro-batch the metrics of loss_fn there. [] elsewhere.
+    Gradients accumulate in the chunks' (DDP) gradient buffers; the caller steps the optimizer."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    shapes = {tuple(mb["tokens"].shape) for mb in micro_batches}
+    if len(shapes) != 1:
+        raise ValueError(f"micro-batches must share one [batch, seq] shape; got {sorted(shapes)}")
+    micro_size, seq_length = shapes.pop()
+    scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+
+    def loss_func(batch: Batch, output: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        logprobs, entropy = output[0], output[1]
+        if loss_fn is None:
+            return output.sum() * 0.0, {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
+        loss, metrics = loss_fn(logprobs, entropy, batch)
+        return loss * scale, metrics
+
+    def forward_step(data_iterator: Iterator[Batch], model: nn.Module) -> tuple[Tensor, Any]:
+        batch = next(data_iterator)
+        out = sequence_logprobs(model, batch["tokens"], options)
+        if isinstance(out, Tensor):  # not the last stage: activations for the next one
+            return out, None
+        return torch.stack(out), functools.partial(loss_func, batch)
+
+    data = [iter(micro_batches) for _ in model_chunks]
+    forward_only = loss_fn is None
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data if len(model_chunks) > 1 else data[0],
+            model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_size,
+            forward_only=forward_only,
+        )

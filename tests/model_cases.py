@@ -1,0 +1,172 @@
+"""Rank functions for tests/test_models.py: tiny HF configs, shared full weights, and the same
+computation in any TP x PP layout or as a single-process full-vocabulary reference."""
+
+import torch
+
+TINY = dict(
+    vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+    num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
+    max_position_embeddings=64, hidden_act="silu",
+)  # fmt: skip
+CONFIGS = {
+    "qwen3": dict(TINY, model_type="qwen3", head_dim=24, tie_word_embeddings=False),
+    "qwen2": dict(TINY, model_type="qwen2", tie_word_embeddings=True),
+    "llama": dict(
+        TINY, model_type="llama", tie_word_embeddings=False,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
+}  # fmt: skip
+
+
+def micro_batches(count=4, batch=2, seq=12, vocab=200):
+    g = torch.Generator().manual_seed(1)
+    return [
+        {
+            "tokens": torch.randint(vocab, (batch, seq), generator=g),
+            "upstream": torch.randn(2, batch, seq - 1, generator=g),  # d loss / d (lp, entropy)
+        }
+        for _ in range(count)
+    ]
+
+
+def _setup(hf, tp, pp):
+    from megatron_rpg.config import ParallelConfig
+    from megatron_rpg.models import ModelArch, build_model_chunks
+    from megatron_rpg.parallel import initialize_model_parallel
+
+    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
+    layout = initialize_model_parallel(parallel, seed=0)
+    arch = ModelArch.from_hf(hf)
+    return layout, arch, build_model_chunks(arch, parallel, torch.float32)
+
+
+def full_weights(name, seed=3):
+    """Random full (TP1 x PP1) weights, larger than Megatron's init so that outputs are far from
+    uniform; norms around 1."""
+    _, _, (model,) = _setup(CONFIGS[name], 1, 1)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=g)
+        out[key] = 1.0 + 0.1 * noise if "norm" in key else 0.15 * noise
+    return out
+
+
+def reference(name, weights, temperature):
+    """Single process, no TP/PP: full logits, log_softmax over the real vocabulary."""
+    _, arch, (model,) = _setup(CONFIGS[name], 1, 1)
+    model.load_state_dict(weights, strict=False)
+    lps, ents = [], []
+    for mb in micro_batches():
+        tokens = mb["tokens"]
+        b, s = tokens.shape
+        mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
+        logits = model(tokens, torch.arange(s).expand(b, s), mask)[:, :-1, : arch.vocab_size]
+        logp = torch.log_softmax(logits.double() / temperature, -1)
+        lp = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        (mb["upstream"][0] * lp + mb["upstream"][1] * ent).sum().backward()
+        lps.append(lp.detach().float())
+        ents.append(ent.detach().float())
+    grads = {k: p.grad for k, p in model.named_parameters()}
+    return {"logprobs": torch.stack(lps), "entropy": torch.stack(ents), "grads": grads}
+
+
+def in_layout(name, weights, tp, pp, fused, temperature):
+    """The same computation through the builder, sharded loading, DDP and the pipeline schedule;
+    each data-parallel rank takes its share of the micro-batches."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    from megatron_rpg.forward_backward import LogprobOptions, forward_backward
+    from megatron_rpg.models import load_full_state_dict, sharded_parameters
+
+    layout, arch, chunks = _setup(CONFIGS[name], tp, pp)
+    for chunk in chunks:
+        load_full_state_dict(chunk, weights)
+    config = chunks[0].config
+    ddp = [
+        DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), c)
+        for c in chunks
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    mine = micro_batches()[layout.dp_rank :: layout.data_parallel]
+    options = LogprobOptions(vocab_size=arch.vocab_size, temperature=temperature, fused=fused)
+
+    forward = forward_backward(ddp, mine, options)
+
+    def loss_fn(lp, ent, batch):
+        return (batch["upstream"][0] * lp + batch["upstream"][1] * ent).sum(), {}
+
+    forward_backward(ddp, mine, options, loss_fn)
+    grads = {
+        name: (param.main_grad.clone(), split, gated)
+        for chunk in chunks
+        for name, param, split, gated in sharded_parameters(chunk)
+    }
+    return {
+        "layout": layout,
+        "logprobs": [out["logprobs"] for out in forward],
+        "entropy": [out["entropy"] for out in forward],
+        "grads": grads,
+    }
+
+
+def reference_update(name, weights):
+    """Policy at TP=2 trained 2 steps; the reference must not move until update_reference()."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_rpg.config import ParallelConfig
+    from megatron_rpg.forward_backward import LogprobOptions, forward_backward
+    from megatron_rpg.models import ReferenceModel, build_model_chunks, load_full_state_dict
+
+    _, arch, chunks = _setup(CONFIGS[name], 2, 1)
+    for chunk in chunks:
+        load_full_state_dict(chunk, weights)
+    config = chunks[0].config
+    policy = [
+        DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), c)
+        for c in chunks
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, bf16=False, fp16=False), policy
+    )
+    ref = ReferenceModel(
+        build_model_chunks(arch, ParallelConfig(tensor_parallel=2), torch.float32), policy
+    )
+    snapshot = lambda ms: [p.detach().clone() for m in ms for p in m.parameters()]  # noqa: E731
+    at_start = snapshot(ref.chunks)
+    options = LogprobOptions(vocab_size=arch.vocab_size)
+    ref_lp_before = forward_backward(ref.chunks, micro_batches(1), options)[0]["logprobs"]
+    for _ in range(2):
+        for m in policy:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+        forward_backward(policy, micro_batches(1), options, lambda lp, ent, b: (-lp.sum(), {}))
+        optimizer.step()
+    frozen = all(torch.equal(a, b) for a, b in zip(at_start, snapshot(ref.chunks), strict=True))
+    moved = not all(torch.equal(a, b) for a, b in zip(at_start, snapshot(chunks), strict=True))
+    ref_lp_after = forward_backward(ref.chunks, micro_batches(1), options)[0]["logprobs"]
+    policy_lp = forward_backward(policy, micro_batches(1), options)[0]["logprobs"]
+    ref.update_reference(policy)
+    equal = all(
+        torch.equal(a, b) for a, b in zip(snapshot(chunks), snapshot(ref.chunks), strict=True)
+    )
+    ref_lp_updated = forward_backward(ref.chunks, micro_batches(1), options)[0]["logprobs"]
+    return {
+        "frozen": frozen, "policy_moved": moved, "equal_after_update": equal,
+        "no_grad": all(not p.requires_grad for m in ref.chunks for p in m.parameters()),
+        "ref_lp_unchanged": torch.equal(ref_lp_before, ref_lp_after),
+        "ref_lp_is_policy_lp": torch.equal(ref_lp_updated, policy_lp),
+        "policy_gained": (policy_lp.mean() - ref_lp_before.mean()).item(),
+    }  # fmt: skip

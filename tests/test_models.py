@@ -1,0 +1,158 @@
+"""Policy models in every TP x PP layout against a single-process full-vocabulary reference.
+
+Tolerances (fp32 models; TP, PP and DP change only the order of summation): log-probs and
+entropies to 2e-5 absolute (values of order 1-6); each gradient to 1e-5 of its tensor's largest
+entry (observed: <= 1e-6).
+"""
+
+import pytest
+import torch
+
+from megatron_rpg.config import ConfigError, ParallelConfig
+from megatron_rpg.models import ModelArch, check_layout, padded_vocab_size, tp_join
+
+from model_cases import CONFIGS, full_weights, in_layout, micro_batches, reference
+
+
+@pytest.fixture(scope="module")
+def weights(pool4):
+    return {name: pool4.run(full_weights, name)[0] for name in CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def references(pool4, weights):
+    return {
+        (name, t): pool4.run(reference, name, weights[name], t)[0]
+        for name in CONFIGS
+        for t in (1.0, 0.7)
+    }
+
+
+def assemble(results):
+    """Per-micro-batch outputs in global order, and full gradients joined over TP ranks."""
+    first_tp = [r for r in results if r["layout"].tp_rank == 0 and r["logprobs"]]
+    dp = results[0]["layout"].data_parallel
+    order = sorted(
+        ((i * dp + r["layout"].dp_rank, r, i) for r in first_tp for i in range(len(r["logprobs"]))),
+        key=lambda item: item[0],
+    )
+    logprobs = torch.stack([r["logprobs"][i] for _, r, i in order])
+    entropy = torch.stack([r["entropy"][i] for _, r, i in order])
+    grads = {}
+    for r in results:
+        if r["layout"].dp_rank != 0:
+            continue
+        for name, (grad, split, gated) in r["grads"].items():
+            grads.setdefault(name, {})[r["layout"].tp_rank] = (grad, split, gated)
+    full = {}
+    for name, shards in grads.items():
+        ordered = [shards[k] for k in sorted(shards)]
+        split, gated = ordered[0][1], ordered[0][2]
+        tensors = [g for g, _, _ in ordered]
+        full[name] = tensors[0] if split is None else tp_join(tensors, split, gated)
+    return logprobs, entropy, full
+
+
+LAYOUTS = [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize(("tp", "pp"), LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
+def test_layouts_match_full_vocabulary_reference(pool4, weights, references, tp, pp, fused):
+    check("qwen3", pool4, weights, references, tp, pp, fused, 0.7 if fused else 1.0)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama"])
+def test_families_at_tp2_pp2(pool4, weights, references, name):
+    """qwen2: q/k/v bias and embeddings tied across pipeline stages; llama: Llama-3 RoPE."""
+    check(name, pool4, weights, references, 2, 2, True, 1.0)
+
+
+def check(name, pool, weights, references, tp, pp, fused, temperature):
+    want = references[(name, temperature)]
+    logprobs, entropy, grads = assemble(
+        pool.run(in_layout, name, weights[name], tp, pp, fused, temperature)
+    )
+    torch.testing.assert_close(logprobs, want["logprobs"], atol=2e-5, rtol=0)
+    torch.testing.assert_close(entropy, want["entropy"], atol=2e-5, rtol=0)
+    tied = CONFIGS[name]["tie_word_embeddings"]
+    reference_key = {"output_layer.weight": "embedding.word_embeddings.weight"} if tied else {}
+    # Every parameter's gradient is there (a tied last stage holds a copy of the embedding's).
+    assert {reference_key.get(k, k) for k in grads} == set(want["grads"])
+    for key, grad in grads.items():
+        expected = want["grads"][reference_key.get(key, key)]
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-5 * scale, msg=key)
+    assert max(g.abs().max().item() for g in grads.values()) > 1e-3
+
+
+def test_vocabulary_padding_is_layout_independent():
+    assert padded_vocab_size(200, 1) == padded_vocab_size(200, 4) == 256
+    assert padded_vocab_size(151936, 8) == 151936 and padded_vocab_size(128256, 2) == 128256
+    assert padded_vocab_size(100, 3) == 384  # lcm(128, 3)
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "message"),
+    [
+        (3, 1, r"parallel.tensor_parallel.*got 3.*num_attention_heads \(8\)"),
+        (1, 3, r"parallel.pipeline_parallel.*got 3.*num_hidden_layers \(4\)"),
+    ],
+)
+def test_layouts_that_do_not_divide_the_model_are_refused(tp, pp, message):
+    arch = ModelArch.from_hf(CONFIGS["qwen3"])
+    with pytest.raises(ConfigError, match=message):
+        check_layout(arch, ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp))
+
+
+def test_kv_heads_must_divide_too():
+    arch = ModelArch.from_hf(dict(CONFIGS["qwen3"], num_attention_heads=8, num_key_value_heads=2))
+    with pytest.raises(ConfigError, match=r"num_key_value_heads \(2\)"):
+        check_layout(arch, ParallelConfig(tensor_parallel=4))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model_type": "gpt2"}, r"model_type 'gpt2' is not supported; supported: \['llama'"),
+        ({"hidden_size": None}, r"missing field 'hidden_size'"),
+        ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, r"rope_scaling type 'yarn'"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8, "high_freq_factor": 2.0}},
+            r"rope_scaling.high_freq_factor=2.0 is not supported",
+        ),
+        ({"model_type": "llama", "attention_bias": True}, r"llama: attention_bias=true"),
+    ],
+)
+def test_bad_hf_configs_name_the_field(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelArch.from_hf(dict(CONFIGS["qwen3"], **change))
+
+
+def test_config_json_on_disk(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["llama"]))
+    arch = ModelArch.from_hf(tmp_path)
+    assert arch.family.name == "llama" and arch.llama3_rope_factor == 8.0
+    assert arch.head_dim == 8 and arch.num_query_groups == 4
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON"):
+        ModelArch.from_hf(tmp_path / "bad.json")
+    with pytest.raises(FileNotFoundError, match="no Hugging Face config"):
+        ModelArch.from_hf(tmp_path / "missing")
+
+
+def test_micro_batches_are_deterministic():
+    a, b = micro_batches(), micro_batches()
+    assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, b, strict=True))
+
+
+def test_reference_is_frozen_until_updated(pool2, weights):
+    from model_cases import reference_update
+
+    for rank in pool2.run(reference_update, "qwen3", weights["qwen3"]):
+        assert rank["policy_moved"] and rank["policy_gained"] > 0.01  # the policy trained
+        assert rank["frozen"] and rank["no_grad"] and rank["ref_lp_unchanged"]
+        assert rank["equal_after_update"] and rank["ref_lp_is_policy_lp"]
