@@ -11,6 +11,11 @@ micro-batch's *share* of the step's loss (e.g. policy_loss with the step's globa
 Megatron divides each micro-batch's loss by the number of micro-batches and averages gradients
 over data-parallel ranks; we multiply both back, so the gradients are those of the sum of the
 shares over all micro-batches and ranks (loss library contract, docs/losses.md).
+
+A token-separable loss can be given instead as token_loss_fn(logprobs [c], entropy [c], batch,
+rows) -> per-token terms [c], for the flattened tokens `rows` of the micro-batch's [b * (s-1)]; with
+the fused path its gradients are then computed in the forward pass (fused_logprobs_loss: three
+matmuls per chunk of logits instead of four).
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ import torch
 from torch import Tensor, nn
 
 from megatron_rpg.logprobs import (
-    DEFAULT_CHUNK,
     fused_logprobs,
+    fused_logprobs_loss,
     vocab_parallel_logprobs_and_entropy,
 )
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor, Batch], tuple[Tensor, dict[str, Any]]]
+TokenLossFn = Callable[[Tensor, Tensor, Batch, slice], Tensor]
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,7 @@ class LogprobOptions:
     vocab_size: int  # the real vocabulary (Megatron's is padded)
     temperature: float = 1.0
     fused: bool = True  # from hidden states, never materializing more than a chunk of logits
-    chunk_size: int = DEFAULT_CHUNK
+    chunk_size: int | None = None  # tokens per chunk of logits; None: ~64 MiB blocks
 
 
 def unwrap(module: Any) -> Any:
@@ -100,15 +106,43 @@ def sequence_logprobs(
     return vocab_parallel_logprobs_and_entropy(logits[:, :-1], targets, *args)
 
 
+def _token_loss_forward(
+    model: nn.Module, batch: Batch, options: LogprobOptions, token_loss_fn: TokenLossFn
+) -> Tensor:
+    """Last stage, fused: [loss, logprobs..., entropy...] with the loss's gradients in forward."""
+    from megatron.core import parallel_state
+
+    tokens = batch["tokens"]
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=tokens.device).expand(b, s)
+    causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu(1)[None, None]
+    gpt = unwrap(model)
+    with final_hidden_states(gpt):
+        hidden = model(tokens, position_ids, causal)
+    loss, logprobs, entropy = fused_logprobs_loss(
+        hidden[:, :-1],
+        output_weight(gpt),
+        tokens[:, 1:],
+        lambda lp, ent, rows: token_loss_fn(lp, ent, batch, rows),
+        options.temperature,
+        parallel_state.get_tensor_model_parallel_group(),
+        options.chunk_size,
+        options.vocab_size,
+    )
+    return torch.cat([loss.reshape(1), logprobs.reshape(-1), entropy.reshape(-1)])
+
+
 def forward_backward(
     model_chunks: list[nn.Module],
     micro_batches: list[Batch],
     options: LogprobOptions,
     loss_fn: LossFn | None = None,
+    token_loss_fn: TokenLossFn | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the schedule. Forward only (loss_fn None): per micro-batch {"logprobs", "entropy"} on
-    the last pipeline stage. Training: per micro-batch the metrics of loss_fn there. [] elsewhere.
-    Gradients accumulate in the chunks' (DDP) gradient buffers; the caller steps the optimizer."""
+    """Run the schedule. Forward only (no loss): per micro-batch {"logprobs", "entropy"} on the
+    last pipeline stage. Training: per micro-batch the metrics of loss_fn there ({"logprobs",
+    "entropy"} with token_loss_fn). [] elsewhere. Gradients accumulate in the chunks' (DDP)
+    gradient buffers; the caller steps the optimizer."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -119,9 +153,20 @@ def forward_backward(
         raise ValueError(f"micro-batches must share one [batch, seq] shape; got {sorted(shapes)}")
     micro_size, seq_length = shapes.pop()
     scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+    if loss_fn is not None and token_loss_fn is not None:
+        raise ValueError("give loss_fn or token_loss_fn, not both")
+    separable = token_loss_fn is not None and options.fused
 
     def loss_func(batch: Batch, output: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        if separable:  # [loss, logprobs..., entropy...] from _token_loss_forward
+            shape = (micro_size, seq_length - 1)
+            logprobs, entropy = output[1:].reshape(2, *shape)
+            return output[0] * scale, {"logprobs": logprobs, "entropy": entropy}
         logprobs, entropy = output[0], output[1]
+        if token_loss_fn is not None:  # unfused path: evaluate the terms on all tokens at once
+            terms = token_loss_fn(logprobs.reshape(-1), entropy.reshape(-1), batch, slice(None))
+            detached = {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
+            return terms.sum() * scale, detached
         if loss_fn is None:
             return output.sum() * 0.0, {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
         loss, metrics = loss_fn(logprobs, entropy, batch)
@@ -129,13 +174,17 @@ def forward_backward(
 
     def forward_step(data_iterator: Iterator[Batch], model: nn.Module) -> tuple[Tensor, Any]:
         batch = next(data_iterator)
+        if separable and unwrap(model).post_process:
+            assert token_loss_fn is not None
+            output = _token_loss_forward(model, batch, options, token_loss_fn)
+            return output, functools.partial(loss_func, batch)
         out = sequence_logprobs(model, batch["tokens"], options)
         if isinstance(out, Tensor):  # not the last stage: activations for the next one
             return out, None
         return torch.stack(out), functools.partial(loss_func, batch)
 
     data = [iter(micro_batches) for _ in model_chunks]
-    forward_only = loss_fn is None
+    forward_only = loss_fn is None and token_loss_fn is None
     with torch.no_grad() if forward_only else contextlib.nullcontext():
         return get_forward_backward_func()(
             forward_step_func=forward_step,

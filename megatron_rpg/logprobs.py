@@ -12,12 +12,17 @@ entries [r*V_local, (r+1)*V_local). With x = logits / temperature, per token:
 
 Collectives per chunk of tokens, on `group` (none when group is None or of size 1):
 all-reduce MAX of the row max, then one all-reduce SUM of the stacked [sum of exps, target logit,
-sum of exp * x]. Tokens are processed in chunks of `chunk_size`, so the extra memory is one
-[chunk, V_local] fp32 block, not [tokens, V_local]; backward recomputes the softmax per chunk from
+sum of exp * x]. Tokens are processed in chunks of `chunk_size` (default: auto_chunk_size, about
+64 MiB of fp32 logits), so the extra memory is a few
+[chunk, V_local] blocks, not [tokens, V_local]; backward recomputes the softmax per chunk from
 the saved per-token lse and E_p[x] ([tokens] each). Inputs are never modified in place.
 
 Megatron pads the vocabulary to a multiple of 128 (and of TP); `vocab_size` (the real one) keeps the
 padded entries out of the softmax, as vLLM and Hugging Face compute it.
+
+`fused_logprobs_loss` is the training path for token-separable losses: the loss's gradient with
+respect to each token's log-prob is known inside the chunk, so the logits' gradients, and from
+them the hidden states' and weight's, are computed in the forward pass (no recompute).
 
 `fused_logprobs` goes from the final hidden states and the output layer's weight shard: logits exist
 one chunk at a time, in forward and (recomputed) in backward.
@@ -25,6 +30,7 @@ one chunk at a time, in forward and (recomputed) in backward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +38,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-DEFAULT_CHUNK = 1024
+CHUNK_BYTES = 64 * 2**20  # one [chunk, V_local] fp32 block of logits (~110 tokens at V=152k)
+
+
+def auto_chunk_size(local_vocab: int) -> int:
+    """Tokens per chunk so that a block of fp32 logits is about CHUNK_BYTES (a multiple of 16)."""
+    return max(16, CHUNK_BYTES // (4 * max(local_vocab, 1)) // 16 * 16)
+
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup | None
 
@@ -65,14 +77,15 @@ class _Targets:
 def _chunk_statistics(
     x: Tensor, targets: _Targets | None, group: ProcessGroup
 ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """x: [c, V_local] fp32 scaled logits -> (lse [c], target logit [c] or None, E_p[x] [c])."""
+    """x: [c, V_local] scaled logits -> (lse [c], target logit [c] or None, E_p[x] [c])."""
     if x.shape[-1]:
         row_max = x.max(dim=-1).values
     else:  # this rank's shard is all vocabulary padding
         row_max = torch.full(x.shape[:1], float("-inf"), dtype=x.dtype, device=x.device)
     _all_reduce(row_max, dist.ReduceOp.MAX, group)
-    exp = torch.exp(x - row_max[:, None])
-    parts = [exp.sum(-1), (exp * x).sum(-1)]
+    exp = (x - row_max[:, None]).exp_()
+    sum_exp_x = (exp[:, None, :] @ x[:, :, None]).reshape(-1)  # row-wise dot, no [c, V] temp
+    parts = [exp.sum(-1), sum_exp_x]
     if targets is not None:
         picked = x.gather(-1, targets.local[:, None]).squeeze(-1) if x.shape[-1] else row_max
         parts.append(torch.where(targets.in_shard, picked, torch.zeros_like(picked)))
@@ -92,18 +105,21 @@ def _chunk_grad_logits(
     grad_entropy: Tensor | None,
     temperature: float,
 ) -> Tensor:
-    """d(sum grad_lp * log p(y) + grad_ent * entropy) / d logits for one chunk, [c, V_local]."""
-    if not x.shape[-1]:
-        return x.clone()
-    p = torch.exp(x - lse[:, None])
-    grad = torch.zeros_like(x)
-    if grad_logprobs is not None and targets is not None:
-        grad -= p * grad_logprobs[:, None]
-        hit = torch.where(targets.in_shard, grad_logprobs, torch.zeros_like(grad_logprobs))
-        grad.scatter_add_(-1, targets.local[:, None], hit[:, None])
+    """d(sum grad_lp * log p(y) + grad_ent * entropy) / d logits for one chunk, [c, V_local]:
+    -p * (grad_lp + grad_ent * (x - E_p[x])), plus grad_lp at the target, over T."""
+    grad = (x - lse[:, None]).exp_()  # p; every later step is in place
+    if (grad_logprobs is None and grad_entropy is None) or not x.shape[-1]:
+        return grad.zero_()
+    weight = torch.zeros_like(lse) if grad_logprobs is None else grad_logprobs.to(lse.dtype)
     if grad_entropy is not None:
-        grad -= grad_entropy[:, None] * p * (x - mean_x[:, None])
-    return grad / temperature
+        grad.mul_((x - mean_x[:, None]).mul_(grad_entropy[:, None]).add_(weight[:, None]))
+    else:
+        grad.mul_(weight[:, None])
+    grad.neg_()
+    if grad_logprobs is not None and targets is not None:
+        hit = torch.where(targets.in_shard, weight, torch.zeros_like(weight))
+        grad.scatter_add_(-1, targets.local[:, None], hit[:, None])
+    return grad if temperature == 1.0 else grad.div_(temperature)
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,12 @@ class _Shard:
 
     def targets(self, targets: Tensor) -> _Targets:
         return _Targets.of(targets, self.start, max(self.valid, 1))
+
+
+def _scaled(logits: Tensor, dtype: torch.dtype, temperature: float) -> Tensor:
+    """logits / T in the compute dtype (a copy only where one is needed)."""
+    x = logits.to(dtype)
+    return x if temperature == 1.0 else x / temperature
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
@@ -153,30 +175,31 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         lse, mean_x = (torch.empty(n, dtype=dtype, device=logits.device) for _ in range(2))
         logprobs = torch.empty(n if targets is not None else 0, dtype=dtype, device=logits.device)
         for rows in _chunks(n, chunk_size):
-            x = logits[rows, : shard.valid].to(dtype) / temperature
+            x = _scaled(logits[rows, : shard.valid], dtype, temperature)
             tgt = None if targets is None else shard.targets(targets[rows])
             lse[rows], picked, mean_x[rows] = _chunk_statistics(x, tgt, group)
             if picked is not None:
                 logprobs[rows] = picked - lse[rows]
         ctx.save_for_backward(logits, targets, lse, mean_x)
+        ctx.set_materialize_grads(False)  # an unused output (e.g. entropy) gets None: skipped
         ctx.temperature, ctx.chunk_size, ctx.shard = temperature, chunk_size, shard
         return logprobs, lse - mean_x
 
     @staticmethod
-    def backward(ctx: Any, grad_logprobs: Tensor, grad_entropy: Tensor) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, grad_logprobs: Tensor | None, grad_entropy: Tensor | None) -> Any:  # type: ignore[override]
         logits, targets, lse, mean_x = ctx.saved_tensors
         shard = ctx.shard
         grad = torch.zeros_like(logits)  # padded vocabulary entries get zero gradient
         for rows in _chunks(logits.shape[0], ctx.chunk_size):
-            x = logits[rows, : shard.valid].to(lse.dtype) / ctx.temperature
+            x = _scaled(logits[rows, : shard.valid], lse.dtype, ctx.temperature)
             tgt = None if targets is None else shard.targets(targets[rows])
             grad[rows, : shard.valid] = _chunk_grad_logits(
                 x,
                 lse[rows],
                 mean_x[rows],
                 tgt,
-                None if targets is None else grad_logprobs[rows],
-                grad_entropy[rows],
+                None if targets is None or grad_logprobs is None else grad_logprobs[rows],
+                None if grad_entropy is None else grad_entropy[rows],
                 ctx.temperature,
             ).to(logits.dtype)
         return grad, None, None, None, None, None
@@ -209,18 +232,19 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             torch.empty(n, dtype=dtype, device=hidden.device) for _ in range(3)
         )
         for rows in _chunks(n, chunk_size):
-            x = (hidden[rows].to(weight.dtype) @ real_rows.t()).to(dtype) / temperature
+            x = _scaled(hidden[rows].to(weight.dtype) @ real_rows.t(), dtype, temperature)
             lse[rows], picked, mean_x[rows] = _chunk_statistics(
                 x, shard.targets(targets[rows]), group
             )
             logprobs[rows] = picked - lse[rows]  # type: ignore[operator]
         ctx.save_for_backward(hidden, weight, targets, lse, mean_x)
+        ctx.set_materialize_grads(False)
         ctx.temperature, ctx.chunk_size, ctx.group = temperature, chunk_size, group
         ctx.shard = shard
         return logprobs, lse - mean_x
 
     @staticmethod
-    def backward(ctx: Any, grad_logprobs: Tensor, grad_entropy: Tensor) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, grad_logprobs: Tensor | None, grad_entropy: Tensor | None) -> Any:  # type: ignore[override]
         hidden, weight, targets, lse, mean_x = ctx.saved_tensors
         shard = ctx.shard
         real_rows = weight[: shard.valid]
@@ -228,20 +252,123 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
         for rows in _chunks(hidden.shape[0], ctx.chunk_size):
             h = hidden[rows].to(weight.dtype)
-            x = (h @ real_rows.t()).to(lse.dtype) / ctx.temperature
+            x = _scaled(h @ real_rows.t(), lse.dtype, ctx.temperature)
             grad_x = _chunk_grad_logits(
                 x,
                 lse[rows],
                 mean_x[rows],
                 shard.targets(targets[rows]),
-                grad_logprobs[rows],
-                grad_entropy[rows],
+                None if grad_logprobs is None else grad_logprobs[rows],
+                None if grad_entropy is None else grad_entropy[rows],
                 ctx.temperature,
             ).to(weight.dtype)
             grad_hidden[rows] = (grad_x @ real_rows).to(hidden.dtype)
-            grad_weight[: shard.valid] += (grad_x.t() @ h).to(grad_weight.dtype)  # fp32/fp64
+            if grad_x.dtype == grad_weight.dtype:
+                grad_weight[: shard.valid].addmm_(grad_x.t(), h)  # no [V, H] temporary
+            else:  # bf16 matmul, accumulated in fp32
+                grad_weight[: shard.valid] += (grad_x.t() @ h).to(grad_weight.dtype)
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+
+
+TokenLoss = Callable[[Tensor, Tensor, slice], Tensor]
+
+
+class _FusedLinearTokenLoss(torch.autograd.Function):
+    """(hidden, weight, targets, token_loss) -> (sum of token_loss, log-probs, entropies).
+
+    For a token-separable loss L = sum_t token_loss(lp_t, ent_t) the gradient with respect to the
+    logits of token t needs only dL/dlp_t and dL/dent_t, which the chunk itself provides. So each
+    chunk's forward computes the logits, the loss terms, their gradients and at once
+    grad_hidden = G @ W and grad_weight += G^T @ h: three matmuls per chunk and no recompute (as
+    Liger does for cross-entropy). Backward only scales the held gradients by the incoming scalar.
+    Collectives: those of `_FusedLinearLogprobs`, all in forward. The log-probs and entropies are
+    returned detached (for metrics).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        token_loss: TokenLoss,
+        temperature: float,
+        chunk_size: int,
+        group: ProcessGroup,
+        vocab_size: int | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        n = hidden.shape[0]
+        shard = _Shard.of(weight.shape[0], group, vocab_size)
+        real_rows = weight[: shard.valid]
+        dtype = _compute_dtype(weight)
+        logprobs, entropy = (torch.empty(n, dtype=dtype, device=hidden.device) for _ in range(2))
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device)
+        total = torch.zeros((), dtype=dtype, device=hidden.device)
+        for rows in _chunks(n, chunk_size):
+            h = hidden[rows].to(weight.dtype)
+            x = _scaled(h @ real_rows.t(), dtype, temperature)
+            tgt = shard.targets(targets[rows])
+            lse, picked, mean_x = _chunk_statistics(x, tgt, group)
+            lp = (picked - lse).requires_grad_()  # type: ignore[operator]
+            ent = (lse - mean_x).requires_grad_()
+            with torch.enable_grad():
+                terms = token_loss(lp, ent, rows).sum()
+                grad_lp, grad_ent = torch.autograd.grad(terms, (lp, ent), allow_unused=True)
+            total += terms.detach()
+            logprobs[rows], entropy[rows] = lp.detach(), ent.detach()
+            grad_x = _chunk_grad_logits(x, lse, mean_x, tgt, grad_lp, grad_ent, temperature)
+            grad_x = grad_x.to(weight.dtype)
+            grad_hidden[rows] = (grad_x @ real_rows).to(hidden.dtype)
+            if grad_x.dtype == grad_weight.dtype:
+                grad_weight[: shard.valid].addmm_(grad_x.t(), h)
+            else:
+                grad_weight[: shard.valid] += (grad_x.t() @ h).to(grad_weight.dtype)
+        _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(logprobs, entropy)
+        return total, logprobs, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: Tensor, *_: Any) -> Any:  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total, grad_weight * grad_total, *([None] * 6)
+
+
+def fused_logprobs_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    token_loss: TokenLoss,
+    temperature: float = 1.0,
+    group: ProcessGroup = None,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, log-probs, entropies) for a token-separable loss, gradients computed in forward.
+
+    token_loss(logprobs [c], entropy [c], rows) -> per-token loss terms [c]; `rows` is the slice of
+    flattened tokens (hidden.reshape(-1, H)) in the chunk. Each term may depend only on its own
+    token's log-prob and entropy (true of every loss in megatron_rpg.losses with the step's global
+    counts). The returned loss is their sum; log-probs and entropies are detached.
+    """
+    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(
+            f"hidden [..., {hidden.shape[-1]}] does not match output weight {tuple(weight.shape)}"
+        )
+    _check(hidden, targets, temperature, chunk_size)
+    loss, logprobs, entropy = _FusedLinearTokenLoss.apply(
+        _flatten(hidden, True),
+        weight,
+        _flatten(targets, False),
+        token_loss,
+        temperature,
+        chunk_size or auto_chunk_size(weight.shape[0]),
+        group,
+        vocab_size,
+    )
+    return loss, logprobs.reshape(targets.shape), entropy.reshape(targets.shape)
 
 
 def _flatten(tensor: Tensor, keep_last: bool) -> Tensor:
@@ -253,7 +380,7 @@ def vocab_parallel_logprobs(
     targets: Tensor,
     temperature: float = 1.0,
     group: ProcessGroup = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     vocab_size: int | None = None,
 ) -> Tensor:
     """log p(target) in fp32 from logits [..., V_local] sharded over `group`; targets [...]."""
@@ -262,7 +389,7 @@ def vocab_parallel_logprobs(
         _flatten(logits, True),
         _flatten(targets, False),
         temperature,
-        chunk_size,
+        chunk_size or auto_chunk_size(logits.shape[-1]),
         group,
         vocab_size,
     )
@@ -273,13 +400,14 @@ def vocab_parallel_entropy(
     logits: Tensor,
     temperature: float = 1.0,
     group: ProcessGroup = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     vocab_size: int | None = None,
 ) -> Tensor:
     """Entropy of softmax(logits / temperature) in fp32, [...], from logits [..., V_local]."""
     _check(logits, None, temperature, chunk_size)
+    chunk = chunk_size or auto_chunk_size(logits.shape[-1])
     _, entropy = _VocabParallelLogprobs.apply(
-        _flatten(logits, True), None, temperature, chunk_size, group, vocab_size
+        _flatten(logits, True), None, temperature, chunk, group, vocab_size
     )
     return entropy.reshape(logits.shape[:-1])
 
@@ -289,7 +417,7 @@ def vocab_parallel_logprobs_and_entropy(
     targets: Tensor,
     temperature: float = 1.0,
     group: ProcessGroup = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     vocab_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Both in one pass over the logits (one set of collectives)."""
@@ -298,7 +426,7 @@ def vocab_parallel_logprobs_and_entropy(
         _flatten(logits, True),
         _flatten(targets, False),
         temperature,
-        chunk_size,
+        chunk_size or auto_chunk_size(logits.shape[-1]),
         group,
         vocab_size,
     )
@@ -311,7 +439,7 @@ def fused_logprobs(
     targets: Tensor,
     temperature: float = 1.0,
     group: ProcessGroup = None,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     vocab_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(log p(target), entropy) in fp32 from final hidden states [..., H] (replicated over the TP
@@ -326,14 +454,16 @@ def fused_logprobs(
         weight,
         _flatten(targets, False),
         temperature,
-        chunk_size,
+        chunk_size or auto_chunk_size(weight.shape[0]),
         group,
         vocab_size,
     )
     return logprobs.reshape(targets.shape), entropy.reshape(targets.shape)
 
 
-def _check(values: Tensor, targets: Tensor | None, temperature: float, chunk_size: int) -> None:
+def _check(
+    values: Tensor, targets: Tensor | None, temperature: float, chunk_size: int | None
+) -> None:
     if targets is not None and tuple(values.shape[:-1]) != tuple(targets.shape):
         raise ValueError(
             f"targets {tuple(targets.shape)} must match the leading dims of {tuple(values.shape)}"
@@ -342,5 +472,5 @@ def _check(values: Tensor, targets: Tensor | None, temperature: float, chunk_siz
         raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")

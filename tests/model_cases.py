@@ -73,7 +73,7 @@ def reference(name, weights, temperature):
     return {"logprobs": torch.stack(lps), "entropy": torch.stack(ents), "grads": grads}
 
 
-def in_layout(name, weights, tp, pp, fused, temperature):
+def in_layout(name, weights, tp, pp, fused, temperature, token_loss=False):
     """The same computation through the builder, sharded loading, DDP and the pipeline schedule;
     each data-parallel rank takes its share of the micro-batches."""
     from megatron.core.distributed import (
@@ -102,7 +102,16 @@ def in_layout(name, weights, tp, pp, fused, temperature):
     def loss_fn(lp, ent, batch):
         return (batch["upstream"][0] * lp + batch["upstream"][1] * ent).sum(), {}
 
-    forward_backward(ddp, mine, options, loss_fn)
+    def token_loss_fn(lp, ent, batch, rows):
+        u, v = batch["upstream"][0].reshape(-1)[rows], batch["upstream"][1].reshape(-1)[rows]
+        return u * lp + v * ent
+
+    if token_loss:
+        trained = forward_backward(ddp, mine, options, token_loss_fn=token_loss_fn)
+        for out, fwd in zip(trained, forward, strict=True):  # training also reports them
+            torch.testing.assert_close(out["logprobs"], fwd["logprobs"], atol=1e-6, rtol=0)
+    else:
+        forward_backward(ddp, mine, options, loss_fn)
     grads = {
         name: (param.main_grad.clone(), split, gated)
         for chunk in chunks
@@ -170,3 +179,32 @@ def reference_update(name, weights):
         "ref_lp_is_policy_lp": torch.equal(ref_lp_updated, policy_lp),
         "policy_gained": (policy_lp.mean() - ref_lp_before.mean()).item(),
     }  # fmt: skip
+
+
+def loading_errors(name, weights):
+    """Each bad input, caught: (exception type, message)."""
+    from megatron_rpg.forward_backward import LogprobOptions, forward_backward
+    from megatron_rpg.models import load_full_state_dict
+
+    _, arch, (chunk,) = _setup(CONFIGS[name], 2, 1)
+    cases = {
+        "missing": lambda: load_full_state_dict(
+            chunk, {k: v for k, v in weights.items() if "layers.1.mlp.linear_fc2" not in k}
+        ),
+        "shape": lambda: load_full_state_dict(
+            chunk, dict(weights, **{"decoder.final_layernorm.weight": torch.ones(65)})
+        ),
+        "micro_batches": lambda: forward_backward(
+            [chunk],
+            [{"tokens": torch.zeros(2, 8).long()}, {"tokens": torch.zeros(2, 9).long()}],
+            LogprobOptions(vocab_size=arch.vocab_size),
+        ),
+    }
+    out = {}
+    for key, call in cases.items():
+        try:
+            call()
+            out[key] = None
+        except (KeyError, ValueError) as err:
+            out[key] = (type(err).__name__, str(err))
+    return out

@@ -10,6 +10,7 @@ import torch
 
 from megatron_rpg.logprobs import (
     fused_logprobs,
+    fused_logprobs_loss,
     vocab_parallel_entropy,
     vocab_parallel_logprobs,
     vocab_parallel_logprobs_and_entropy,
@@ -75,11 +76,20 @@ def sharded(temperature, chunk_size, dtype=torch.float64, real_vocab=VOCAB):
     w = shard.clone().requires_grad_()
     f_lp, f_ent = fused_logprobs(h, w, targets, temperature, group, chunk_size, **real)
     grad_h, grad_w = torch.autograd.grad((upstream[0] * f_lp + upstream[1] * f_ent).sum(), (h, w))
+
+    u, v = upstream[0].reshape(-1), upstream[1].reshape(-1)
+    loss, l_lp, l_ent = fused_logprobs_loss(
+        h, w, targets, lambda lp, ent, rows: u[rows] * lp + v[rows] * ent, temperature, group,
+        chunk_size, **real,
+    )  # fmt: skip
+    l_grad_h, l_grad_w = torch.autograd.grad(loss, (h, w))
     return {
         "lp": lp.detach(), "ent": ent.detach(), "lp_only": lp_only.detach(),
         "ent_only": ent_only.detach(), "grad_logits": grad_logits,
         "unchanged": torch.equal(logits.detach(), logits_before),
         "f_lp": f_lp.detach(), "f_ent": f_ent.detach(), "grad_h": grad_h, "grad_w": grad_w,
+        "l_lp": l_lp, "l_ent": l_ent, "l_grad_h": l_grad_h, "l_grad_w": l_grad_w,
+        "loss": loss.detach(), "f_loss": (u * f_lp.reshape(-1) + v * f_ent.reshape(-1)).sum(),
     }  # fmt: skip
 
 
@@ -89,14 +99,17 @@ def check_against_reference(results, temperature, atol, real_vocab=VOCAB):
     )
     close = lambda a, b: torch.testing.assert_close(a.double(), b, atol=atol, rtol=atol)  # noqa: E731
     for r in results:
-        for key in ("lp", "lp_only", "f_lp"):
+        for key in ("lp", "lp_only", "f_lp", "l_lp"):
             close(r[key], want_lp)
-        for key in ("ent", "ent_only", "f_ent"):
+        for key in ("ent", "ent_only", "f_ent", "l_ent"):
             close(r[key], want_ent)
-        close(r["grad_h"], want_grad_h)  # hidden is replicated: every rank has the full grad
+        close(r["loss"], r["f_loss"].detach().double())
+        for key in ("grad_h", "l_grad_h"):  # hidden is replicated: every rank has the full grad
+            close(r[key], want_grad_h)
         assert r["unchanged"]
     close(torch.cat([r["grad_logits"] for r in results], -1), want_grad_logits)
     close(torch.cat([r["grad_w"] for r in results], 0), want_grad_w)
+    close(torch.cat([r["l_grad_w"] for r in results], 0), want_grad_w)
 
 
 @pytest.mark.parametrize(("temperature", "chunk_size"), [(1.0, 1024), (0.6, 7), (1.3, 1)])

@@ -62,16 +62,25 @@ def test_layouts_match_full_vocabulary_reference(pool4, weights, references, tp,
     check("qwen3", pool4, weights, references, tp, pp, fused, 0.7 if fused else 1.0)
 
 
+TOKEN_LOSS_CASES = [(1, 1, True), (4, 1, True), (2, 2, True), (2, 1, False)]
+
+
+@pytest.mark.parametrize(("tp", "pp", "fused"), TOKEN_LOSS_CASES)
+def test_token_separable_loss_path_matches_reference(pool4, weights, references, tp, pp, fused):
+    """token_loss_fn: gradients from the fused forward pass (or evaluated on all tokens)."""
+    check("qwen3", pool4, weights, references, tp, pp, fused, 0.7, token_loss=True)
+
+
 @pytest.mark.parametrize("name", ["qwen2", "llama"])
 def test_families_at_tp2_pp2(pool4, weights, references, name):
     """qwen2: q/k/v bias and embeddings tied across pipeline stages; llama: Llama-3 RoPE."""
     check(name, pool4, weights, references, 2, 2, True, 1.0)
 
 
-def check(name, pool, weights, references, tp, pp, fused, temperature):
+def check(name, pool, weights, references, tp, pp, fused, temperature, token_loss=False):
     want = references[(name, temperature)]
     logprobs, entropy, grads = assemble(
-        pool.run(in_layout, name, weights[name], tp, pp, fused, temperature)
+        pool.run(in_layout, name, weights[name], tp, pp, fused, temperature, token_loss)
     )
     torch.testing.assert_close(logprobs, want["logprobs"], atol=2e-5, rtol=0)
     torch.testing.assert_close(entropy, want["entropy"], atol=2e-5, rtol=0)
@@ -156,3 +165,16 @@ def test_reference_is_frozen_until_updated(pool2, weights):
         assert rank["policy_moved"] and rank["policy_gained"] > 0.01  # the policy trained
         assert rank["frozen"] and rank["no_grad"] and rank["ref_lp_unchanged"]
         assert rank["equal_after_update"] and rank["ref_lp_is_policy_lp"]
+
+
+def test_bad_checkpoints_and_batches_are_named(pool2, weights):
+    from model_cases import loading_errors
+
+    errors = pool2.run(loading_errors, "qwen3", weights["qwen3"])[0]
+    assert errors["missing"][0] == "KeyError"
+    assert "decoder.layers.1.mlp.linear_fc2.weight" in errors["missing"][1]
+    assert errors["shape"] == (
+        "ValueError",
+        "tensor 'decoder.final_layernorm.weight': shard shape (65,) does not fit parameter (64,)",
+    )
+    assert "one [batch, seq] shape; got [(2, 8), (2, 9)]" in errors["micro_batches"][1]

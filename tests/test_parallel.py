@@ -117,3 +117,21 @@ def test_pipeline_parallel_trains_through_the_shim(pool2):
     losses = out[0]["losses"]
     assert out[1]["losses"] == losses and losses[-1] < losses[0]
     assert {o["layout"].pp_rank for o in out} == {0, 1}
+
+
+def groups_after_layout_cycles():
+    from torch.distributed import distributed_c10d
+
+    from megatron_rpg.parallel import destroy_model_parallel, initialize_model_parallel
+
+    for tp in (2, 1, 2):
+        initialize_model_parallel(ParallelConfig(tensor_parallel=tp), seed=0)
+        created = len(distributed_c10d._world.pg_map)
+        destroy_model_parallel()
+    return created, len(distributed_c10d._world.pg_map)
+
+
+def test_layouts_do_not_leak_process_groups(pool2):
+    """Megatron's destroy only drops references; ours destroys the groups (and their threads)."""
+    for created, remaining in pool2.run(groups_after_layout_cycles):
+        assert created > 5 and remaining == 1  # only the default group is left

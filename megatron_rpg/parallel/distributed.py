@@ -21,6 +21,16 @@ from megatron_rpg.config import ConfigError, ParallelConfig
 from megatron_rpg.parallel import cpu_shim
 from megatron_rpg.parallel.seeding import seed_everything
 
+# Process groups created by initialize_model_parallel. Megatron's destroy_model_parallel only drops
+# its references: without destroying them, each layout leaks its groups and their threads.
+_owned_groups: list = []
+
+
+def _registered_groups() -> set:
+    from torch.distributed import distributed_c10d
+
+    return set(distributed_c10d._world.pg_map)
+
 
 @dataclass(frozen=True)
 class ParallelLayout:
@@ -74,12 +84,17 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int) -> ParallelLa
         raise ConfigError(
             "parallel.virtual_pipeline_parallel", vpp, "1 unless pipeline_parallel > 1"
         )
+    before = _registered_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         distributed_timeout_minutes=parallel.timeout_minutes,
     )
+    from torch.distributed import distributed_c10d
+
+    created = _registered_groups() - before  # destroyed in creation order on every rank
+    _owned_groups.extend(sorted(created, key=lambda g: int(distributed_c10d._world.pg_names[g])))
     seed_everything(seed)
     return ParallelLayout(
         world_size=world,
@@ -96,9 +111,12 @@ def destroy_model_parallel() -> None:
     """Tear down Megatron's groups (keeps the default group), so another layout can follow."""
     import sys
 
-    if "megatron.core.parallel_state" not in sys.modules:
-        return
-    from megatron.core import parallel_state
+    if "megatron.core.parallel_state" in sys.modules:
+        from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+    while _owned_groups:
+        group = _owned_groups.pop(0)
+        if group in _registered_groups():  # destroying one group can take its aliases along
+            dist.destroy_process_group(group)
