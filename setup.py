@@ -16,12 +16,14 @@ setup(
         "numpy",
         "pyyaml",
         "psutil",  # without it megatron's dist_checkpointing.save hangs (docs/install.md)
+        "safetensors",
     ],
     extras_require={
         # apex is NOT the unrelated PyPI package `apex`: build it from NVIDIA's source
         # (https://github.com/NVIDIA/apex) inside the GPU container; see docs/install.md.
         "gpu": ["transformer-engine[pytorch]>=2.0", "vllm>=0.33"],
-        "dev": ["pytest", "hypothesis", "ruff", "mypy"],
+        # transformers: the independent reference that tests compare our models against
+        "dev": ["pytest", "hypothesis", "ruff", "mypy", "transformers"],
     },
     entry_points={"console_scripts": ["megatron-rpg=megatron_rpg.cli:main"]},
 )

@@ -1,0 +1,127 @@
+"""The weight export stream: a model sharded over TP x PP -> full tensors under HF names, in
+buckets of bounded size. It feeds both HF checkpoint export and the rollout engines.
+
+    for hf_name, tensor in iter_hf_weights(model_chunks, arch, bucket_bytes=512 * 2**20): ...
+
+Plan, then execute. The plan (`export_plan`) lists every full Megatron tensor with its owning
+pipeline stage and TP split, from metadata all-gathered once. Execution walks the plan in
+buckets of at most `bucket_bytes` (one tensor larger than that travels alone), each holding
+tensors of one pipeline stage: that stage's ranks all-gather their TP shards into the full tensor
+(TP group), then the bucket is broadcast from the owning stage over the pipeline group. Every rank
+then yields the same stream; no rank holds more than one bucket beyond its own shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatron_rpg.models.arch import ModelArch
+from megatron_rpg.models.hf_mapping import megatron_names, to_hf
+from megatron_rpg.models.sharding import full_name, sharded_parameters, tp_join
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str  # full Megatron name
+    shape: tuple[int, ...]  # full shape
+    dtype: torch.dtype
+    stage: int  # owning pipeline stage
+    split: int | None  # TP partition dim
+    gated: bool
+
+    @property
+    def nbytes(self) -> int:
+        return (
+            int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+        )
+
+
+def export_plan(model_chunks: list[Any], arch: ModelArch) -> list[PlannedTensor]:
+    """Every full tensor of the model in HF order; one all_gather_object over the world."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    local = {}
+    for chunk in model_chunks:
+        for name, param, split, gated in sharded_parameters(chunk):
+            if full_name(chunk, name) != name:  # the last stage's copy of tied embeddings
+                continue
+            shape = list(param.shape)
+            if split is not None:
+                shape[split] *= tp
+            local[name] = PlannedTensor(name, tuple(shape), param.dtype, stage, split, gated)
+    everyone: list[dict[str, PlannedTensor]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(everyone, local)
+    merged = {k: v for plans in everyone for k, v in plans.items()}
+    missing = [n for n in megatron_names(arch) if n not in merged]
+    if missing:
+        raise ValueError(f"the model has no tensors {missing[:3]}... that the mapping expects")
+    return [merged[n] for n in megatron_names(arch)]
+
+
+def _buckets(plan: list[PlannedTensor], bucket_bytes: int) -> Iterator[list[PlannedTensor]]:
+    bucket: list[PlannedTensor] = []
+    size = 0
+    for t in plan:
+        if bucket and (size + t.nbytes > bucket_bytes or t.stage != bucket[0].stage):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.nbytes
+    if bucket:
+        yield bucket
+
+
+def _gather_full(param: Tensor, planned: PlannedTensor) -> Tensor:
+    """All-gather a TP-sharded parameter over the TP group (rank order) into the full tensor."""
+    from megatron.core import parallel_state
+
+    if planned.split is None:
+        return param.detach()
+    group = parallel_state.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, param.detach().contiguous(), group=group)
+    return tp_join(shards, planned.split, planned.gated)
+
+
+@torch.no_grad()
+def iter_hf_weights(
+    model_chunks: list[Any], arch: ModelArch, bucket_bytes: int = 512 * 2**20
+) -> Iterator[tuple[str, Tensor]]:
+    """Yield (hf_name, full tensor) on every rank, bucket by bucket (see the module docstring).
+    Tensors of a bucket stay valid until the next bucket is fetched."""
+    from megatron.core import parallel_state
+
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    plan = export_plan(model_chunks, arch)
+    params = {name: p for c in model_chunks for name, p, _, _ in sharded_parameters(c)}
+    my_stage = parallel_state.get_pipeline_model_parallel_rank()
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    device = next(iter(params.values())).device
+    for bucket in _buckets(plan, bucket_bytes):
+        dtype = bucket[0].dtype
+        if any(t.dtype != dtype for t in bucket):
+            raise ValueError("a bucket mixes dtypes; the model's parameters must share one")
+        flat = torch.empty(sum(t.nbytes for t in bucket) // dtype.itemsize, dtype=dtype,
+                           device=device)  # fmt: skip
+        views, offset = [], 0
+        for t in bucket:
+            numel = int(torch.Size(t.shape).numel())
+            views.append(flat[offset : offset + numel].view(t.shape))
+            offset += numel
+        if bucket[0].stage == my_stage:
+            for view, t in zip(views, bucket, strict=True):
+                view.copy_(_gather_full(params[t.name], t))
+        if dist.get_world_size(pp_group) > 1:
+            src = dist.get_global_rank(pp_group, bucket[0].stage)
+            dist.broadcast(flat, src=src, group=pp_group)
+        for view, t in zip(views, bucket, strict=True):
+            yield from to_hf(t.name, view, arch)

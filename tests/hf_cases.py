@@ -1,0 +1,104 @@
+"""Rank functions for tests/test_hf_mapping.py: tiny transformers models in Megatron layouts."""
+
+import torch
+
+TINY = dict(
+    vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+    num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
+    max_position_embeddings=64, hidden_act="silu",
+)  # fmt: skip
+FAMILIES = {
+    "llama": dict(TINY, model_type="llama", tie_word_embeddings=False,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "qwen2": dict(TINY, model_type="qwen2", tie_word_embeddings=True),
+    "qwen3": dict(TINY, model_type="qwen3", head_dim=24, tie_word_embeddings=False),
+    "mistral": dict(TINY, model_type="mistral", sliding_window=None, tie_word_embeddings=False),
+}  # fmt: skip
+TOKENS = torch.randint(200, (2, 16), generator=torch.Generator().manual_seed(5))
+
+
+def hf_model(name, seed=0):
+    """A random transformers model of the family (fp32, eager attention), weights scaled up so
+    that logits are far from uniform."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(**FAMILIES[name])
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "norm" in key:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.15)
+    return model
+
+
+def megatron_logits(name, hf_state, tp, pp):
+    """HF weights -> full Megatron tensors -> this layout; full logits [b, s, vocab] through the
+    pipeline schedule, all-gathered over TP on the last stage (None elsewhere)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_rpg.config import ParallelConfig
+    from megatron_rpg.models import ModelArch, build_model_chunks, load_full_state_dict
+    from megatron_rpg.models.hf_mapping import megatron_names, to_megatron
+    from megatron_rpg.parallel import initialize_model_parallel
+
+    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
+    initialize_model_parallel(parallel, seed=0)
+    arch = ModelArch.from_hf(FAMILIES[name])
+    chunks = build_model_chunks(arch, parallel, torch.float32)
+    full = {n: to_megatron(n, hf_state.__getitem__, arch) for n in megatron_names(arch)}
+    for chunk in chunks:
+        load_full_state_dict(chunk, full)
+    b, s = TOKENS.shape
+    mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
+
+    def forward_step(data, model):
+        tokens = next(data)
+        out = model(tokens, torch.arange(s).expand(b, s), mask)
+        if not parallel_state.is_pipeline_last_stage():
+            return out, None
+
+        def gather(logits):
+            group = parallel_state.get_tensor_model_parallel_group()
+            parts = [torch.empty_like(logits) for _ in range(tp)]
+            dist.all_gather(parts, logits.contiguous(), group=group)
+            return logits.sum() * 0, {"logits": torch.cat(parts, -1)[..., : arch.vocab_size]}
+
+        return out, gather
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([TOKENS]), model=chunks[0],
+            num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True,
+        )  # fmt: skip
+    return out[0]["logits"] if out else None
+
+
+def export_from_layout(name, hf_state, tp, pp, bucket_bytes):
+    """Load at TP x PP, stream the weights back out under HF names; rank 0 keeps them, with the
+    bytes of each bucket (tensors of a bucket share one buffer)."""
+    from megatron_rpg.config import ParallelConfig
+    from megatron_rpg.models import ModelArch, build_model_chunks, load_full_state_dict
+    from megatron_rpg.models.export import iter_hf_weights
+    from megatron_rpg.models.hf_mapping import megatron_names, to_megatron
+    from megatron_rpg.parallel import initialize_model_parallel
+
+    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
+    initialize_model_parallel(parallel, seed=0)
+    arch = ModelArch.from_hf(FAMILIES[name])
+    chunks = build_model_chunks(arch, parallel, torch.float32)
+    full = {n: to_megatron(n, hf_state.__getitem__, arch) for n in megatron_names(arch)}
+    for chunk in chunks:
+        load_full_state_dict(chunk, full)
+    exported, bucket_sizes = {}, {}
+    for hf_name, tensor in iter_hf_weights(chunks, arch, bucket_bytes):
+        exported[hf_name] = tensor.clone()
+        storage = tensor.untyped_storage()
+        bucket_sizes[storage.data_ptr()] = storage.nbytes()
+    return exported, sorted(bucket_sizes.values())
