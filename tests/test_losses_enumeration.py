@@ -15,7 +15,15 @@ import torch
 
 from megatron_rpg.losses import LOSSES, LossConfig, token_policy_loss
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True, scope="module")
+def float64_by_default():
+    """Exact math in float64 here, without leaking the default into other modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
 
 CONTEXTS, VOCAB, BETA = 3, 6, 0.3
 RPG_NAMES = [n for n in LOSSES if n.startswith("rpg_")]
