@@ -353,10 +353,7 @@ def fused_logprobs_loss(
     token's log-prob and entropy (true of every loss in megatron_rpg.losses with the step's global
     counts). The returned loss is their sum; log-probs and entropies are detached.
     """
-    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
-        raise ValueError(
-            f"hidden [..., {hidden.shape[-1]}] does not match output weight {tuple(weight.shape)}"
-        )
+    _check_linear(hidden, weight)
     _check(hidden, targets, temperature, chunk_size)
     loss, logprobs, entropy = _FusedLinearTokenLoss.apply(
         _flatten(hidden, True),
@@ -375,6 +372,28 @@ def _flatten(tensor: Tensor, keep_last: bool) -> Tensor:
     return tensor.reshape(-1, tensor.shape[-1]) if keep_last else tensor.reshape(-1)
 
 
+def vocab_parallel_logprobs_and_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    group: ProcessGroup = None,
+    chunk_size: int | None = None,
+    vocab_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(log p(target), entropy) in fp32, [...], from logits [..., V_local] sharded over `group`,
+    in one pass over the logits (one set of collectives); targets [...]."""
+    _check(logits, targets, temperature, chunk_size)
+    logprobs, entropy = _VocabParallelLogprobs.apply(
+        _flatten(logits, True),
+        _flatten(targets, False),
+        temperature,
+        chunk_size or auto_chunk_size(logits.shape[-1]),
+        group,
+        vocab_size,
+    )
+    return logprobs.reshape(targets.shape), entropy.reshape(targets.shape)
+
+
 def vocab_parallel_logprobs(
     logits: Tensor,
     targets: Tensor,
@@ -383,17 +402,9 @@ def vocab_parallel_logprobs(
     chunk_size: int | None = None,
     vocab_size: int | None = None,
 ) -> Tensor:
-    """log p(target) in fp32 from logits [..., V_local] sharded over `group`; targets [...]."""
-    _check(logits, targets, temperature, chunk_size)
-    logprobs, _ = _VocabParallelLogprobs.apply(
-        _flatten(logits, True),
-        _flatten(targets, False),
-        temperature,
-        chunk_size or auto_chunk_size(logits.shape[-1]),
-        group,
-        vocab_size,
-    )
-    return logprobs.reshape(targets.shape)
+    """log p(target) in fp32 (the entropy's statistics cost one reduction more, no extra pass)."""
+    args = (temperature, group, chunk_size, vocab_size)
+    return vocab_parallel_logprobs_and_entropy(logits, targets, *args)[0]
 
 
 def vocab_parallel_entropy(
@@ -412,27 +423,6 @@ def vocab_parallel_entropy(
     return entropy.reshape(logits.shape[:-1])
 
 
-def vocab_parallel_logprobs_and_entropy(
-    logits: Tensor,
-    targets: Tensor,
-    temperature: float = 1.0,
-    group: ProcessGroup = None,
-    chunk_size: int | None = None,
-    vocab_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Both in one pass over the logits (one set of collectives)."""
-    _check(logits, targets, temperature, chunk_size)
-    logprobs, entropy = _VocabParallelLogprobs.apply(
-        _flatten(logits, True),
-        _flatten(targets, False),
-        temperature,
-        chunk_size or auto_chunk_size(logits.shape[-1]),
-        group,
-        vocab_size,
-    )
-    return logprobs.reshape(targets.shape), entropy.reshape(targets.shape)
-
-
 def fused_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -444,10 +434,7 @@ def fused_logprobs(
 ) -> tuple[Tensor, Tensor]:
     """(log p(target), entropy) in fp32 from final hidden states [..., H] (replicated over the TP
     group) and the output layer's weight shard [V_local, H], one chunk of logits at a time."""
-    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
-        raise ValueError(
-            f"hidden [..., {hidden.shape[-1]}] does not match output weight {tuple(weight.shape)}"
-        )
+    _check_linear(hidden, weight)
     _check(hidden, targets, temperature, chunk_size)
     logprobs, entropy = _FusedLinearLogprobs.apply(
         _flatten(hidden, True),
@@ -459,6 +446,13 @@ def fused_logprobs(
         vocab_size,
     )
     return logprobs.reshape(targets.shape), entropy.reshape(targets.shape)
+
+
+def _check_linear(hidden: Tensor, weight: Tensor) -> None:
+    if hidden.shape[-1] != weight.shape[-1] or weight.dim() != 2:
+        raise ValueError(
+            f"hidden [..., {hidden.shape[-1]}] does not match output weight {tuple(weight.shape)}"
+        )
 
 
 def _check(

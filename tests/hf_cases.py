@@ -36,13 +36,8 @@ def hf_model(name, seed=0):
     return model
 
 
-def megatron_logits(name, hf_state, tp, pp):
-    """HF weights -> full Megatron tensors -> this layout; full logits [b, s, vocab] through the
-    pipeline schedule, all-gathered over TP on the last stage (None elsewhere)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
+def load_in_layout(name, hf_state, tp, pp):
+    """HF weights -> full Megatron tensors -> this rank's shards at TP x PP."""
     from megatron_rpg.config import ParallelConfig
     from megatron_rpg.models import ModelArch, build_model_chunks, load_full_state_dict
     from megatron_rpg.models.hf_mapping import megatron_names, to_megatron
@@ -55,6 +50,17 @@ def megatron_logits(name, hf_state, tp, pp):
     full = {n: to_megatron(n, hf_state.__getitem__, arch) for n in megatron_names(arch)}
     for chunk in chunks:
         load_full_state_dict(chunk, full)
+    return arch, chunks
+
+
+def megatron_logits(name, hf_state, tp, pp):
+    """HF weights -> full Megatron tensors -> this layout; full logits [b, s, vocab] through the
+    pipeline schedule, all-gathered over TP on the last stage (None elsewhere)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    arch, chunks = load_in_layout(name, hf_state, tp, pp)
     b, s = TOKENS.shape
     mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
 
@@ -83,19 +89,9 @@ def megatron_logits(name, hf_state, tp, pp):
 def export_from_layout(name, hf_state, tp, pp, bucket_bytes):
     """Load at TP x PP, stream the weights back out under HF names; rank 0 keeps them, with the
     bytes of each bucket (tensors of a bucket share one buffer)."""
-    from megatron_rpg.config import ParallelConfig
-    from megatron_rpg.models import ModelArch, build_model_chunks, load_full_state_dict
     from megatron_rpg.models.export import iter_hf_weights
-    from megatron_rpg.models.hf_mapping import megatron_names, to_megatron
-    from megatron_rpg.parallel import initialize_model_parallel
 
-    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
-    initialize_model_parallel(parallel, seed=0)
-    arch = ModelArch.from_hf(FAMILIES[name])
-    chunks = build_model_chunks(arch, parallel, torch.float32)
-    full = {n: to_megatron(n, hf_state.__getitem__, arch) for n in megatron_names(arch)}
-    for chunk in chunks:
-        load_full_state_dict(chunk, full)
+    arch, chunks = load_in_layout(name, hf_state, tp, pp)
     exported, bucket_sizes = {}, {}
     for hf_name, tensor in iter_hf_weights(chunks, arch, bucket_bytes):
         exported[hf_name] = tensor.clone()

@@ -3,20 +3,9 @@ computation in any TP x PP layout or as a single-process full-vocabulary referen
 
 import torch
 
-TINY = dict(
-    vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-    num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
-    max_position_embeddings=64, hidden_act="silu",
-)  # fmt: skip
-CONFIGS = {
-    "qwen3": dict(TINY, model_type="qwen3", head_dim=24, tie_word_embeddings=False),
-    "qwen2": dict(TINY, model_type="qwen2", tie_word_embeddings=True),
-    "llama": dict(
-        TINY, model_type="llama", tie_word_embeddings=False,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    ),
-}  # fmt: skip
+from hf_cases import FAMILIES
+
+CONFIGS = {name: FAMILIES[name] for name in ("qwen3", "qwen2", "llama")}
 
 
 def micro_batches(count=4, batch=2, seq=12, vocab=200):
@@ -39,6 +28,20 @@ def _setup(hf, tp, pp):
     layout = initialize_model_parallel(parallel, seed=0)
     arch = ModelArch.from_hf(hf)
     return layout, arch, build_model_chunks(arch, parallel, torch.float32)
+
+
+def wrap_ddp(chunks):
+    """Megatron DDP around each chunk, with finalize_model_grads (DP all-reduce) wired in."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    return [DistributedDataParallel(config, ddp_config, c) for c in chunks]
 
 
 def full_weights(name, seed=3):
@@ -76,24 +79,13 @@ def reference(name, weights, temperature):
 def in_layout(name, weights, tp, pp, fused, temperature, token_loss=False):
     """The same computation through the builder, sharded loading, DDP and the pipeline schedule;
     each data-parallel rank takes its share of the micro-batches."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-
     from megatron_rpg.forward_backward import LogprobOptions, forward_backward
     from megatron_rpg.models import load_full_state_dict, sharded_parameters
 
     layout, arch, chunks = _setup(CONFIGS[name], tp, pp)
     for chunk in chunks:
         load_full_state_dict(chunk, weights)
-    config = chunks[0].config
-    ddp = [
-        DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), c)
-        for c in chunks
-    ]
-    config.finalize_model_grads_func = finalize_model_grads
+    ddp = wrap_ddp(chunks)
     mine = micro_batches()[layout.dp_rank :: layout.data_parallel]
     options = LogprobOptions(vocab_size=arch.vocab_size, temperature=temperature, fused=fused)
 
@@ -127,11 +119,6 @@ def in_layout(name, weights, tp, pp, fused, temperature, token_loss=False):
 
 def reference_update(name, weights):
     """Policy at TP=2 trained 2 steps; the reference must not move until update_reference()."""
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_rpg.config import ParallelConfig
@@ -141,12 +128,7 @@ def reference_update(name, weights):
     _, arch, chunks = _setup(CONFIGS[name], 2, 1)
     for chunk in chunks:
         load_full_state_dict(chunk, weights)
-    config = chunks[0].config
-    policy = [
-        DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), c)
-        for c in chunks
-    ]
-    config.finalize_model_grads_func = finalize_model_grads
+    policy = wrap_ddp(chunks)
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-2, bf16=False, fp16=False), policy
     )

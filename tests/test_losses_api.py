@@ -17,14 +17,7 @@ from megatron_rpg.losses import (
     policy_loss,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def float64_by_default():
-    """Exact math in float64 here, without leaking the default into other modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 # ----------------------------------------------------------------------------- aggregation

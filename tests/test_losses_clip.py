@@ -5,14 +5,7 @@ import torch
 
 from megatron_rpg.losses import LossConfig, token_policy_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def float64_by_default():
-    """Exact math in float64 here, without leaking the default into other modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 EPS_LOW, EPS_HIGH, C = 0.2, 0.28, 3.0

@@ -15,14 +15,7 @@ import torch
 
 from megatron_rpg.losses import LOSSES, LossConfig, token_policy_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def float64_by_default():
-    """Exact math in float64 here, without leaking the default into other modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 CONTEXTS, VOCAB, BETA = 3, 6, 0.3
