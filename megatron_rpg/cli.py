@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import yaml
 
@@ -13,6 +14,39 @@ from megatron_rpg.config import ConfigError, config_to_dict, load_config
 def _config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """Run a conversion on tp x pp ranks: directly under torchrun / srun (RANK set), else on
+    spawned gloo ranks of this machine."""
+    import os
+
+    from megatron_rpg.checkpoint import convert
+
+    actions: dict[str, Callable[[str, str, int, int, bool], None]] = {
+        "hf-to-mcore": convert.hf_to_mcore,
+        "mcore-to-hf": convert.mcore_to_hf,
+        "reshard": convert.reshard,
+    }
+    fn = actions[args.action]
+    source = args.hf if args.action == "hf-to-mcore" else args.ckpt
+    fn_args = (source, args.out, args.tp, args.pp, args.force)
+    if "RANK" in os.environ:
+        from megatron_rpg.parallel import init_process_group
+
+        init_process_group()
+        fn(*fn_args)
+    else:
+        from megatron_rpg.parallel import RankError, run_on_ranks
+
+        try:
+            run_on_ranks(args.tp * args.pp, fn, *fn_args)
+        except RankError as err:
+            last = err.remote_traceback.strip().splitlines()[-1]
+            sys.stderr.write(f"megatron-rpg convert: rank {err.rank}: {last}\n")
+            return 1
+    sys.stdout.write(f"wrote {args.out}\n")
     return 0
 
 
@@ -28,11 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--config", default=None, help="YAML file; defaults if omitted")
     config.add_argument("overrides", nargs="*", help="key=value, e.g. loss.beta=0.001")
     config.set_defaults(func=_config)
+
+    convert = commands.add_parser(
+        "convert", help="HF <-> Megatron checkpoints at any TP x PP (writes atomically)"
+    )
+    convert.add_argument("action", choices=["hf-to-mcore", "mcore-to-hf", "reshard"])
+    convert.add_argument("--hf", help="HF model directory (hf-to-mcore)")
+    convert.add_argument("--ckpt", help="Megatron checkpoint directory (mcore-to-hf, reshard)")
+    convert.add_argument("--out", required=True, help="output directory (must not exist)")
+    convert.add_argument("--tp", type=int, default=1, help="tensor parallel size of the run")
+    convert.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the run")
+    convert.add_argument("--force", action="store_true", help="replace an existing --out")
+    convert.set_defaults(func=_convert)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "convert":
+        needed = "hf" if args.action == "hf-to-mcore" else "ckpt"
+        if getattr(args, needed) is None:
+            parser.error(f"convert {args.action} needs --{needed}")
     try:
         return int(args.func(args))
     except ConfigError as err:

@@ -10,7 +10,7 @@ names them in the full state dict.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -74,17 +74,23 @@ def full_name(model: Any, name: str) -> str:
 
 
 @torch.no_grad()
-def load_full_state_dict(model: Any, full: dict[str, Tensor]) -> None:
-    """Copy this rank's shard of every parameter from a full state dict (no communication)."""
+def load_full_state_dict(model: Any, full: Mapping[str, Tensor] | Callable[[str], Tensor]) -> None:
+    """Copy this rank's shard of every parameter from full tensors (no communication). `full` is
+    a state dict or a getter fetching one full tensor at a time (streaming conversion)."""
     from megatron.core import parallel_state
 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    get = full.__getitem__ if isinstance(full, Mapping) else full
     for name, param, split, gated in sharded_parameters(model):
         key = full_name(model, name)
-        if key not in full:
-            raise KeyError(f"state dict has no tensor {key!r} (needed for {name})")
-        value = full[key]
+        try:
+            value = get(key)
+        except KeyError as err:
+            # a getter's own message names the source tensor (e.g. the HF one); a dict's does not
+            source = err.args[0] if err.args and not isinstance(full, Mapping) else None
+            what = source or f"state dict has no tensor {key!r}"
+            raise KeyError(f"{what} (needed for {name})") from None
         if split is not None:
             value = tp_slice(value, split, tp_size, tp_rank, gated)
         if value.shape != param.shape:

@@ -12,6 +12,7 @@ the next case may use another layout.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import queue
@@ -88,12 +89,13 @@ class RankPool:
             ctx.Process(
                 target=_worker,
                 args=(r, self.world_size, port, self.timeout_s, self._tasks[r], self._results),
-                daemon=True,
+                daemon=False,  # ranks may fork (dist_checkpointing's writers); atexit kills them
             )
             for r in range(self.world_size)
         ]
         for p in self._procs:
             p.start()
+        atexit.register(self.close, force=True)
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         """Call fn(*args, **kwargs) on every rank; return the results in rank order."""
@@ -135,6 +137,8 @@ class RankPool:
             if p.is_alive():
                 p.kill()
                 p.join()
+        if self._procs:
+            atexit.unregister(self.close)
         self._procs = []
 
     def __enter__(self) -> RankPool:

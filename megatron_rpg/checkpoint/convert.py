@@ -1,0 +1,68 @@
+"""Checkpoint conversion, run on every rank of a TP x PP world (tools/convert_checkpoint.py starts
+the ranks: gloo processes on the CPU, or torchrun on GPUs).
+
+    hf_to_mcore:  HF directory -> Megatron distributed checkpoint, streaming one HF tensor at a time
+    mcore_to_hf:  Megatron checkpoint -> HF directory, through the export stream (rank 0 writes)
+    reshard:      Megatron checkpoint -> Megatron checkpoint at another TP x PP
+
+Outputs are written atomically and never replace an existing directory without force.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_rpg.checkpoint.hf import HFCheckpoint, write_hf_checkpoint
+from megatron_rpg.checkpoint.mcore import load_mcore, read_hf_config, save_mcore
+from megatron_rpg.config import ParallelConfig
+from megatron_rpg.models import ModelArch, build_model_chunks, load_full_state_dict
+from megatron_rpg.models.export import iter_hf_weights
+from megatron_rpg.models.hf_mapping import to_megatron
+from megatron_rpg.parallel import initialize_model_parallel
+
+
+def _refuse_existing(out: str, force: bool) -> None:
+    """Checked on every rank before any collective, so that no rank waits for a refusing one."""
+    if Path(out).exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+
+
+def _build(hf_config: dict[str, Any], tp: int, pp: int) -> tuple[ModelArch, list[Any]]:
+    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
+    arch = ModelArch.from_hf(hf_config)
+    initialize_model_parallel(parallel, seed=0)
+    return arch, build_model_chunks(arch, parallel, torch.float32)
+
+
+def hf_to_mcore(hf_dir: str, out: str, tp: int, pp: int, force: bool = False) -> None:
+    _refuse_existing(out, force)
+    source = HFCheckpoint(hf_dir)
+    arch, chunks = _build(source.config, tp, pp)
+    for chunk in chunks:
+        load_full_state_dict(chunk, lambda name: to_megatron(name, source.get, arch))
+    save_mcore(chunks, out, source.config, force=force, tokenizer_from=hf_dir)
+
+
+def mcore_to_hf(checkpoint: str, out: str, tp: int = 1, pp: int = 1, force: bool = False) -> None:
+    _refuse_existing(out, force)
+    hf_config = read_hf_config(checkpoint)
+    arch, chunks = _build(hf_config, tp, pp)
+    load_mcore(chunks, checkpoint)
+    stream = iter_hf_weights(chunks, arch)
+    if dist.get_rank() == 0:
+        write_hf_checkpoint(out, stream, hf_config, tokenizer_from=checkpoint, force=force)
+    else:
+        for _ in stream:  # take part in the collectives; rank 0 writes
+            pass
+
+
+def reshard(checkpoint: str, out: str, tp: int, pp: int, force: bool = False) -> None:
+    _refuse_existing(out, force)
+    hf_config = read_hf_config(checkpoint)
+    _, chunks = _build(hf_config, tp, pp)
+    load_mcore(chunks, checkpoint)
+    save_mcore(chunks, out, hf_config, force=force, tokenizer_from=checkpoint)

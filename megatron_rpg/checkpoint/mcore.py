@@ -1,0 +1,95 @@
+"""Megatron distributed checkpoints of the policy's model chunks, readable at any TP x PP.
+
+    save_mcore(chunks, "ckpt", hf_config)     # collective over all ranks; atomic
+    load_mcore(chunks, "ckpt")                # any layout: dist_checkpointing reshards
+    hf_config = read_hf_config("ckpt")        # the architecture travels with the checkpoint
+
+The checkpoint is written into a temporary directory beside `out` and renamed by rank 0 after
+every rank finished (barriers around it); an existing `out` is refused unless force=True.
+VPP chunks are saved as model0, model1, ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_rpg.checkpoint.hf import TOKENIZER_FILES
+
+HF_CONFIG = "hf_config.json"
+
+
+def _key(index: int, count: int) -> str:
+    return "model" if count == 1 else f"model{index}"
+
+
+def save_mcore(
+    model_chunks: list[Any],
+    out: str | Path,
+    hf_config: dict[str, Any],
+    force: bool = False,
+    tokenizer_from: str | Path | None = None,
+) -> Path:
+    """Save collectively; HF config and tokenizer files travel inside the checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    out = Path(out)
+    staging = out.parent / f".{out.name}.tmp"
+    refused = out.exists() and not force
+    if dist.get_rank() == 0 and not refused:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    if refused:
+        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
+    state = {
+        _key(i, len(model_chunks)): chunk.sharded_state_dict()
+        for i, chunk in enumerate(model_chunks)
+    }
+    try:
+        dist_checkpointing.save(state, str(staging))
+    except BaseException:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (staging / HF_CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        for name in TOKENIZER_FILES if tokenizer_from is not None else ():
+            source = Path(tokenizer_from) / name  # type: ignore[arg-type]
+            if source.is_file():
+                shutil.copy2(source, staging / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    dist.barrier()
+    return out
+
+
+def load_mcore(model_chunks: list[Any], checkpoint: str | Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / HF_CONFIG).is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a megatron_rpg checkpoint (no {HF_CONFIG})")
+    state = {
+        _key(i, len(model_chunks)): chunk.sharded_state_dict()
+        for i, chunk in enumerate(model_chunks)
+    }
+    loaded = dist_checkpointing.load(state, str(checkpoint))
+    for i, chunk in enumerate(model_chunks):
+        chunk.load_state_dict(loaded[_key(i, len(model_chunks))])
+
+
+def read_hf_config(checkpoint: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint) / HF_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a megatron_rpg checkpoint (no {HF_CONFIG})")
+    config: dict[str, Any] = json.loads(path.read_text())
+    return config
