@@ -24,14 +24,14 @@ def _convert(args: argparse.Namespace) -> int:
 
     from megatron_rpg.checkpoint import convert
 
-    actions: dict[str, Callable[[str, str, int, int, bool], None]] = {
+    actions: dict[str, Callable[[str, str, int, int, bool, bool], None]] = {
         "hf-to-mcore": convert.hf_to_mcore,
         "mcore-to-hf": convert.mcore_to_hf,
         "reshard": convert.reshard,
     }
     fn = actions[args.action]
     source = args.hf if args.action == "hf-to-mcore" else args.ckpt
-    fn_args = (source, args.out, args.tp, args.pp, args.force)
+    fn_args = (source, args.out, args.tp, args.pp, args.force, args.verify)
     if "RANK" in os.environ:
         from megatron_rpg.parallel import init_process_group
 
@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--tp", type=int, default=1, help="tensor parallel size of the run")
     convert.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the run")
     convert.add_argument("--force", action="store_true", help="replace an existing --out")
+    convert.add_argument(
+        "--verify",
+        action="store_true",
+        help="after converting, compare logits with the transformers model (HF side)",
+    )
     convert.set_defaults(func=_convert)
     return parser
 
@@ -84,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         needed = "hf" if args.action == "hf-to-mcore" else "ckpt"
         if getattr(args, needed) is None:
             parser.error(f"convert {args.action} needs --{needed}")
+        if args.verify and args.action == "reshard":
+            parser.error("--verify compares with the HF side: hf-to-mcore or mcore-to-hf only")
     try:
         return int(args.func(args))
     except ConfigError as err:

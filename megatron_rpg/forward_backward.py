@@ -195,3 +195,42 @@ def forward_backward(
             micro_batch_size=micro_size,
             forward_only=forward_only,
         )
+
+
+def full_logits(model_chunks: list[nn.Module], tokens: Tensor, vocab_size: int) -> Tensor | None:
+    """Logits [b, s, vocab_size] for one batch through the schedule, all-gathered over the TP group
+    on the last pipeline stage (None elsewhere). For checks (conversion --verify), not training:
+    it materializes the full vocabulary."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    b, s = tokens.shape
+    position_ids = torch.arange(s, device=tokens.device).expand(b, s)
+    causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu(1)[None, None]
+
+    def gather(logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [
+            torch.empty_like(logits)
+            for _ in range(parallel_state.get_tensor_model_parallel_world_size())
+        ]
+        torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+        return logits.sum() * 0.0, {"logits": torch.cat(parts, -1)[..., :vocab_size]}
+
+    def forward_step(data: Iterator[Tensor], model: nn.Module) -> tuple[Tensor, Any]:
+        out = model(next(data), position_ids, causal)
+        return out, gather if unwrap(model).post_process else None
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter([tokens]) for _ in model_chunks]
+            if len(model_chunks) > 1
+            else iter([tokens]),
+            model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
+            num_microbatches=1,
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=True,
+        )
+    return out[0]["logits"] if out else None

@@ -54,36 +54,11 @@ def load_in_layout(name, hf_state, tp, pp):
 
 
 def megatron_logits(name, hf_state, tp, pp):
-    """HF weights -> full Megatron tensors -> this layout; full logits [b, s, vocab] through the
-    pipeline schedule, all-gathered over TP on the last stage (None elsewhere)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    """HF weights in this layout; full logits on the last stage's ranks (None elsewhere)."""
+    from megatron_rpg.forward_backward import full_logits
 
     arch, chunks = load_in_layout(name, hf_state, tp, pp)
-    b, s = TOKENS.shape
-    mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
-
-    def forward_step(data, model):
-        tokens = next(data)
-        out = model(tokens, torch.arange(s).expand(b, s), mask)
-        if not parallel_state.is_pipeline_last_stage():
-            return out, None
-
-        def gather(logits):
-            group = parallel_state.get_tensor_model_parallel_group()
-            parts = [torch.empty_like(logits) for _ in range(tp)]
-            dist.all_gather(parts, logits.contiguous(), group=group)
-            return logits.sum() * 0, {"logits": torch.cat(parts, -1)[..., : arch.vocab_size]}
-
-        return out, gather
-
-    with torch.no_grad():
-        out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([TOKENS]), model=chunks[0],
-            num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True,
-        )  # fmt: skip
-    return out[0]["logits"] if out else None
+    return full_logits(chunks, TOKENS, arch.vocab_size)
 
 
 def export_from_layout(name, hf_state, tp, pp, bucket_bytes):
@@ -98,3 +73,15 @@ def export_from_layout(name, hf_state, tp, pp, bucket_bytes):
         storage = tensor.untyped_storage()
         bucket_sizes[storage.data_ptr()] = storage.nbytes()
     return exported, sorted(bucket_sizes.values())
+
+
+def verify_against(name, hf_dir):
+    """Seed-0 weights at TP2 checked against another model's directory: the message, or None."""
+    from megatron_rpg.checkpoint.convert import verify_logits
+
+    arch, chunks = load_in_layout(name, hf_model(name).state_dict(), 2, 1)
+    try:
+        verify_logits(chunks, arch, hf_dir)
+    except ValueError as err:
+        return str(err)
+    return None

@@ -22,20 +22,26 @@ def convert(*args):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    model = hf_model("qwen3")
-    out = tmp_path_factory.mktemp("hf") / "qwen3"
+    model = hf_model("llama")  # Llama-3 RoPE scaling must survive config.json both ways
+    out = tmp_path_factory.mktemp("hf") / "llama"
     write_hf_checkpoint(out, model.state_dict().items(), model.config.to_dict())
     (out / "tokenizer_config.json").write_text("{}")
     return out
 
 
 def test_hf_to_tp2pp2_to_tp1_to_hf_is_bit_identical(tmp_path, hf_dir):
-    done = convert("hf-to-mcore", "--hf", hf_dir, "--out", tmp_path / "mc", "--tp", 2, "--pp", 2)
+    done = convert(
+        "hf-to-mcore", "--hf", hf_dir, "--out", tmp_path / "mc", "--tp", 2, "--pp", 2, "--verify"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "verify: max |logits difference| vs transformers = " in done.stdout
     done = convert("reshard", "--ckpt", tmp_path / "mc", "--out", tmp_path / "tp1", "--tp", 1)
     assert done.returncode == 0, done.stderr[-2000:]
-    done = convert("mcore-to-hf", "--ckpt", tmp_path / "tp1", "--out", tmp_path / "back")
+    done = convert(
+        "mcore-to-hf", "--ckpt", tmp_path / "tp1", "--out", tmp_path / "back", "--verify"
+    )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "verify: max |logits difference| vs transformers = " in done.stdout
     source, back = HFCheckpoint(hf_dir), HFCheckpoint(tmp_path / "back")
     assert set(back.names()) == set(source.names())
     for name in source.names():
@@ -59,3 +65,17 @@ def test_existing_output_and_missing_tensor_are_refused(tmp_path, hf_dir):
     assert "no tensor 'model.layers.2.mlp.up_proj.weight'" in done.stderr
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_verify_catches_different_weights(pool2, tmp_path):
+    from hf_cases import verify_against
+
+    other = hf_model("llama", seed=1)
+    write_hf_checkpoint(tmp_path / "other", other.state_dict().items(), other.config.to_dict())
+    messages = [m for m in pool2.run(verify_against, "llama", tmp_path / "other") if m]
+    assert messages and all("logits differ from the transformers model" in m for m in messages)
+
+
+def test_verify_is_refused_for_reshard(tmp_path):
+    done = convert("reshard", "--ckpt", tmp_path, "--out", tmp_path / "x", "--verify")
+    assert done.returncode == 2 and "hf-to-mcore or mcore-to-hf only" in done.stderr

@@ -153,6 +153,16 @@ def test_config_json_on_disk(tmp_path):
         ModelArch.from_hf(tmp_path / "missing")
 
 
+def test_transformers_5_rope_parameters_are_read():
+    """transformers >= 5 writes rope_parameters (theta inside) instead of rope_scaling."""
+    hf = {k: v for k, v in CONFIGS["llama"].items() if k not in ("rope_scaling", "rope_theta")}
+    hf["rope_parameters"] = dict(CONFIGS["llama"]["rope_scaling"], rope_theta=500000.0)
+    arch = ModelArch.from_hf(hf)
+    assert arch.llama3_rope_factor == 8.0 and arch.rope_theta == 500000.0
+    plain = ModelArch.from_hf(dict(hf, rope_parameters={"rope_type": "default", "rope_theta": 1e6}))
+    assert plain.llama3_rope_factor is None and plain.rope_theta == 1e6
+
+
 def test_micro_batches_are_deterministic():
     a, b = micro_batches(), micro_batches()
     assert all(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, b, strict=True))

@@ -24,6 +24,42 @@ from megatron_rpg.models.export import iter_hf_weights
 from megatron_rpg.models.hf_mapping import to_megatron
 from megatron_rpg.parallel import initialize_model_parallel
 
+VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1}  # max |logit difference|
+
+
+def verify_logits(chunks: list[Any], arch: ModelArch, hf_dir: str | Path) -> float | None:
+    """Compare our model's logits with the transformers model in `hf_dir` on a fixed prompt.
+    Collective; the last stage's ranks compare and raise if they differ beyond the tolerance.
+    Returns the max |difference| there (None elsewhere). Needs transformers."""
+    from megatron_rpg.forward_backward import full_logits
+
+    prompt = torch.arange(48).remainder(arch.vocab_size).reshape(2, 24)
+    ours = full_logits(chunks, prompt, arch.vocab_size)
+    if ours is None:
+        return None
+    try:
+        import transformers
+    except ImportError:
+        raise RuntimeError("--verify needs transformers (pip install transformers)") from None
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        theirs = reference(prompt).logits
+    difference = (ours.float() - theirs).abs().max().item()
+    tolerance = VERIFY_TOLERANCE.get(chunks[0].config.params_dtype, 0.1)
+    if not difference <= tolerance:
+        raise ValueError(
+            f"verify: logits differ from the transformers model in {hf_dir} by {difference:.3g} "
+            f"(tolerance {tolerance})"
+        )
+    return difference
+
+
+def _report(difference: float | None) -> None:
+    if difference is not None and dist.get_rank() == dist.get_world_size() - 1:
+        print(f"verify: max |logits difference| vs transformers = {difference:.3g}", flush=True)
+
 
 def _refuse_existing(out: str, force: bool) -> None:
     """Checked on every rank before any collective, so that no rank waits for a refusing one."""
@@ -38,16 +74,22 @@ def _build(hf_config: dict[str, Any], tp: int, pp: int) -> tuple[ModelArch, list
     return arch, build_model_chunks(arch, parallel, torch.float32)
 
 
-def hf_to_mcore(hf_dir: str, out: str, tp: int, pp: int, force: bool = False) -> None:
+def hf_to_mcore(
+    hf_dir: str, out: str, tp: int, pp: int, force: bool = False, verify: bool = False
+) -> None:
     _refuse_existing(out, force)
     source = HFCheckpoint(hf_dir)
     arch, chunks = _build(source.config, tp, pp)
     for chunk in chunks:
         load_full_state_dict(chunk, lambda name: to_megatron(name, source.get, arch))
     save_mcore(chunks, out, source.config, force=force, tokenizer_from=hf_dir)
+    if verify:
+        _report(verify_logits(chunks, arch, hf_dir))
 
 
-def mcore_to_hf(checkpoint: str, out: str, tp: int = 1, pp: int = 1, force: bool = False) -> None:
+def mcore_to_hf(
+    checkpoint: str, out: str, tp: int = 1, pp: int = 1, force: bool = False, verify: bool = False
+) -> None:
     _refuse_existing(out, force)
     hf_config = read_hf_config(checkpoint)
     arch, chunks = _build(hf_config, tp, pp)
@@ -58,9 +100,15 @@ def mcore_to_hf(checkpoint: str, out: str, tp: int = 1, pp: int = 1, force: bool
     else:
         for _ in stream:  # take part in the collectives; rank 0 writes
             pass
+    if verify:
+        dist.barrier()  # the HF directory is complete
+        _report(verify_logits(chunks, arch, out))
 
 
-def reshard(checkpoint: str, out: str, tp: int, pp: int, force: bool = False) -> None:
+def reshard(
+    checkpoint: str, out: str, tp: int, pp: int, force: bool = False, verify: bool = False
+) -> None:
+    """(verify applies to conversions from or to HF; a reshard has no HF side to compare.)"""
     _refuse_existing(out, force)
     hf_config = read_hf_config(checkpoint)
     _, chunks = _build(hf_config, tp, pp)

@@ -49,7 +49,12 @@ class ModelArch:
         heads = int(_field(hf, "num_attention_heads"))
         hidden = int(_field(hf, "hidden_size"))
         head_dim = hf.get("head_dim") or hidden // heads
-        llama3, linear = _rope_scaling(hf.get("rope_scaling"))
+        # transformers >= 5 writes rope_parameters (theta inside); older configs rope_scaling
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
+        llama3, linear = _rope_scaling(scaling)
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
         return cls(
             family=family,
@@ -61,7 +66,7 @@ class ModelArch:
             head_dim=int(head_dim),
             ffn_hidden_size=int(_field(hf, "intermediate_size")),
             norm_eps=float(_field(hf, "rms_norm_eps")),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
             max_position_embeddings=int(_field(hf, "max_position_embeddings")),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             llama3_rope_factor=llama3,
