@@ -80,6 +80,9 @@ def safetensors_alone(src: Path, dst: Path) -> float:
 
 
 def timed_conversion(src: str, out: str) -> dict:
+    import megatron.core.dist_checkpointing
+    import megatron.core.models.gpt  # noqa: F401
+
     from megatron_rpg.checkpoint import HFCheckpoint
     from megatron_rpg.checkpoint.convert import hf_to_mcore
     from megatron_rpg.models import ModelArch

@@ -54,7 +54,9 @@ def check_layout(arch: ModelArch, parallel: ParallelConfig) -> None:
         raise ConfigError("parallel.tensor_parallel", tp, f"<= vocab_size ({arch.vocab_size})")
 
 
-def transformer_config(arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+def transformer_config(  # type: ignore[no-untyped-def]
+    arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype, initialize: bool = True
+):
     from megatron.core.transformer import TransformerConfig
 
     check_layout(arch, parallel)
@@ -84,6 +86,7 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, dtype: torch.d
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
         batch_p2p_comm=False,  # interleaved PP=2 with batched p2p is silently wrong
+        perform_initialization=initialize,
     )
 
 
@@ -104,13 +107,16 @@ def _layer_spec(arch: ModelArch):  # type: ignore[no-untyped-def]
     )
 
 
-def build_model_chunks(arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype) -> list:
+def build_model_chunks(
+    arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype, initialize: bool = True
+) -> list:
     """This rank's GPTModel chunks (one per virtual pipeline stage). Call after
-    megatron_rpg.parallel.initialize_model_parallel with the same `parallel`."""
+    megatron_rpg.parallel.initialize_model_parallel with the same `parallel`. initialize=False
+    skips the random initialization, for weights that are loaded right after (conversion)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(arch, parallel, dtype)
+    config = transformer_config(arch, parallel, dtype, initialize)
     if arch.sliding_window and arch.sliding_window < arch.max_position_embeddings:
         raise ValueError(
             f"config.json: sliding_window={arch.sliding_window} is not applied by Megatron's "
