@@ -71,7 +71,7 @@ def _build(hf_config: dict[str, Any], tp: int, pp: int) -> tuple[ModelArch, list
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
     arch = ModelArch.from_hf(hf_config)
     initialize_model_parallel(parallel, seed=0)
-    return arch, build_model_chunks(arch, parallel, torch.float32, initialize=False)
+    return arch, build_model_chunks(arch, parallel, torch.float32)
 
 
 def hf_to_mcore(

@@ -54,9 +54,7 @@ def check_layout(arch: ModelArch, parallel: ParallelConfig) -> None:
         raise ConfigError("parallel.tensor_parallel", tp, f"<= vocab_size ({arch.vocab_size})")
 
 
-def transformer_config(  # type: ignore[no-untyped-def]
-    arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype, initialize: bool = True
-):
+def transformer_config(arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype):  # type: ignore[no-untyped-def]
     from megatron.core.transformer import TransformerConfig
 
     check_layout(arch, parallel)
@@ -86,7 +84,8 @@ def transformer_config(  # type: ignore[no-untyped-def]
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
         batch_p2p_comm=False,  # interleaved PP=2 with batched p2p is silently wrong
-        perform_initialization=initialize,
+        # perform_initialization stays on: without it Megatron also skips tagging parameters with
+        # tensor_model_parallel / partition_dim, which sharding.py reads (TP>1 loads break).
     )
 
 
@@ -107,16 +106,13 @@ def _layer_spec(arch: ModelArch):  # type: ignore[no-untyped-def]
     )
 
 
-def build_model_chunks(
-    arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype, initialize: bool = True
-) -> list:
+def build_model_chunks(arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype) -> list:
     """This rank's GPTModel chunks (one per virtual pipeline stage). Call after
-    megatron_rpg.parallel.initialize_model_parallel with the same `parallel`. initialize=False
-    skips the random initialization, for weights that are loaded right after (conversion)."""
+    megatron_rpg.parallel.initialize_model_parallel with the same `parallel`."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(arch, parallel, dtype, initialize)
+    config = transformer_config(arch, parallel, dtype)
     if arch.sliding_window and arch.sliding_window < arch.max_position_embeddings:
         raise ValueError(
             f"config.json: sliding_window={arch.sliding_window} is not applied by Megatron's "
