@@ -34,6 +34,7 @@ from megatron_rpg.logprobs import (
     fused_logprobs_loss,
     vocab_parallel_logprobs_and_entropy,
 )
+from megatron_rpg.models.builder import unwrap
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor, Batch], tuple[Tensor, dict[str, Any]]]
@@ -46,13 +47,6 @@ class LogprobOptions:
     temperature: float = 1.0
     fused: bool = True  # from hidden states, never materializing more than a chunk of logits
     chunk_size: int | None = None  # tokens per chunk of logits; None: ~64 MiB blocks
-
-
-def unwrap(module: Any) -> Any:
-    """The GPTModel inside Megatron's DDP wrapper (or the module itself)."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def output_weight(gpt: Any) -> Tensor:

@@ -95,6 +95,13 @@ def check(name, pool, weights, references, tp, pp, fused, temperature, token_los
     assert max(g.abs().max().item() for g in grads.values()) > 1e-3
 
 
+def test_dtype_resolution():
+    from megatron_rpg.models import resolve_dtype
+
+    assert resolve_dtype("auto") == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    assert resolve_dtype("bfloat16") == torch.bfloat16 and resolve_dtype("float32") == torch.float32
+
+
 def test_vocabulary_padding_is_layout_independent():
     assert padded_vocab_size(200, 1) == padded_vocab_size(200, 4) == 256
     assert padded_vocab_size(151936, 8) == 151936 and padded_vocab_size(128256, 2) == 128256

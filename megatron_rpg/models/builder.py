@@ -10,6 +10,7 @@ divide the model are refused before anything is built.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,13 @@ from megatron_rpg.config import ConfigError, ParallelConfig
 from megatron_rpg.models.arch import ModelArch
 
 VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's make-vocab-size-divisible-by default
+
+
+def unwrap(module: Any) -> Any:
+    """The GPTModel inside Megatron's DDP wrapper (or the module itself)."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
 
 
 def resolve_dtype(params_dtype: str) -> torch.dtype:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatron_rpg.models.builder import unwrap
+
 
 class ReferenceModel:
     def __init__(self, chunks: list[nn.Module], policy_chunks: list[nn.Module]):
@@ -26,13 +28,8 @@ class ReferenceModel:
         param gather, call `start_param_sync(force_sync=True)` on the policy first."""
         for ref, policy in zip(self.chunks, policy_chunks, strict=True):
             ref_params = dict(ref.named_parameters())
-            policy_params = dict(_unwrap(policy).named_parameters())
+            policy_params = dict(unwrap(policy).named_parameters())
             if ref_params.keys() != policy_params.keys():
                 raise ValueError("reference and policy chunks do not have the same parameters")
             for name, param in ref_params.items():
                 param.copy_(policy_params[name])
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The GPTModel inside Megatron's DDP wrapper (or the module itself)."""
-    return getattr(module, "module", module)

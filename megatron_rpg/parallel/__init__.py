@@ -6,14 +6,13 @@ from megatron_rpg.parallel.distributed import (
     init_process_group,
     initialize_model_parallel,
 )
-from megatron_rpg.parallel.seeding import data_generator, seed_everything
+from megatron_rpg.parallel.seeding import seed_everything
 from megatron_rpg.parallel.spawn import RankError, RankPool, run_on_ranks
 
 __all__ = [
     "ParallelLayout",
     "RankError",
     "RankPool",
-    "data_generator",
     "destroy_model_parallel",
     "init_process_group",
     "initialize_model_parallel",

@@ -3,8 +3,8 @@
 Model randomness follows Megatron-LM: seed + 100 * pipeline rank (so pipeline stages initialize
 differently), then `model_parallel_cuda_manual_seed`, which gives each tensor-parallel rank its
 own model-parallel RNG stream and all ranks the same data-parallel stream. Data sampling and
-rollouts must use their own `torch.Generator` (`data_generator`): on the CPU the model's "CUDA"
-RNG is the default CPU generator, which dropout advances.
+rollouts must use their own `torch.Generator`: on the CPU the model's "CUDA" RNG is the default
+CPU generator, which dropout advances.
 """
 
 from __future__ import annotations
@@ -29,8 +29,3 @@ def seed_everything(seed: int) -> int:
     if parallel_state.model_parallel_is_initialized():
         tensor_parallel.model_parallel_cuda_manual_seed(rank_seed)
     return rank_seed
-
-
-def data_generator(seed: int, stream: int = 0) -> torch.Generator:
-    """An explicit CPU generator for data order / sampling, independent of model RNG."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + stream)
