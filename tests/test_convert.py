@@ -35,6 +35,7 @@ def test_hf_to_tp2pp2_to_tp1_to_hf_is_bit_identical(tmp_path, hf_dir):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "verify: max |logits difference| vs transformers = " in done.stdout
+    assert "parameters loaded (rank 0) " in done.stderr  # the progress line
     done = convert("reshard", "--ckpt", tmp_path / "mc", "--out", tmp_path / "tp1", "--tp", 1)
     assert done.returncode == 0, done.stderr[-2000:]
     done = convert(
@@ -65,6 +66,40 @@ def test_existing_output_and_missing_tensor_are_refused(tmp_path, hf_dir):
     assert "no tensor 'model.layers.2.mlp.up_proj.weight'" in done.stderr
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def _tree_digest(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("shape", "does not fit parameter (64, 96) (read from model.layers.1.mlp.down_proj.weight"),
+        ("dtype", "has dtype torch.int8; supported"),
+        ("architecture", "model_type 'gpt2'"),
+    ],
+)
+def test_bad_inputs_are_named_and_leave_nothing(tmp_path, hf_dir, damage, message):
+    source = HFCheckpoint(hf_dir)
+    tensors = {n: source.get(n) for n in source.names()}
+    config = dict(source.config)
+    name = "model.layers.1.mlp.down_proj.weight"
+    if damage == "shape":
+        tensors[name] = tensors[name][:, :64].contiguous()
+    elif damage == "dtype":
+        tensors[name] = tensors[name].to(torch.int8)
+    else:
+        config["model_type"] = "gpt2"
+    bad = tmp_path / "bad"
+    write_hf_checkpoint(bad, tensors.items(), config)
+    before = _tree_digest(bad)
+    done = convert("hf-to-mcore", "--hf", bad, "--out", tmp_path / "out", "--tp", 1)
+    assert done.returncode == 1
+    assert message in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert _tree_digest(bad) == before
 
 
 def test_verify_catches_different_weights(pool2, tmp_path):

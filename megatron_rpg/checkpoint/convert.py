@@ -10,8 +10,9 @@ Outputs are written atomically and never replace an existing directory without f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,9 +22,12 @@ from megatron_rpg.checkpoint.mcore import load_mcore, read_hf_config, save_mcore
 from megatron_rpg.config import ParallelConfig
 from megatron_rpg.models import ModelArch, build_model_chunks, load_full_state_dict
 from megatron_rpg.models.export import iter_hf_weights
-from megatron_rpg.models.hf_mapping import to_megatron
+from megatron_rpg.models.hf_mapping import hf_names, hf_sources, to_megatron
+from megatron_rpg.models.sharding import sharded_parameters
 from megatron_rpg.parallel import initialize_model_parallel
+from megatron_rpg.progress import Progress
 
+T = TypeVar("T")
 VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1}  # max |logit difference|
 
 
@@ -71,7 +75,15 @@ def _build(hf_config: dict[str, Any], tp: int, pp: int) -> tuple[ModelArch, list
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
     arch = ModelArch.from_hf(hf_config)
     initialize_model_parallel(parallel, seed=0)
-    return arch, build_model_chunks(arch, parallel, torch.float32)
+    return arch, build_model_chunks(arch, parallel, torch.float32, initialize=False)
+
+
+def _counted(stream: Iterator[T], total: int) -> Iterator[T]:
+    progress = Progress(total, "tensors written")
+    for item in stream:
+        yield item
+        progress.update(1)
+    progress.close()
 
 
 def hf_to_mcore(
@@ -80,8 +92,22 @@ def hf_to_mcore(
     _refuse_existing(out, force)
     source = HFCheckpoint(hf_dir)
     arch, chunks = _build(source.config, tp, pp)
-    for chunk in chunks:
-        load_full_state_dict(chunk, lambda name: to_megatron(name, source.get, arch))
+    count = sum(len(list(sharded_parameters(chunk))) for chunk in chunks)
+    progress = Progress(count, "parameters loaded (rank 0)", enabled=dist.get_rank() == 0)
+
+    loading: list[str] = []
+
+    def load(name: str) -> torch.Tensor:
+        progress.update(1)
+        loading[:] = hf_sources(name)
+        return to_megatron(name, source.get, arch)
+
+    try:
+        for chunk in chunks:
+            load_full_state_dict(chunk, load)
+    except ValueError as err:
+        raise ValueError(f"{err} (read from {', '.join(loading)} in {hf_dir})") from None
+    progress.close()
     save_mcore(chunks, out, source.config, force=force, tokenizer_from=hf_dir)
     if verify:
         _report(verify_logits(chunks, arch, hf_dir))
@@ -96,7 +122,10 @@ def mcore_to_hf(
     load_mcore(chunks, checkpoint)
     stream = iter_hf_weights(chunks, arch)
     if dist.get_rank() == 0:
-        write_hf_checkpoint(out, stream, hf_config, tokenizer_from=checkpoint, force=force)
+        write_hf_checkpoint(
+            out, _counted(stream, len(hf_names(arch))), hf_config, tokenizer_from=checkpoint,
+            force=force,
+        )  # fmt: skip
     else:
         for _ in stream:  # take part in the collectives; rank 0 writes
             pass

@@ -113,6 +113,7 @@ def _write_shards(
     def flush() -> None:
         name = f"model-{len(files) + 1:05d}.safetensors"
         save_file(shards[-1], directory / name, metadata={"format": "pt"})
+        fsync(directory / name)  # on disk before the directory is renamed into place
         files.append(name)
         shards[-1], sizes[-1] = {}, 0
 
@@ -140,6 +141,14 @@ def _write_shards(
     index = {"metadata": {"total_size": total},
              "weight_map": {n: final[i] for n, i in sorted(weight_map.items())}}  # fmt: skip
     (directory / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _replace(staging: Path, out: Path) -> None:

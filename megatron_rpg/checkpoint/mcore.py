@@ -11,9 +11,12 @@ VPP chunks are saved as model0, model1, ...
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,22 @@ HF_CONFIG = "hf_config.json"
 
 def _key(index: int, count: int) -> str:
     return "model" if count == 1 else f"model{index}"
+
+
+@contextlib.contextmanager
+def _in_process_write_results() -> Iterator[None]:
+    """dist_checkpointing's writer reports results through a queue that, by default, lives in a
+    multiprocessing Manager: a spawned process (~3 s to start on 2 CPU cores) that only an
+    asynchronous save needs. Our saves are synchronous, run the writer from this process and read
+    the results here, so a plain queue does the same job."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
 
 
 def save_mcore(
@@ -52,7 +71,8 @@ def save_mcore(
         for i, chunk in enumerate(model_chunks)
     }
     try:
-        dist_checkpointing.save(state, str(staging))
+        with _in_process_write_results():
+            dist_checkpointing.save(state, str(staging))
     except BaseException:
         dist.barrier()
         if dist.get_rank() == 0:

@@ -62,11 +62,21 @@ def check_layout(arch: ModelArch, parallel: ParallelConfig) -> None:
         raise ConfigError("parallel.tensor_parallel", tp, f"<= vocab_size ({arch.vocab_size})")
 
 
-def transformer_config(arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+def _leave_uninitialized(weight: torch.Tensor) -> None:
+    """init_method for models whose every weight is loaded next (conversions): keeps Megatron's
+    partition tagging (perform_initialization stays on) but skips drawing random numbers."""
+
+
+def transformer_config(  # type: ignore[no-untyped-def]
+    arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype, initialize: bool = True
+):
     from megatron.core.transformer import TransformerConfig
 
     check_layout(arch, parallel)
     vpp = parallel.virtual_pipeline_parallel
+    skip_init = {} if initialize else {
+        "init_method": _leave_uninitialized, "output_layer_init_method": _leave_uninitialized
+    }  # fmt: skip
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -92,6 +102,7 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, dtype: torch.d
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
         batch_p2p_comm=False,  # interleaved PP=2 with batched p2p is silently wrong
+        **skip_init,
         # perform_initialization stays on: without it Megatron also skips tagging parameters with
         # tensor_model_parallel / partition_dim, which sharding.py reads (TP>1 loads break).
     )
@@ -114,13 +125,16 @@ def _layer_spec(arch: ModelArch):  # type: ignore[no-untyped-def]
     )
 
 
-def build_model_chunks(arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype) -> list:
+def build_model_chunks(
+    arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype, initialize: bool = True
+) -> list:
     """This rank's GPTModel chunks (one per virtual pipeline stage). Call after
-    megatron_rpg.parallel.initialize_model_parallel with the same `parallel`."""
+    megatron_rpg.parallel.initialize_model_parallel with the same `parallel`. initialize=False
+    leaves the weights' memory as allocated, for a model about to load every weight."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config(arch, parallel, dtype)
+    config = transformer_config(arch, parallel, dtype, initialize)
     if arch.sliding_window and arch.sliding_window < arch.max_position_embeddings:
         raise ValueError(
             f"config.json: sliding_window={arch.sliding_window} is not applied by Megatron's "

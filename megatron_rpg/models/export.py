@@ -79,16 +79,21 @@ def _buckets(plan: list[PlannedTensor], bucket_bytes: int) -> Iterator[list[Plan
         yield bucket
 
 
-def _gather_full(param: Tensor, planned: PlannedTensor) -> Tensor:
-    """All-gather a TP-sharded parameter over the TP group (rank order) into the full tensor."""
+def _gather_into(out: Tensor, param: Tensor, planned: PlannedTensor) -> None:
+    """Write the full tensor of a (possibly TP-sharded) parameter into `out`: all-gathered over
+    the TP group in rank order, straight into `out` when the shards are its row blocks."""
     from megatron.core import parallel_state
 
-    if planned.split is None:
-        return param.detach()
     group = parallel_state.get_tensor_model_parallel_group()
-    shards = [torch.empty_like(param) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shards, param.detach().contiguous(), group=group)
-    return tp_join(shards, planned.split, planned.gated)
+    tp = dist.get_world_size(group)
+    if planned.split is None or tp == 1:
+        out.copy_(param)
+    elif planned.split == 0 and not planned.gated:
+        dist.all_gather(list(out.chunk(tp)), param.contiguous(), group=group)
+    else:
+        shards = [torch.empty_like(param) for _ in range(tp)]
+        dist.all_gather(shards, param.contiguous(), group=group)
+        out.copy_(tp_join(shards, planned.split, planned.gated))
 
 
 @torch.no_grad()
@@ -96,7 +101,8 @@ def iter_hf_weights(
     model_chunks: list[Any], arch: ModelArch, bucket_bytes: int = 512 * 2**20
 ) -> Iterator[tuple[str, Tensor]]:
     """Yield (hf_name, full tensor) on every rank, bucket by bucket (see the module docstring).
-    Tensors of a bucket stay valid until the next bucket is fetched."""
+    Tensors of a bucket stay valid until the next bucket is fetched: they are views of one
+    buffer that every bucket reuses."""
     from megatron.core import parallel_state
 
     if bucket_bytes < 1:
@@ -106,12 +112,14 @@ def iter_hf_weights(
     my_stage = parallel_state.get_pipeline_model_parallel_rank()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     device = next(iter(params.values())).device
-    for bucket in _buckets(plan, bucket_bytes):
-        dtype = bucket[0].dtype
-        if any(t.dtype != dtype for t in bucket):
-            raise ValueError("a bucket mixes dtypes; the model's parameters must share one")
-        flat = torch.empty(sum(t.nbytes for t in bucket) // dtype.itemsize, dtype=dtype,
-                           device=device)  # fmt: skip
+    buckets = list(_buckets(plan, bucket_bytes))
+    dtype = plan[0].dtype
+    if any(t.dtype != dtype for t in plan):
+        raise ValueError("the model's parameters must share one dtype to be exported")
+    largest = max(sum(t.nbytes for t in bucket) for bucket in buckets)
+    buffer = torch.empty(largest // dtype.itemsize, dtype=dtype, device=device)
+    for bucket in buckets:
+        flat = buffer[: sum(t.nbytes for t in bucket) // dtype.itemsize]
         views, offset = [], 0
         for t in bucket:
             numel = int(torch.Size(t.shape).numel())
@@ -119,7 +127,7 @@ def iter_hf_weights(
             offset += numel
         if bucket[0].stage == my_stage:
             for view, t in zip(views, bucket, strict=True):
-                view.copy_(_gather_full(params[t.name], t))
+                _gather_into(view, params[t.name].detach(), t)
         if dist.get_world_size(pp_group) > 1:
             src = dist.get_global_rank(pp_group, bucket[0].stage)
             dist.broadcast(flat, src=src, group=pp_group)

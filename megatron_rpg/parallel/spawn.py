@@ -93,8 +93,15 @@ class RankPool:
             )
             for r in range(self.world_size)
         ]
-        for p in self._procs:
-            p.start()
+        started = []
+        try:
+            for p in self._procs:
+                p.start()
+                started.append(p)
+        except BaseException:  # e.g. a script without `if __name__ == "__main__":`
+            self._procs = started
+            self.close(force=True)
+            raise
         atexit.register(self.close, force=True)
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
@@ -137,8 +144,7 @@ class RankPool:
             if p.is_alive():
                 p.kill()
                 p.join()
-        if self._procs:
-            atexit.unregister(self.close)
+        atexit.unregister(self.close)
         self._procs = []
 
     def __enter__(self) -> RankPool:
