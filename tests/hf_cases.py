@@ -63,16 +63,17 @@ def megatron_logits(name, hf_state, tp, pp):
 
 def export_from_layout(name, hf_state, tp, pp, bucket_bytes):
     """Load at TP x PP, stream the weights back out under HF names; rank 0 keeps them, with the
-    bytes of each bucket (tensors of a bucket share one buffer)."""
+    bytes of each bucket and of the buffer the buckets share."""
     from megatron_rpg.models.export import iter_hf_weights
 
     arch, chunks = load_in_layout(name, hf_state, tp, pp)
-    exported, bucket_sizes = {}, {}
-    for hf_name, tensor in iter_hf_weights(chunks, arch, bucket_bytes):
-        exported[hf_name] = tensor.clone()
-        storage = tensor.untyped_storage()
-        bucket_sizes[storage.data_ptr()] = storage.nbytes()
-    return exported, sorted(bucket_sizes.values())
+    exported, bucket_sizes, buffers = {}, [], set()
+    for bucket in iter_hf_weights(chunks, arch, bucket_bytes).buckets():
+        bucket_sizes.append(sum(t.numel() * t.element_size() for _, t in bucket))
+        for hf_name, tensor in bucket:
+            exported[hf_name] = tensor.clone()
+            buffers.add(tensor.untyped_storage().nbytes())
+    return exported, bucket_sizes, max(buffers)
 
 
 def verify_against(name, hf_dir):

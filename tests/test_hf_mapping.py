@@ -52,12 +52,13 @@ def test_export_stream_from_tp2_pp2_is_bit_identical_and_respects_buckets(pool4,
     state = models[name].state_dict()
     bucket_bytes = 100_000  # smaller than a layer: many buckets; one 102,400-byte tensor alone
     results = pool4.run(export_from_layout, name, state, 2, 2, bucket_bytes)
-    for exported, sizes in results:  # every rank receives the whole stream
+    for exported, sizes, buffer in results:  # every rank receives the whole stream
         assert exported.keys() == state.keys()
         assert all(torch.equal(exported[k], state[k]) for k in state)
         largest_tensor = max(t.numel() * t.element_size() for t in state.values())
         assert len(sizes) > 10
         assert max(sizes) <= max(bucket_bytes, largest_tensor)
+        assert max(sizes) <= buffer <= max(bucket_bytes, largest_tensor)  # one shared buffer
     reloaded = transformers.AutoModelForCausalLM.from_config(models[name].config).eval()
     reloaded.load_state_dict(results[0][0])
     with torch.no_grad():

@@ -10,7 +10,7 @@ Outputs are written atomically and never replace an existing directory without f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,7 +78,7 @@ def _build(hf_config: dict[str, Any], tp: int, pp: int) -> tuple[ModelArch, list
     return arch, build_model_chunks(arch, parallel, torch.float32, initialize=False)
 
 
-def _counted(stream: Iterator[T], total: int) -> Iterator[T]:
+def _counted(stream: Iterable[T], total: int) -> Iterator[T]:
     progress = Progress(total, "tensors written")
     for item in stream:
         yield item

@@ -2,6 +2,7 @@
 buckets of bounded size. It feeds both HF checkpoint export and the rollout engines.
 
     for hf_name, tensor in iter_hf_weights(model_chunks, arch, bucket_bytes=512 * 2**20): ...
+    iter_hf_weights(...).metadata   # [(hf_name, shape, dtype)] before any data moves
 
 Plan, then execute. The plan (`export_plan`) lists every full Megatron tensor with its owning
 pipeline stage and TP split, from metadata all-gathered once. Execution walks the plan in
@@ -96,40 +97,74 @@ def _gather_into(out: Tensor, param: Tensor, planned: PlannedTensor) -> None:
         out.copy_(tp_join(shards, planned.split, planned.gated))
 
 
-@torch.no_grad()
+class WeightStream:
+    """The export stream of one sync: `metadata` (every HF tensor's name, shape and dtype, known
+    before any data moves: vLLM's transfer engines announce it first) and the tensors when
+    iterated. Constructing it is collective (the plan); so is iterating it."""
+
+    def __init__(self, model_chunks: list[Any], arch: ModelArch, bucket_bytes: int):
+        if bucket_bytes < 1:
+            raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+        self.model_chunks, self.arch, self.bucket_bytes = model_chunks, arch, bucket_bytes
+        self.plan = export_plan(model_chunks, arch)
+
+    @property
+    def metadata(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [
+            (hf_name, tuple(t.shape), t.dtype)
+            for planned in self.plan
+            for hf_name, t in to_hf(
+                planned.name, torch.empty(planned.shape, dtype=planned.dtype, device="meta"),
+                self.arch,
+            )
+        ]  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        return sum(torch.Size(shape).numel() * dtype.itemsize for _, shape, dtype in self.metadata)
+
+    def __iter__(self) -> Iterator[tuple[str, Tensor]]:
+        """Yield (hf_name, full tensor) on every rank (see buckets())."""
+        for bucket in self.buckets():
+            yield from bucket
+
+    @torch.no_grad()
+    def buckets(self) -> Iterator[list[tuple[str, Tensor]]]:
+        """Yield each bucket's (hf_name, full tensor) pairs on every rank (see the module
+        docstring). Tensors of a bucket stay valid until the next bucket is fetched: they are
+        views of one buffer that every bucket reuses."""
+        from megatron.core import parallel_state
+
+        plan, arch = self.plan, self.arch
+        params = {name: p for c in self.model_chunks for name, p, _, _ in sharded_parameters(c)}
+        my_stage = parallel_state.get_pipeline_model_parallel_rank()
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        device = next(iter(params.values())).device
+        buckets = list(_buckets(plan, self.bucket_bytes))
+        dtype = plan[0].dtype
+        if any(t.dtype != dtype for t in plan):
+            raise ValueError("the model's parameters must share one dtype to be exported")
+        largest = max(sum(t.nbytes for t in bucket) for bucket in buckets)
+        buffer = torch.empty(largest // dtype.itemsize, dtype=dtype, device=device)
+        for bucket in buckets:
+            flat = buffer[: sum(t.nbytes for t in bucket) // dtype.itemsize]
+            views, offset = [], 0
+            for t in bucket:
+                numel = int(torch.Size(t.shape).numel())
+                views.append(flat[offset : offset + numel].view(t.shape))
+                offset += numel
+            if bucket[0].stage == my_stage:
+                for view, t in zip(views, bucket, strict=True):
+                    _gather_into(view, params[t.name].detach(), t)
+            if dist.get_world_size(pp_group) > 1:
+                src = dist.get_global_rank(pp_group, bucket[0].stage)
+                dist.broadcast(flat, src=src, group=pp_group)
+            yield [pair for view, t in zip(views, bucket, strict=True)
+                   for pair in to_hf(t.name, view, arch)]  # fmt: skip
+
+
 def iter_hf_weights(
     model_chunks: list[Any], arch: ModelArch, bucket_bytes: int = 512 * 2**20
-) -> Iterator[tuple[str, Tensor]]:
-    """Yield (hf_name, full tensor) on every rank, bucket by bucket (see the module docstring).
-    Tensors of a bucket stay valid until the next bucket is fetched: they are views of one
-    buffer that every bucket reuses."""
-    from megatron.core import parallel_state
-
-    if bucket_bytes < 1:
-        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-    plan = export_plan(model_chunks, arch)
-    params = {name: p for c in model_chunks for name, p, _, _ in sharded_parameters(c)}
-    my_stage = parallel_state.get_pipeline_model_parallel_rank()
-    pp_group = parallel_state.get_pipeline_model_parallel_group()
-    device = next(iter(params.values())).device
-    buckets = list(_buckets(plan, bucket_bytes))
-    dtype = plan[0].dtype
-    if any(t.dtype != dtype for t in plan):
-        raise ValueError("the model's parameters must share one dtype to be exported")
-    largest = max(sum(t.nbytes for t in bucket) for bucket in buckets)
-    buffer = torch.empty(largest // dtype.itemsize, dtype=dtype, device=device)
-    for bucket in buckets:
-        flat = buffer[: sum(t.nbytes for t in bucket) // dtype.itemsize]
-        views, offset = [], 0
-        for t in bucket:
-            numel = int(torch.Size(t.shape).numel())
-            views.append(flat[offset : offset + numel].view(t.shape))
-            offset += numel
-        if bucket[0].stage == my_stage:
-            for view, t in zip(views, bucket, strict=True):
-                _gather_into(view, params[t.name].detach(), t)
-        if dist.get_world_size(pp_group) > 1:
-            src = dist.get_global_rank(pp_group, bucket[0].stage)
-            dist.broadcast(flat, src=src, group=pp_group)
-        for view, t in zip(views, bucket, strict=True):
-            yield from to_hf(t.name, view, arch)
+) -> WeightStream:
+    """The export stream: iterate it for (hf_name, full tensor) on every rank."""
+    return WeightStream(model_chunks, arch, bucket_bytes)

@@ -1,0 +1,42 @@
+"""Weight sync: the policy's export stream into a rollout engine.
+
+    stats = sync_weights(chunks, arch, engine if rank == 0 else None)
+
+Collective over the trainer's world: every rank walks the stream (its TP all-gathers and PP
+broadcasts), the ranks holding an engine feed it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_rpg.models import ModelArch
+from megatron_rpg.models.export import iter_hf_weights
+from megatron_rpg.rollout.protocol import RolloutEngine
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    bytes: int
+    seconds: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else float("inf")
+
+
+def sync_weights(
+    model_chunks: list[Any],
+    arch: ModelArch,
+    engine: RolloutEngine | None,
+    bucket_bytes: int = 512 * 2**20,
+) -> SyncStats:
+    start = time.perf_counter()
+    stream = iter_hf_weights(model_chunks, arch, bucket_bytes)
+    if engine is None:
+        nbytes = sum(t.numel() * t.element_size() for _, t in stream)
+    else:
+        nbytes = engine.update_weights(stream)
+    return SyncStats(nbytes, time.perf_counter() - start)

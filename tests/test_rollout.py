@@ -1,0 +1,195 @@
+"""Rollout engines: the engine contract (every engine: the embedded one here, vLLM where it can
+run), sampling against exact enumeration, and live weight sync from a TP=2 x PP=2 policy."""
+
+import math
+import re
+
+import pytest
+import torch
+from rollout_cases import sync_after_step
+
+from megatron_rpg.rollout import EmbeddedEngine, SamplingParams
+from megatron_rpg.rollout.embedded import sample
+
+from hf_cases import FAMILIES, hf_model
+
+PROMPTS = [[5, 17, 3, 9], [1, 2], [44, 45, 46, 47, 48, 49]]
+
+
+def embedded_engine(name):
+    model = hf_model(name)
+    engine = EmbeddedEngine(FAMILIES[name], max_batch_size=4)
+    engine.update_weights(model.named_parameters())
+    return engine, model, 1e-5
+
+
+def vllm_engine(name):
+    pytest.importorskip("vllm", reason="vLLM is not installed (GPU machines with the gpu extra)")
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM engines need a CUDA GPU")
+    import tempfile
+
+    from megatron_rpg.checkpoint import write_hf_checkpoint
+    from megatron_rpg.rollout.vllm_engine import VLLMEngine
+
+    model = hf_model(name)
+    directory = tempfile.mkdtemp()
+    write_hf_checkpoint(f"{directory}/hf", model.state_dict().items(), model.config.to_dict(),
+                        force=True)  # fmt: skip
+    engine = VLLMEngine(f"{directory}/hf", dtype="float32", gpu_memory_utilization=0.3)
+    engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": f"{directory}/hf"})
+    return engine, model, 1e-3
+
+
+ENGINES = {"embedded": embedded_engine, "vllm": vllm_engine}
+
+
+@pytest.fixture(scope="module", params=["embedded", "vllm"])
+def engine(request):
+    return ENGINES[request.param]("llama")
+
+
+def reference_logprobs(model, prompt, response, temperature):
+    tokens = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(tokens).logits[0, len(prompt) - 1 : -1].double()
+    logp = torch.log_softmax(logits / temperature, -1)
+    return logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_are_those_of_the_sampling_distribution(engine, temperature):
+    engine, model, tolerance = engine
+    params = SamplingParams(n=3, temperature=temperature, max_tokens=8, seed=1)
+    groups = engine.generate(PROMPTS, params)
+    assert [len(g) for g in groups] == [3, 3, 3]
+    for prompt, group in zip(PROMPTS, groups, strict=True):
+        for response in group:
+            assert len(response.token_ids) == len(response.logprobs) == 8
+            assert response.finish_reason == "length"
+            want = reference_logprobs(model, prompt, response.token_ids, temperature)
+            got = torch.tensor(response.logprobs, dtype=torch.float64)
+            torch.testing.assert_close(got, want, atol=tolerance, rtol=0)
+    # each response has its own seed (seed + p * n + i, as vLLM): alone in a batch of its own,
+    # prompt 0 gives the same responses, whatever padding the mixed batch had
+    alone = engine.generate([PROMPTS[0]], params)[0]
+    assert [r.token_ids for r in alone] == [r.token_ids for r in groups[0]]
+
+
+def test_same_seed_same_responses_and_samples_differ(engine):
+    engine, _, _ = engine
+    params = SamplingParams(n=4, max_tokens=10, seed=3)
+    first, again = engine.generate(PROMPTS, params), engine.generate(PROMPTS, params)
+    assert [[r.token_ids for r in g] for g in first] == [[r.token_ids for r in g] for g in again]
+    other = engine.generate(PROMPTS, SamplingParams(n=4, max_tokens=10, seed=4))
+    assert [[r.token_ids for r in g] for g in first] != [[r.token_ids for r in g] for g in other]
+    assert len({tuple(r.token_ids) for r in first[0]}) > 1  # n samples are not copies
+
+
+def test_stop_tokens_and_max_tokens(engine):
+    engine, _, _ = engine
+    free = engine.generate(PROMPTS, SamplingParams(n=4, max_tokens=12, seed=0))
+    stop = free[0][0].token_ids[3]  # a token this sampler emits at step 4 for this seed
+    groups = engine.generate(PROMPTS, SamplingParams(n=4, max_tokens=12, seed=0,
+                                                     stop_token_ids=(stop,)))  # fmt: skip
+    assert groups[0][0].token_ids == free[0][0].token_ids[: free[0][0].token_ids.index(stop) + 1]
+    for group in groups:
+        for r in group:
+            if r.finish_reason == "stop":
+                assert r.token_ids[-1] == stop and stop not in r.token_ids[:-1]
+            else:
+                assert len(r.token_ids) == 12 and stop not in r.token_ids
+    # the context ends the response too: 64 positions, a 60-token prompt leaves 4
+    long = engine.generate([[7] * 60], SamplingParams(max_tokens=50, seed=0))[0][0]
+    assert len(long.token_ids) == 4 and long.finish_reason == "length"
+
+
+def test_bad_prompts_are_named(engine):
+    engine, _, _ = engine
+    params = SamplingParams(max_tokens=4)
+    for prompts, message in [
+        ([[1, 2], []], "prompt 1 is empty"),
+        ([[1] * 64], "prompt 0 has 64 tokens; the engine's context is 64"),
+        ([[1, 200]], "prompt 0 has token ids outside [0, 200): [200]"),
+        ([], "no prompts"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            engine.generate(prompts, params)
+
+
+def test_sampling_params_are_checked():
+    for key, value in [("n", 0), ("temperature", 0.0), ("top_p", 1.5), ("top_k", -1),
+                       ("max_tokens", 0)]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"sampling.{key}"):
+            SamplingParams(**{key: value})
+
+
+def test_top_k_top_p_sample_from_the_renormalized_kept_set():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(4000, 1)
+    cases = [(3, 1.0, [0, 1, 2]), (0, 0.8, [0, 1, 2]), (0, 0.65, [0, 1]), (0, 0.5, [0]),
+             (2, 0.9, [0, 1]), (1, 1.0, [0])]  # fmt: skip
+    for top_k, top_p, kept in cases:
+        params = SamplingParams(temperature=0.9, top_k=top_k, top_p=top_p)
+        generators = [torch.Generator().manual_seed(i) for i in range(len(logits))]
+        tokens, logprobs = sample(logits, params, generators)
+        want = torch.log_softmax(logits[0, kept] / 0.9, -1)
+        assert set(tokens.tolist()) == set(kept)
+        for i, token in enumerate(kept):
+            got = logprobs[tokens == token]
+            torch.testing.assert_close(got, want[i].expand_as(got), atol=1e-6, rtol=0)
+            frequency = (tokens == token).float().mean().item()
+            p = want[i].exp().item()
+            assert abs(frequency - p) < 4 * math.sqrt(p * (1 - p) / 4000) + 1e-9
+
+
+def test_incomplete_sync_is_refused_and_unknown_names_are_named():
+    engine, model, _ = embedded_engine("qwen2")  # tied embeddings: no lm_head.weight is sent
+    weights = dict(model.named_parameters())
+    assert "lm_head.weight" not in weights
+    with pytest.raises(ValueError, match=r"did not send \['model.norm.weight'\]"):
+        engine.update_weights((k, v) for k, v in weights.items() if k != "model.norm.weight")
+    with pytest.raises(RuntimeError, match="last weight update was incomplete"):
+        engine.generate([[1, 2]], SamplingParams())
+    with pytest.raises(KeyError, match=r"no parameter 'model\.extra'"):
+        engine.update_weights([("model.extra", torch.zeros(1))])
+    engine.update_weights(weights.items())
+    assert engine.generate([[1, 2]], SamplingParams(max_tokens=2))[0][0].token_ids
+    engine.sleep()
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate([[1, 2]], SamplingParams())
+    engine.wake()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_sync_from_tp2_pp2_after_an_optimizer_step(pool4, name):
+    results = pool4.run(sync_after_step, name, hf_model(name).state_dict(), 2, 2)
+    last_stage = [r for r in results if r is not None]
+    assert len(last_stage) == 2
+    for r in last_stage:
+        assert r["before"] > 1e-3  # the engine still has the old weights
+        assert r["after"] < 1e-5
+        assert (
+            r["bytes"][0]
+            == r["bytes"][1]
+            == sum(p.numel() * 4 for p in hf_model(name).parameters())
+        )
+
+
+def test_vllm_outputs_are_read_as_documented():
+    """The vLLM glue that needs no GPU: our SamplingParams in vLLM's terms, and a
+    CompletionOutput (sampled token first in each position's dict) read back."""
+    from types import SimpleNamespace as NS
+
+    from megatron_rpg.rollout.vllm_engine import response_from_completion, vllm_sampling_kwargs
+
+    kwargs = vllm_sampling_kwargs(SamplingParams(n=2, max_tokens=9, stop_token_ids=[5], seed=1))
+    assert kwargs["logprobs"] == 0 and kwargs["max_tokens"] == 9 and kwargs["top_k"] == 0
+    assert kwargs["stop_token_ids"] == [5] and kwargs["detokenize"] is False
+    positions = [{7: NS(logprob=-0.5), 1: NS(logprob=-0.1)}, {5: NS(logprob=-2.0)}]
+    response = response_from_completion(NS(token_ids=(7, 5), logprobs=positions,
+                                           finish_reason="stop"))  # fmt: skip
+    assert response.token_ids == [7, 5] and response.logprobs == [-0.5, -2.0]
+    with pytest.raises(ValueError, match="1 log-probs for 2 tokens"):
+        response_from_completion(NS(token_ids=(7, 5), logprobs=positions[:1], finish_reason="stop"))
+    with pytest.raises(RuntimeError, match="'abort'"):
+        response_from_completion(NS(token_ids=(7,), logprobs=positions[:1], finish_reason="abort"))
