@@ -17,6 +17,7 @@ setup(
         "pyyaml",
         "psutil",  # without it megatron's dist_checkpointing.save hangs (docs/install.md)
         "safetensors",
+        "sentencepiece",
     ],
     extras_require={
         # apex is NOT the unrelated PyPI package `apex`: build it from NVIDIA's source

@@ -1,4 +1,4 @@
-"""The `megatron-rpg` command; subcommands arrive with their parts (train, convert, eval...)."""
+"""The `megatron-rpg` command: config, convert, train."""
 
 from __future__ import annotations
 
@@ -50,6 +50,32 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """Validate the config (before any work), then train on tp x pp x dp ranks: directly under
+    torchrun / srun (RANK set), else on spawned gloo ranks of this machine."""
+    import os
+
+    from megatron_rpg.trainer import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    if "RANK" in os.environ:
+        from megatron_rpg.parallel import init_process_group
+
+        init_process_group(cfg.parallel.backend, cfg.parallel.timeout_minutes)
+        run_training(cfg, args.resume)
+        return 0
+    from megatron_rpg.parallel import RankError, RankPool
+
+    world = args.nproc or cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
+    try:
+        with RankPool(world, timeout_s=cfg.parallel.timeout_minutes * 60.0) as pool:
+            pool.run(run_training, cfg, args.resume)
+    except RankError as err:
+        sys.stderr.write(f"megatron-rpg train: rank {err.rank} failed:\n{err.remote_traceback}")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-rpg",
@@ -79,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="after converting, compare logits with the transformers model (HF side)",
     )
     convert.set_defaults(func=_convert)
+
+    train = commands.add_parser("train", help="RL training (RPG losses) from a YAML config")
+    train.add_argument("--config", required=True, help="YAML file, e.g. examples/tiny_cpu.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value, e.g. loss.beta=0.001")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in logging.run_dir",
+    )
+    train.add_argument(
+        "--nproc",
+        type=int,
+        default=0,
+        help="ranks to spawn without torchrun (default: tp x pp; more adds DP)",
+    )
+    train.set_defaults(func=_train)
     return parser
 
 

@@ -51,9 +51,14 @@ class _Section:
 
 @dataclass
 class ModelConfig(_Section):
-    """Policy architecture: a Hugging Face config.json (file or directory)."""
+    """Policy architecture: a Hugging Face config.json (file or directory); initial weights from
+    a Megatron checkpoint (`megatron-rpg convert hf-to-mcore`), or random then the SFT warm-up;
+    tokenizer: a sentencepiece model file (empty: trained into the run directory from the task's
+    text, for the embedded task)."""
 
     hf_config: str = ""
+    checkpoint: str = ""
+    tokenizer: str = ""
     params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
 
 
@@ -84,7 +89,7 @@ class RolloutConfig(_Section):
     n: int = 8  # responses per prompt
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1  # -1: no top-k
+    top_k: int = 0  # 0: no top-k
     max_tokens: int = 256
     tensor_parallel: int = 1  # the engine's own TP, independent of the trainer's
 
@@ -92,7 +97,7 @@ class RolloutConfig(_Section):
         _check("n", self.n, self.n >= 1, "an integer >= 1")
         _check("temperature", self.temperature, self.temperature > 0, "> 0")
         _check("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
-        _check("top_k", self.top_k, self.top_k == -1 or self.top_k >= 1, "-1 or >= 1")
+        _check("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 disables it)")
         _check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
         _check("tensor_parallel", self.tensor_parallel, self.tensor_parallel >= 1, ">= 1")
 
@@ -156,6 +161,12 @@ class AlgorithmConfig(_Section):
 
 @dataclass
 class DataConfig(_Section):
+    """task 'arithmetic': the embedded synthetic task (data/arithmetic.py; max_operand,
+    operators); 'math': prompts and answers from the JSON lines file train_path."""
+
+    task: Literal["arithmetic", "math"] = "arithmetic"
+    max_operand: int = 9
+    operators: str = "+"
     train_path: str = ""
     prompt_key: str = "problem"
     answer_key: str = "answer"
@@ -163,8 +174,30 @@ class DataConfig(_Section):
     max_prompt_tokens: int = 512
 
     def validate(self) -> None:
+        _check("max_operand", self.max_operand, self.max_operand >= 1, ">= 1")
+        known = bool(self.operators) and set(self.operators) <= set("+-*")
+        _check("operators", self.operators, known, "characters of '+-*'")
         _check("prompts_per_step", self.prompts_per_step, self.prompts_per_step >= 1, ">= 1")
         _check("max_prompt_tokens", self.max_prompt_tokens, self.max_prompt_tokens >= 1, ">= 1")
+
+
+@dataclass
+class SFTConfig(_Section):
+    """Supervised warm-up run by `train` before RL on a fresh model (steps=0: none). On the
+    arithmetic task each example's answer is right with probability correct_fraction, else a
+    random number of the answer range (see data/arithmetic.py)."""
+
+    steps: int = 0
+    lr: float = 1e-3
+    batch_size: int = 64
+    correct_fraction: float = 1.0
+
+    def validate(self) -> None:
+        _check("steps", self.steps, self.steps >= 0, ">= 0")
+        _check("lr", self.lr, self.lr > 0, "> 0")
+        _check("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+        _check("correct_fraction", self.correct_fraction, 0 <= self.correct_fraction <= 1,
+               "in [0, 1]")  # fmt: skip
 
 
 @dataclass
@@ -203,7 +236,7 @@ class OptimizerConfig(_Section):
 class LoggingConfig(_Section):
     run_dir: str = "runs/default"
     log_interval: int = 1
-    tensorboard: bool = True
+    tensorboard: bool = False  # needs the tensorboard package
     wandb_project: str = ""  # empty: no wandb
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
 
@@ -216,6 +249,7 @@ class CheckpointConfig(_Section):
     save_interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 2
     resume: bool = False
+    verify_checksums: bool = True  # sha256 of every file, checked on resume
 
     def validate(self) -> None:
         _check("save_interval", self.save_interval, self.save_interval >= 0, ">= 0")
@@ -235,10 +269,17 @@ class RunConfig(_Section):
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval_interval: int = 0  # steps between greedy evaluations on the task; 0: none
 
     def validate(self) -> None:
         _check("train_steps", self.train_steps, self.train_steps >= 1, ">= 1")
         _check("seed", self.seed, self.seed >= 0, ">= 0")
+        _check("eval_interval", self.eval_interval, self.eval_interval >= 0, ">= 0")
+        sequences = self.data.prompts_per_step * self.rollout.n
+        _check("optimizer.mini_batch_size", self.optimizer.mini_batch_size,
+               sequences % self.optimizer.mini_batch_size == 0,
+               f"a divisor of data.prompts_per_step x rollout.n ({sequences})")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- loading

@@ -32,7 +32,7 @@ def _key(index: int, count: int) -> str:
 
 
 @contextlib.contextmanager
-def _in_process_write_results() -> Iterator[None]:
+def in_process_write_results() -> Iterator[None]:
     """dist_checkpointing's writer reports results through a queue that, by default, lives in a
     multiprocessing Manager: a spawned process (~3 s to start on 2 CPU cores) that only an
     asynchronous save needs. Our saves are synchronous, run the writer from this process and read
@@ -71,7 +71,7 @@ def save_mcore(
         for i, chunk in enumerate(model_chunks)
     }
     try:
-        with _in_process_write_results():
+        with in_process_write_results():
             dist_checkpointing.save(state, str(staging))
     except BaseException:
         dist.barrier()

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_rpg.models.arch import ModelArch
+from megatron_rpg.models.builder import unwrap
 from megatron_rpg.models.hf_mapping import megatron_names, to_hf
 from megatron_rpg.models.sharding import full_name, sharded_parameters, tp_join
 
@@ -105,8 +106,9 @@ class WeightStream:
     def __init__(self, model_chunks: list[Any], arch: ModelArch, bucket_bytes: int):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
-        self.model_chunks, self.arch, self.bucket_bytes = model_chunks, arch, bucket_bytes
-        self.plan = export_plan(model_chunks, arch)
+        self.model_chunks = [unwrap(chunk) for chunk in model_chunks]  # DDP-wrapped or not
+        self.arch, self.bucket_bytes = arch, bucket_bytes
+        self.plan = export_plan(self.model_chunks, arch)
 
     @property
     def metadata(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:

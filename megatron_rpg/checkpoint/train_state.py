@@ -1,0 +1,194 @@
+"""Training checkpoints: everything needed to continue a run bit-identically.
+
+    run_dir/checkpoints/step_00000010/
+        dist/            policy model + optimizer (+ reference model), Megatron dist checkpoint
+        rng/rank_R.pt    each rank's torch and python RNG states
+        state.json       step, data position, counters, LR scheduler
+        config.yaml      the resolved run config
+        manifest.json    versions, git revision, sha256 of every file above
+        COMPLETE         written last
+
+A checkpoint is assembled in a hidden temporary directory and renamed when every rank has
+finished; only the newest `keep_last` are kept. `latest_valid()` walks the checkpoints newest
+first and skips (with a warning) one without COMPLETE or whose files do not match their sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_rpg.checkpoint.hf import fsync
+from megatron_rpg.checkpoint.mcore import in_process_write_results
+
+MARKER = "COMPLETE"
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def sharded_state(
+    policy_chunks: list[Any], optimizer: Any, reference_chunks: list[Any] | None,
+    is_loading: bool,
+) -> dict[str, Any]:  # fmt: skip
+    count = len(policy_chunks)
+    state: dict[str, Any] = {}
+    model_state: dict[str, Any] = {}
+    for i, chunk in enumerate(policy_chunks):
+        key = "model" if count == 1 else f"model{i}"
+        state[key] = model_state[key] = chunk.sharded_state_dict()
+    for i, chunk in enumerate(reference_chunks or []):
+        key = "reference" if count == 1 else f"reference{i}"
+        state[key] = chunk.sharded_state_dict(prefix="reference.")
+    merged = {k: v for chunk_state in model_state.values() for k, v in chunk_state.items()}
+    state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading)
+    return state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(directory: Path, checksums: bool) -> dict[str, Any]:
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    return {
+        "python": sys.version.split()[0],
+        "versions": _versions(),
+        "git_revision": _git_revision(),
+        "sha256": {str(p.relative_to(directory)): _sha256(p) for p in files} if checksums else {},
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("megatron-rpg", "torch", "megatron-core", "transformers", "sentencepiece"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def _git_revision() -> str:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, cwd=Path(__file__).resolve().parent)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def save_train_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    state_dicts: dict[str, Any],
+    train_state: dict[str, Any],
+    config_yaml: str,
+    keep_last: int,
+    checksums: bool = True,
+) -> Path:
+    """Collective. `state_dicts` from sharded_state(..., is_loading=False)."""
+    from megatron.core import dist_checkpointing
+
+    out = checkpoint_dir(run_dir, step)
+    staging = out.parent / f".{out.name}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "rng").mkdir(parents=True)
+        (staging / "dist").mkdir()
+    dist.barrier()
+    with in_process_write_results():
+        dist_checkpointing.save(state_dicts, str(staging / "dist"))
+    rng = {"torch": torch.get_rng_state(), "python": list(_flatten(random.getstate()))}
+    torch.save(rng, staging / "rng" / f"rank_{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (staging / "state.json").write_text(json.dumps(train_state, indent=2, sort_keys=True))
+        (staging / "config.yaml").write_text(config_yaml)
+        (staging / "manifest.json").write_text(json.dumps(_manifest(staging, checksums),
+                                                          indent=2))  # fmt: skip
+        for path in staging.rglob("*"):
+            if path.is_file():
+                fsync(path)
+        (staging / MARKER).write_text(str(step))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        _prune(out.parent, keep_last)
+    dist.barrier()
+    return out
+
+
+def _flatten(state: tuple[Any, ...]) -> list[int]:
+    """random.getstate() = (version, 625 ints, gauss) as a flat list of ints (weights_only)."""
+    version, internal, gauss = state
+    return [version, *internal, -1 if gauss is None else 0]
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    complete = sorted(p for p in directory.glob("step_*") if (p / MARKER).is_file())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(directory: Path) -> str | None:
+    """Why this checkpoint cannot be used, or None."""
+    if not (directory / MARKER).is_file():
+        return "incomplete (no COMPLETE marker)"
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable manifest.json ({err})"
+    for name, digest in manifest.get("sha256", {}).items():
+        path = directory / name
+        if not path.is_file():
+            return f"missing file {name}"
+        if _sha256(path) != digest:
+            return f"file {name} does not match its sha256 (corrupt)"
+    return None
+
+
+def latest_valid(run_dir: str | Path) -> Path | None:
+    """The newest usable checkpoint (rank 0 checks; the answer is broadcast)."""
+    choice: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        root = Path(run_dir) / "checkpoints"
+        for candidate in sorted(root.glob("step_*"), reverse=True):
+            problem = verify(candidate)
+            if problem is None:
+                choice[0] = str(candidate)
+                break
+            warnings.warn(f"skipping checkpoint {candidate}: {problem}", stacklevel=2)
+    dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
+
+
+def load_train_checkpoint(directory: Path, state_dicts: dict[str, Any]) -> tuple[dict, dict]:
+    """Collective: (loaded sharded state, train state); restores this rank's RNG states."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load(state_dicts, str(directory / "dist"))
+    rng = torch.load(directory / "rng" / f"rank_{dist.get_rank()}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    flat = rng["python"]
+    random.setstate((flat[0], tuple(flat[1:-1]), None))
+    return loaded, json.loads((directory / "state.json").read_text())

@@ -1,0 +1,89 @@
+"""Where a run's metrics go (rank 0): JSON lines always, TensorBoard and wandb when configured.
+
+    log = MetricsLog(config.logging, run_dir, resume_step=0)
+    log.write(step, {"reward/mean": 0.4, ...})
+    log.close()                                  # also writes curves.png
+
+metrics.jsonl holds one object per step ({"step": n, ...}); on resume the lines after the
+resumed step (from the interrupted run) are dropped so the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from megatron_rpg.config import ConfigError, LoggingConfig
+from megatron_rpg.plot import write_curves_png
+
+CURVES = ("reward/mean", "kl/k3", "entropy/mean", "eval/accuracy")
+
+
+def check_logging(config: LoggingConfig) -> None:
+    """Refuse, before any work, a backend that cannot be imported."""
+    if config.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError:
+            allowed = "false, or install tensorboard (pip install tensorboard)"
+            raise ConfigError("logging.tensorboard", True, allowed) from None
+    if config.wandb_project and config.wandb_mode != "disabled":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            allowed = "empty, or install wandb (pip install wandb)"
+            raise ConfigError("logging.wandb_project", config.wandb_project, allowed) from None
+
+
+class MetricsLog:
+    def __init__(self, config: LoggingConfig, run_dir: Path, resume_step: int, run_config: dict):
+        check_logging(config)
+        self.path = run_dir / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = []
+        if self.path.exists():
+            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+            self.history = [r for r in kept if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        self.tensorboard = None
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.wandb = None
+        if config.wandb_project and config.wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=config.wandb_project, mode=config.wandb_mode, dir=str(run_dir),
+                config=run_config, resume="allow",
+            )  # fmt: skip
+        self.run_dir = run_dir
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **metrics}
+        self.history.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> str:
+        """Flush the backends and draw the curves; returns where they are and their legend."""
+        png = self.run_dir / "curves.png"
+        curves = {key: [(r["step"], r[key]) for r in self.history
+                        if key in r and math.isfinite(r[key])] for key in CURVES}  # fmt: skip
+        write_curves_png(png, curves)
+        legend = ", ".join(
+            f"{key} [{min(v for _, v in points):.3g}, {max(v for _, v in points):.3g}]"
+            for key, points in curves.items() if points
+        )  # fmt: skip
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        return f"metrics: {self.path}\ncurves: {png} (panels top to bottom: {legend})"

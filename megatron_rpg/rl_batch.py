@@ -1,0 +1,64 @@
+"""Rollout results -> the tensors of one RL step, and their split into micro-batches.
+
+Layout (forward_backward.py's convention): tokens [B, S] hold prompt + response, right-padded;
+log-prob position i predicts token i+1, so a response of R tokens after a prompt of P tokens
+occupies positions P-1 .. P+R-2 of the [B, S-1] tensors (response_mask, rollout_logprobs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from megatron_rpg.rollout.protocol import Response
+
+
+@dataclass
+class RolloutBatch:
+    tokens: Tensor  # [B, S] long
+    response_mask: Tensor  # [B, S-1] bool
+    rollout_logprobs: Tensor  # [B, S-1] float32, 0 outside the mask
+    rewards: Tensor  # [B] float32
+    group_ids: Tensor  # [B] long: the prompt each response answers
+    response_lengths: Tensor  # [B] long
+    truncated: Tensor  # [B] bool: finished by length, not by a stop token
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def rows(self, index: Tensor | slice) -> dict[str, Tensor]:
+        """Selected sequences as a micro-batch dict (the keys losses and forward_backward read)."""
+        return {"tokens": self.tokens[index], "response_mask": self.response_mask[index],
+                "rollout_logprobs": self.rollout_logprobs[index]}  # fmt: skip
+
+
+def build_batch(
+    prompts: Sequence[Sequence[int]],
+    groups: Sequence[Sequence[Response]],
+    rewards: Sequence[Sequence[float]],
+    pad_id: int,
+) -> RolloutBatch:
+    rows = [(g, list(prompts[g]), r, rewards[g][i])
+            for g, group in enumerate(groups) for i, r in enumerate(group)]  # fmt: skip
+    if not rows:
+        raise ValueError("build_batch: no responses")
+    width = max(len(p) + len(r.token_ids) for _, p, r, _ in rows)
+    count = len(rows)
+    tokens = torch.full((count, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(count, width - 1, dtype=torch.bool)
+    rollout = torch.zeros(count, width - 1, dtype=torch.float32)
+    for b, (_, prompt, response, _) in enumerate(rows):
+        p, r = len(prompt), len(response.token_ids)
+        tokens[b, : p + r] = torch.tensor(prompt + response.token_ids)
+        mask[b, p - 1 : p + r - 1] = True
+        rollout[b, p - 1 : p + r - 1] = torch.tensor(response.logprobs)
+    return RolloutBatch(
+        tokens=tokens, response_mask=mask, rollout_logprobs=rollout,
+        rewards=torch.tensor([reward for *_, reward in rows], dtype=torch.float32),
+        group_ids=torch.tensor([g for g, *_ in rows]),
+        response_lengths=torch.tensor([len(r.token_ids) for _, _, r, _ in rows]),
+        truncated=torch.tensor([r.finish_reason == "length" for _, _, r, _ in rows]),
+    )  # fmt: skip

@@ -1,0 +1,70 @@
+"""Tokenizers: a sentencepiece model (trained locally for the embedded task, or shipped with a
+checkpoint) behind one small interface.
+
+    tokenizer = train_sentencepiece(corpus_lines, "run/tokenizer.model", vocab_size=48,
+                                    symbols=list("0123456789+="))
+    ids = tokenizer.encode("3+4=")           # no BOS/EOS added
+    text = tokenizer.decode(ids)
+
+Training is deterministic (one thread, fixed seed, no sampling of the corpus), so every rank and
+every resumed run that trains it from the same corpus gets the same model file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class Tokenizer:
+    def __init__(self, model_file: str | Path):
+        import sentencepiece
+
+        path = Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer: no sentencepiece model at {path}")
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.path = path
+        self.vocab_size = int(self.processor.get_piece_size())
+        self.eos_id = int(self.processor.eos_id())
+        self.pad_id = int(self.processor.pad_id())
+        if self.eos_id < 0 or self.pad_id < 0:
+            raise ValueError(f"tokenizer {path}: needs eos and pad pieces (eos_id={self.eos_id}, "
+                             f"pad_id={self.pad_id})")  # fmt: skip
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.processor.encode(text))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the ids, without eos/pad; ids the model's (larger) vocabulary has but the
+        tokenizer does not read as U+FFFD."""
+        pieces = []
+        for i in ids:
+            if i in (self.eos_id, self.pad_id):
+                continue
+            pieces.append(self.processor.decode([i]) if 0 <= i < self.vocab_size else "\ufffd")
+        return "".join(pieces)
+
+
+def train_sentencepiece(
+    corpus: Iterable[str], out: str | Path, vocab_size: int, symbols: Iterable[str] = ()
+) -> Tokenizer:
+    """Train a unigram model of at most `vocab_size` pieces on `corpus`; `symbols` become single
+    pieces (e.g. digits, so that numbers are spelled digit by digit). Written atomically."""
+    import sentencepiece
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(corpus)), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", user_defined_symbols=list(symbols), pad_id=0, unk_id=1, bos_id=-1,
+        eos_id=2, num_threads=1, add_dummy_prefix=False, shuffle_input_sentence=False,
+        hard_vocab_limit=False, minloglevel=2,
+    )  # fmt: skip
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    staging.write_bytes(model.getvalue())
+    os.replace(staging, out)
+    return Tokenizer(out)

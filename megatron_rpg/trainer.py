@@ -1,0 +1,502 @@
+"""The RPG trainer: the RL loop of the paper (arXiv 2505.17508) on Megatron-Core.
+
+One step:
+
+    prompts --engine--> n responses each --grader--> rewards --> advantages (per group)
+      --> old log-probs (one forward, skipped when a single on-policy update makes pi_old the
+          current policy) and reference log-probs (kl_anchor='ref')
+      --> for each of ppo_epochs, mini-batch updates of the configured loss (losses/)
+      --> iterative reference update (every K steps, or when the moving-average KL > target)
+      --> weight sync into the engine --> periodic greedy evaluation --> checkpoint
+
+Every rank runs this; rank 0 holds the rollout engine (embedded) and broadcasts the rollout.
+Sequences are split over data-parallel ranks inside each mini-batch, and the loss of every
+micro-batch is its share of the mini-batch's loss (global token / sequence counts), so the update
+does not depend on the layout. A step whose gradients are not finite on any rank is skipped
+(no optimizer step) and counted. Sampling is seeded by (seed, step) and the data order by
+(seed, epoch), so a resumed run repeats the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_rpg.checkpoint import train_state
+from megatron_rpg.checkpoint.mcore import load_mcore
+from megatron_rpg.config import ConfigError, RunConfig, config_to_dict
+from megatron_rpg.data import ArithmeticTask
+from megatron_rpg.forward_backward import LogprobOptions, forward_backward
+from megatron_rpg.losses import compute_advantages, policy_loss
+from megatron_rpg.losses.aggregation import masked_mean
+from megatron_rpg.metrics import MetricsLog, check_logging
+from megatron_rpg.models import ModelArch, ReferenceModel, build_model_chunks
+from megatron_rpg.models.builder import resolve_dtype, unwrap
+from megatron_rpg.parallel import initialize_model_parallel
+from megatron_rpg.progress import Progress
+from megatron_rpg.rewards import exact_match
+from megatron_rpg.rl_batch import RolloutBatch, build_batch
+from megatron_rpg.rollout import EmbeddedEngine, SamplingParams, sync_weights
+from megatron_rpg.tokenizer import Tokenizer, train_sentencepiece
+
+Batch = dict[str, torch.Tensor]
+KL_AVERAGE_DECAY = 0.9  # moving average of the step KL for the reference update trigger
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    file = Path(path)
+    if file.is_dir():
+        file = file / "config.json"
+    if not path or not file.is_file():
+        raise ConfigError("model.hf_config", path, "a config.json file or a directory holding one")
+    config: dict[str, Any] = json.loads(file.read_text())
+    return config
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, resume: bool = False):
+        self.config = c = config
+        check_logging(c.logging)
+        if c.algorithm.advantage == "reinforce_pp":
+            raise ConfigError(
+                "algorithm.advantage",
+                "reinforce_pp",
+                "an outcome estimator (group_mean, group_mean_std, batch_mean) in the trainer",
+            )
+        if c.data.task != "arithmetic":
+            raise ConfigError(
+                "data.task", c.data.task, "'arithmetic' (math data sets come with the math graders)"
+            )
+        hf_config = read_hf_config(c.model.hf_config)
+        self.arch = ModelArch.from_hf(hf_config)
+        self.layout = initialize_model_parallel(c.parallel, c.seed)
+        if c.rollout.engine == "vllm" and self.layout.world_size > 1:
+            raise ConfigError(
+                "rollout.engine",
+                "vllm",
+                "'embedded' when the trainer has more "
+                "than one rank (vLLM in the trainer is single-rank so far)",
+            )
+        micro, dp = c.optimizer.micro_batch_size, self.layout.data_parallel
+        if c.optimizer.mini_batch_size % (micro * dp):
+            raise ConfigError(
+                "optimizer.mini_batch_size",
+                c.optimizer.mini_batch_size,
+                f"a multiple of micro_batch_size x data-parallel ranks ({micro} x {dp})",
+            )
+        self.rank = dist.get_rank()
+        self.run_dir = Path(c.logging.run_dir)
+        self.task = ArithmeticTask(c.data.max_operand, c.data.operators)
+        self.tokenizer = self._tokenizer()
+        if self.tokenizer.vocab_size > self.arch.vocab_size:
+            raise ConfigError(
+                "model.tokenizer",
+                str(self.tokenizer.path),
+                f"a tokenizer of at most the model's vocab_size "
+                f"({self.arch.vocab_size}); it has {self.tokenizer.vocab_size}",
+            )
+        dtype = resolve_dtype(c.model.params_dtype)
+        chunks = build_model_chunks(self.arch, c.parallel, dtype)
+        if c.model.checkpoint:
+            load_mcore(chunks, c.model.checkpoint)
+        self.policy = _wrap_ddp(chunks)
+        self.optimizer = self.make_optimizer(c.optimizer.lr, c.optimizer.weight_decay)
+        self.scheduler = self._scheduler()
+        self.reference = None
+        if c.loss.kl_anchor == "ref":
+            ref_chunks = build_model_chunks(self.arch, c.parallel, dtype)
+            self.reference = ReferenceModel(ref_chunks, self.policy)
+        self.engine = None
+        if self.rank == 0:
+            self.engine = self._engine(hf_config)
+        self.options = LogprobOptions(self.arch.vocab_size, temperature=c.rollout.temperature)
+        self.step, self.skipped_steps, self.kl_average = 0, 0, 0.0
+        self.sft_losses: list[float] = []
+        resumed = self._resume() if resume else False
+        if not resumed and c.sft.steps and not c.model.checkpoint:
+            from megatron_rpg.sft import supervised_warmup
+
+            self.sft_losses = supervised_warmup(self)
+        self.log = None
+        if self.rank == 0:
+            self.log = MetricsLog(c.logging, self.run_dir, self.step, config_to_dict(c))
+        self.sync_seconds = sync_weights(self.policy, self.arch, self.engine).seconds
+
+    # ---------------------------------------------------------------------------- building
+
+    def _tokenizer(self) -> Tokenizer:
+        if self.config.model.tokenizer:
+            return Tokenizer(self.config.model.tokenizer)
+        path = self.run_dir / "tokenizer.model"
+        if self.rank == 0 and not path.is_file():
+            # digits and operators are single pieces (numbers spelled digit by digit); "=" is
+            # left to the unigram model, which needs at least one ordinary character
+            symbols = list("0123456789" + self.config.data.operators)
+            train_sentencepiece(self.task.corpus(), path, self.arch.vocab_size, symbols)
+        dist.barrier()
+        return Tokenizer(path)
+
+    def _engine(self, hf_config: dict[str, Any]) -> Any:
+        if self.config.rollout.engine == "vllm":
+            from megatron_rpg.rollout.vllm_engine import VLLMEngine
+
+            return VLLMEngine(
+                self.config.model.hf_config,
+                self.config.rollout.tensor_parallel,
+                seed=self.config.seed,
+            )
+        return EmbeddedEngine(hf_config, dtype=torch.float32)
+
+    def make_optimizer(self, lr: float, weight_decay: float) -> Any:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o = self.config.optimizer
+        dtype = self.policy[0].config.params_dtype
+        return get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=lr,
+                weight_decay=weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=dtype == torch.bfloat16,
+                fp16=False,
+                params_dtype=dtype,
+                use_distributed_optimizer=torch.cuda.is_available(),
+            ),
+            self.policy,
+        )
+
+    def _scheduler(self) -> Any:
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o, steps = self.config.optimizer, self.config.train_steps
+        return OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=o.lr,
+            min_lr=o.lr,
+            lr_warmup_steps=o.warmup_steps,
+            lr_decay_steps=max(steps, o.warmup_steps + 1),
+            lr_decay_style="constant",
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=max(steps, 1),
+            wd_incr_style="constant",
+        )
+
+    # ---------------------------------------------------------------------------- rollout
+
+    def _rollout(self) -> tuple[RolloutBatch, float]:
+        """Rank 0 samples and grades; every rank receives the batch and the rollout seconds."""
+        c = self.config
+        start = time.perf_counter()
+        problems = self.task.batch(
+            c.seed, self.step * c.data.prompts_per_step, c.data.prompts_per_step
+        )
+        prompts = [self.tokenizer.encode(self.task.prompt(p)) for p in problems]
+        payload: list[Any] = [None]
+        if self.rank == 0:
+            params = SamplingParams(
+                n=c.rollout.n,
+                temperature=c.rollout.temperature,
+                top_p=c.rollout.top_p,
+                top_k=c.rollout.top_k,
+                max_tokens=c.rollout.max_tokens,
+                stop_token_ids=(self.tokenizer.eos_id,),
+                seed=c.seed * 1_000_003 + self.step,
+            )
+            groups = self.engine.generate(prompts, params)  # type: ignore[union-attr]
+            rewards = [
+                [
+                    exact_match(self.tokenizer.decode(r.token_ids), self.task.answer(p))
+                    for r in group
+                ]
+                for p, group in zip(problems, groups, strict=True)
+            ]
+            payload = [build_batch(prompts, groups, rewards, self.tokenizer.pad_id)]
+        dist.broadcast_object_list(payload, src=0)
+        return payload[0], time.perf_counter() - start
+
+    def evaluate(self) -> float:
+        """Greedy accuracy over every problem of the task (rank 0; nan elsewhere)."""
+        if self.engine is None:
+            return float("nan")
+        prompts = [self.tokenizer.encode(self.task.prompt(p)) for p in self.task.problems]
+        params = SamplingParams(
+            top_k=1,
+            max_tokens=self.config.rollout.max_tokens,
+            stop_token_ids=(self.tokenizer.eos_id,),
+            seed=0,
+        )
+        groups = self.engine.generate(prompts, params)
+        scores = [
+            exact_match(self.tokenizer.decode(g[0].token_ids), self.task.answer(p))
+            for p, g in zip(self.task.problems, groups, strict=True)
+        ]
+        return sum(scores) / len(scores)
+
+    # ---------------------------------------------------------------------------- update
+
+    def _micro_batches(self, batch: RolloutBatch, advantages: torch.Tensor) -> list[list[Batch]]:
+        """This rank's micro-batches, per mini-batch: mini-batch rows split over DP ranks."""
+        o, layout = self.config.optimizer, self.layout
+        minis = []
+        for start in range(0, len(batch), o.mini_batch_size):
+            rows = torch.arange(start, start + o.mini_batch_size)[
+                layout.dp_rank :: layout.data_parallel
+            ]
+            micros = []
+            for m in range(0, len(rows), o.micro_batch_size):
+                index = rows[m : m + o.micro_batch_size]
+                micro = batch.rows(index)
+                micro["advantages"] = advantages[index]
+                micros.append(micro)
+            minis.append(micros)
+        return minis
+
+    def _attach_logprobs(self, chunks: list[Any], micros: list[Batch], key: str) -> None:
+        """Forward only: each micro-batch gets its log-probs under `chunks` (last stage)."""
+        for micro, out in zip(micros, forward_backward(chunks, micros, self.options), strict=False):
+            micro[key] = out["logprobs"]
+
+    def loss_fn(self, counts: tuple[float, float]) -> Any:
+        """The micro-batch loss share: the configured loss with the mini-batch's global counts."""
+        c = self.config
+
+        def loss(lp: torch.Tensor, entropy: torch.Tensor, micro: Batch) -> tuple[Any, Any]:
+            mask = micro["response_mask"]
+            old = micro.get("old_logprobs", lp.detach())
+            value, metrics = policy_loss(
+                c.algorithm.loss,
+                lp,
+                old,
+                micro["advantages"],
+                mask,
+                micro.get("ref_logprobs"),
+                micro["rollout_logprobs"],
+                c.loss,
+                num_tokens=counts[0],
+                num_sequences=counts[1],
+            )
+            metrics["entropy/mean"] = masked_mean(entropy.detach(), mask)
+            metrics["loss_share"] = value.detach()
+            return value, metrics
+
+        return loss
+
+    def _grads_finite(self) -> bool:
+        bad = torch.zeros(1)
+        for chunk in self.policy:
+            for param in chunk.parameters():
+                grad = getattr(param, "main_grad", param.grad)
+                if grad is not None and not bool(torch.isfinite(grad).all()):
+                    bad.fill_(1.0)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item() == 0)
+
+    def _update(self, minis: list[list[Batch]]) -> tuple[list[dict[str, Any]], list[float]]:
+        c = self.config
+        metrics, grad_norms = [], []
+        for _ in range(c.algorithm.ppo_epochs):
+            for index, micros in enumerate(minis):
+                counts = self._mini_counts[index]
+                for chunk in self.policy:
+                    chunk.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                out = forward_backward(self.policy, micros, self.options, self.loss_fn(counts))
+                metrics.extend(out)
+                if not self._grads_finite():
+                    self.skipped_steps += 1
+                    continue
+                _, grad_norm, _ = self.optimizer.step()
+                grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
+        self.scheduler.step(1)
+        return metrics, grad_norms
+
+    # ---------------------------------------------------------------------------- one step
+
+    def train_step(self) -> dict[str, float]:
+        c = self.config
+        start = time.perf_counter()
+        batch, rollout_s = self._rollout()
+        advantages = compute_advantages(c.algorithm.advantage, batch.rewards, batch.group_ids)
+        minis = self._micro_batches(batch, advantages)
+        self._mini_counts = []
+        for start_row in range(0, len(batch), c.optimizer.mini_batch_size):
+            rows = slice(start_row, start_row + c.optimizer.mini_batch_size)
+            self._mini_counts.append(
+                (float(batch.response_mask[rows].sum()), float(c.optimizer.mini_batch_size))
+            )
+        logprob_start = time.perf_counter()
+        on_policy = c.algorithm.ppo_epochs == 1 and len(minis) == 1
+        for micros in minis:
+            if not on_policy:
+                self._attach_logprobs(self.policy, micros, "old_logprobs")
+            if self.reference is not None:
+                self._attach_logprobs(self.reference.chunks, micros, "ref_logprobs")
+        update_start = time.perf_counter()
+        metrics, grad_norms = self._update(minis)
+        sync_start = time.perf_counter()
+        self.step += 1
+        step_kl = self._reduce(metrics, grad_norms)
+        self._update_reference(step_kl["kl/k3"])
+        sync = sync_weights(self.policy, self.arch, self.engine)
+        end = time.perf_counter()
+        tokens = float(batch.response_mask.sum() + len(batch))
+        out = {
+            "reward/mean": float(batch.rewards.mean()),
+            "reward/std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
+            "response/length_mean": float(batch.response_lengths.float().mean()),
+            "response/truncated": float(batch.truncated.float().mean()),
+            **step_kl,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "skipped_steps": float(self.skipped_steps),
+            "time/rollout": rollout_s,
+            "time/logprobs": update_start - logprob_start,
+            "time/update": sync_start - update_start,
+            "time/sync": sync.seconds,
+            "time/step": end - start,
+            "throughput/tokens_per_s": tokens / (end - start),
+        }
+        if c.eval_interval and self.step % c.eval_interval == 0:
+            out["eval/accuracy"] = self.evaluate()
+        return out
+
+    def _reduce(self, metrics: list[dict[str, Any]], grad_norms: list[float]) -> dict[str, float]:
+        """Average the last stage's micro-batch metrics over micro-batches and DP ranks; the loss
+        is the mean over updates of the summed shares. Collective; the same dict on every rank."""
+        local = [{k: float(v) for k, v in m.items()} for m in metrics]
+        if not (self.layout.tp_rank == 0 and unwrap(self.policy[-1]).post_process):
+            local = []
+        gathered: list[Any] = [None] * self.layout.world_size
+        dist.all_gather_object(gathered, local)
+        everything = [m for part in gathered for m in part]
+        updates = self.config.algorithm.ppo_epochs * len(self._mini_counts)
+        keys = sorted({k for m in everything for k in m} - {"loss_share", "tokens"})
+        out = {k: sum(m[k] for m in everything) / len(everything) for k in keys}
+        out["loss"] = sum(m["loss_share"] for m in everything) / updates
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
+        return out
+
+    def _update_reference(self, kl: float) -> None:
+        a = self.config.algorithm
+        self.kl_average = KL_AVERAGE_DECAY * self.kl_average + (1 - KL_AVERAGE_DECAY) * kl
+        if self.reference is None:
+            return  # kl_anchor 'old': the anchor is pi_old, updated every step by construction
+        due = self.step % a.ref_update_interval == 0
+        drifted = a.ref_update_kl_target > 0 and self.kl_average > a.ref_update_kl_target
+        if due or drifted:
+            self.reference.update_reference(self.policy)
+            self.kl_average = 0.0
+
+    # ---------------------------------------------------------------------------- checkpoints
+
+    def _sharded_state(self, is_loading: bool) -> dict[str, Any]:
+        ref = self.reference.chunks if self.reference is not None else None
+        chunks = [unwrap(m) for m in self.policy]
+        return train_state.sharded_state(chunks, self.optimizer, ref, is_loading)
+
+    def save_checkpoint(self) -> Path:
+        c = self.config
+        state = {
+            "step": self.step,
+            "data_position": self.step * c.data.prompts_per_step,
+            "skipped_steps": self.skipped_steps,
+            "kl_average": self.kl_average,
+            "scheduler": self.scheduler.state_dict(),
+        }
+        return train_state.save_train_checkpoint(
+            self.run_dir,
+            self.step,
+            self._sharded_state(False),
+            state,
+            yaml.safe_dump(config_to_dict(c), sort_keys=False),
+            c.checkpoint.keep_last,
+            c.checkpoint.verify_checksums,
+        )
+
+    def _resume(self) -> bool:
+        directory = train_state.latest_valid(self.run_dir)
+        if directory is None:
+            if self.rank == 0:
+                print(f"resume: no usable checkpoint in {self.run_dir}; starting fresh", flush=True)
+            return False
+        loaded, state = train_state.load_train_checkpoint(directory, self._sharded_state(True))
+        for i, chunk in enumerate(self.policy):
+            unwrap(chunk).load_state_dict(loaded["model" if len(self.policy) == 1 else f"model{i}"])
+        if self.reference is not None:
+            for i, chunk in enumerate(self.reference.chunks):
+                key = "reference" if len(self.policy) == 1 else f"reference{i}"
+                chunk.load_state_dict(
+                    {k.removeprefix("reference."): v for k, v in loaded[key].items()}
+                )
+        self.optimizer.load_state_dict(loaded["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.kl_average = state["kl_average"]
+        if self.rank == 0:
+            print(f"resume: continuing from {directory} (step {self.step})", flush=True)
+        return True
+
+    # ---------------------------------------------------------------------------- the run
+
+    def train(self) -> list[dict[str, float]]:
+        c = self.config
+        progress = Progress(c.train_steps, "step", enabled=self.rank == 0)
+        progress.update(self.step)
+        history = []
+        while self.step < c.train_steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            if self.log is not None:
+                self.log.write(self.step, metrics)
+            progress.update(
+                1,
+                reward=metrics["reward/mean"],
+                kl=metrics.get("kl/k3", float("nan")),
+                entropy=metrics.get("entropy/mean", float("nan")),
+                clip=metrics.get("clip/upper", 0.0) + metrics.get("clip/lower", 0.0),
+                len=metrics["response/length_mean"],
+                tok_s=metrics["throughput/tokens_per_s"],
+            )
+            interval = c.checkpoint.save_interval
+            if (interval and self.step % interval == 0) or self.step == c.train_steps:
+                self.save_checkpoint()
+        progress.close()
+        if self.log is not None:
+            print(self.log.close(), flush=True)
+        return history
+
+
+def _wrap_ddp(chunks: list[Any]) -> list[Any]:
+    """Megatron DDP around each chunk, with finalize_model_grads wired in (without it data-
+    parallel replicas silently diverge: ../shared/docs/megatron_cpu.md)."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=torch.cuda.is_available()
+    )
+    return [
+        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def run_training(config: RunConfig, resume: bool = False) -> list[dict[str, float]]:
+    """Build the trainer on this rank (process group initialized) and train."""
+    return Trainer(config, resume).train()
