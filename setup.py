@@ -18,6 +18,7 @@ setup(
         "psutil",  # without it megatron's dist_checkpointing.save hangs (docs/install.md)
         "safetensors",
         "sentencepiece",
+        "transformers>=5",  # the embedded rollout engine (the CPU default)
     ],
     extras_require={
         # apex is NOT the unrelated PyPI package `apex`: build it from NVIDIA's source

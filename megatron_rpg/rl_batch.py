@@ -23,6 +23,7 @@ class RolloutBatch:
     rollout_logprobs: Tensor  # [B, S-1] float32, 0 outside the mask
     rewards: Tensor  # [B] float32
     group_ids: Tensor  # [B] long: the prompt each response answers
+    prompt_lengths: Tensor  # [B] long
     response_lengths: Tensor  # [B] long
     truncated: Tensor  # [B] bool: finished by length, not by a stop token
 
@@ -59,6 +60,7 @@ def build_batch(
         tokens=tokens, response_mask=mask, rollout_logprobs=rollout,
         rewards=torch.tensor([reward for *_, reward in rows], dtype=torch.float32),
         group_ids=torch.tensor([g for g, *_ in rows]),
+        prompt_lengths=torch.tensor([len(p) for _, p, _, _ in rows]),
         response_lengths=torch.tensor([len(r.token_ids) for _, _, r, _ in rows]),
         truncated=torch.tensor([r.finish_reason == "length" for _, _, r, _ in rows]),
     )  # fmt: skip

@@ -306,6 +306,7 @@ class Trainer:
     def _update(self, minis: list[list[Batch]]) -> tuple[list[dict[str, Any]], list[float]]:
         c = self.config
         metrics, grad_norms = [], []
+        self.scheduler.step(1)  # step k of the warm-up runs at lr * k / warmup_steps (k >= 1)
         for _ in range(c.algorithm.ppo_epochs):
             for index, micros in enumerate(minis):
                 counts = self._mini_counts[index]
@@ -319,7 +320,6 @@ class Trainer:
                     continue
                 _, grad_norm, _ = self.optimizer.step()
                 grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
-        self.scheduler.step(1)
         return metrics, grad_norms
 
     # ---------------------------------------------------------------------------- one step
@@ -351,7 +351,7 @@ class Trainer:
         self._update_reference(step_kl["kl/k3"])
         sync = sync_weights(self.policy, self.arch, self.engine)
         end = time.perf_counter()
-        tokens = float(batch.response_mask.sum() + len(batch))
+        tokens = float(batch.prompt_lengths.sum() + batch.response_lengths.sum())
         out = {
             "reward/mean": float(batch.rewards.mean()),
             "reward/std": float(batch.rewards.std()) if len(batch) > 1 else 0.0,
@@ -365,7 +365,7 @@ class Trainer:
             "time/update": sync_start - update_start,
             "time/sync": sync.seconds,
             "time/step": end - start,
-            "throughput/tokens_per_s": tokens / (end - start),
+            "throughput/tokens_per_s": tokens / (end - start),  # prompt + response tokens
         }
         if c.eval_interval and self.step % c.eval_interval == 0:
             out["eval/accuracy"] = self.evaluate()

@@ -1,0 +1,158 @@
+"""The trainer end to end on the embedded task: short runs on TP=2 and on TP=1 x DP=2 gloo
+ranks, exact resume after a kill, a corrupt checkpoint skipped, a non-finite step skipped, bad
+configs refused before any work."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from trainer_cases import non_finite_step_is_skipped, short_run
+
+from megatron_rpg.checkpoint.train_state import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "examples" / "tiny_cpu.yaml"
+TINY = [
+    f"model.hf_config={ROOT / 'examples' / 'tiny_model'}", "train_steps=6", "sft.steps=3",
+    "data.prompts_per_step=4", "rollout.n=4", "optimizer.mini_batch_size=8",
+    "optimizer.micro_batch_size=4", "checkpoint.save_interval=2", "eval_interval=3",
+]  # fmt: skip
+TIMING = ("time/", "throughput/")
+EVERY_STEP = [
+    "reward/mean", "kl/k3", "entropy/mean", "clip/upper", "clip/lower", "clip/dual",
+    "response/length_mean", "throughput/tokens_per_s", "rollout/abs_gap_mean", "rollout/kl_k3",
+    "loss", "grad_norm", "lr", "skipped_steps", "time/rollout", "time/logprobs", "time/update",
+    "time/sync",
+]  # fmt: skip
+
+
+def train(*args, **popen):
+    command = [sys.executable, "-m", "megatron_rpg.cli", "train", "--config", str(CONFIG), *args]
+    if popen:
+        return subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, cwd=ROOT)  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in records]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "whole"
+    done = train(*TINY, f"logging.run_dir={run_dir}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return run_dir, done
+
+
+def test_short_runs_on_tp2_and_tp1_dp2_log_every_metric(pool2, tmp_path):
+    runs = {}
+    for name, layout in (
+        ("tp2", "parallel.tensor_parallel=2"),
+        ("dp2", "parallel.tensor_parallel=1"),
+    ):
+        run_dir = tmp_path / name
+        results = pool2.run(short_run, str(CONFIG), [*TINY, layout, f"logging.run_dir={run_dir}"])
+        runs[name] = results[0]
+        assert len(results[0]) == 6
+        for record in results[0]:
+            missing = [k for k in EVERY_STEP if k not in record]
+            assert not missing, missing
+        assert [r.get("eval/accuracy") is not None for r in results[0]] == [False, False, True] * 2
+        assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert len(metrics(run_dir)) == 6
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+            "step_00000004",
+            "step_00000006",
+        ]  # keep_last=2
+    # one set of initial weights in both layouts: the first rollout is the same; the update is
+    # the same math up to float summation order
+    tp2, dp2 = runs["tp2"][0], runs["dp2"][0]
+    assert tp2["reward/mean"] == dp2["reward/mean"]
+    assert tp2["response/length_mean"] == dp2["response/length_mean"]
+    assert abs(tp2["loss"] - dp2["loss"]) < 1e-5
+    assert max(r["rollout/abs_gap_max"] for r in runs["tp2"]) < 1e-4  # engine == trainer
+
+
+def test_killed_run_resumes_bit_identically(uninterrupted, tmp_path):
+    whole, _ = uninterrupted
+    run_dir = tmp_path / "killed"
+    process = train(*TINY, f"logging.run_dir={run_dir}", popen=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        log = run_dir / "metrics.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)  # between the checkpoints of steps 2 and 4
+    process.wait()
+    assert 3 <= len(metrics(run_dir)) < 6
+    done = train(*TINY, f"logging.run_dir={run_dir}", "--resume")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resume: continuing from" in done.stdout
+    assert without_timing(metrics(run_dir)) == without_timing(metrics(whole))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
+    import shutil
+
+    whole, _ = uninterrupted
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(whole, run_dir)
+    latest = run_dir / "checkpoints" / "step_00000006"
+    victim = next(p for p in sorted((latest / "dist").iterdir()) if p.suffix == ".distcp")
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    assert "does not match its sha256" in verify(latest)
+    done = train(*TINY, f"logging.run_dir={run_dir}", "--resume")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "skipping checkpoint" in done.stdout + done.stderr
+    assert "continuing from" in done.stdout and "step_00000004 (step 4)" in done.stdout
+    assert without_timing(metrics(run_dir)) == without_timing(metrics(whole))
+
+
+def test_incomplete_checkpoint_is_not_used(tmp_path):
+    checkpoint = tmp_path / "step_00000002"
+    checkpoint.mkdir()
+    assert verify(checkpoint) == "incomplete (no COMPLETE marker)"
+
+
+def test_non_finite_step_is_skipped_not_applied(pool2, tmp_path):
+    overrides = [
+        *TINY,
+        "parallel.tensor_parallel=2",
+        f"logging.run_dir={tmp_path}",
+        "sft.steps=30",
+    ]  # some rewards are 1: the gradients are not all zero
+    result = pool2.run(non_finite_step_is_skipped, str(CONFIG), overrides)[0]
+    assert result == {"skipped": 2, "unchanged": True, "moved_after": True, "finite": True}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.beta=-1", "loss.beta"),
+        ("optimizer.mini_batch_size=48", "optimizer.mini_batch_size"),
+        ("rollout.top_p=2", "rollout.top_p"),
+        ("data.task=math", "data.task"),
+        ("model.hf_config=/nonexistent", "model.hf_config"),
+    ],
+)
+def test_bad_config_stops_before_any_work(tmp_path, override, message):
+    run_dir = tmp_path / "never"
+    done = train(*TINY, f"logging.run_dir={run_dir}", override)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert not run_dir.exists()

@@ -1,0 +1,53 @@
+"""Rank functions for tests/test_trainer.py: short runs of the trainer on pool ranks."""
+
+import math
+
+import torch
+
+from megatron_rpg.config import load_config
+
+
+def short_run(config_path, overrides):
+    """Train; rank 0 returns the metrics history, other ranks None."""
+    import torch.distributed as dist
+
+    from megatron_rpg.parallel import destroy_model_parallel
+    from megatron_rpg.trainer import run_training
+
+    history = run_training(load_config(config_path, overrides))
+    destroy_model_parallel()
+    return history if dist.get_rank() == 0 else None
+
+
+def non_finite_step_is_skipped(config_path, overrides):
+    """Step 2's loss is multiplied by nan: no parameter may change in that step."""
+    from megatron_rpg.parallel import destroy_model_parallel
+    from megatron_rpg.trainer import Trainer
+
+    trainer = Trainer(load_config(config_path, overrides))
+    honest = trainer.loss_fn
+
+    def poisoned(counts):
+        inner = honest(counts)
+
+        def loss(lp, entropy, micro):
+            value, metrics = inner(lp, entropy, micro)
+            return value * (math.nan if trainer.step == 1 else 1.0), metrics
+
+        return loss
+
+    trainer.loss_fn = poisoned
+    snapshot = lambda: [p.detach().clone() for m in trainer.policy for p in m.parameters()]  # noqa: E731
+    trainer.train_step()
+    before = snapshot()
+    trainer.train_step()  # poisoned
+    after_skip = snapshot()
+    trainer.train_step()
+    after = snapshot()
+    destroy_model_parallel()
+    return {
+        "skipped": trainer.skipped_steps,
+        "unchanged": all(torch.equal(a, b) for a, b in zip(before, after_skip, strict=True)),
+        "moved_after": not all(torch.equal(a, b) for a, b in zip(after_skip, after, strict=True)),
+        "finite": all(bool(torch.isfinite(p).all()) for p in after),
+    }
