@@ -19,6 +19,7 @@ setup(
         "safetensors",
         "sentencepiece",
         "transformers>=5",  # the embedded rollout engine (the CPU default)
+        "math-verify>=0.9",  # math answer grading (rewards/math.py)
     ],
     extras_require={
         # apex is NOT the unrelated PyPI package `apex`: build it from NVIDIA's source

@@ -141,6 +141,10 @@ class AlgorithmConfig(_Section):
     ppo_epochs: int = 1
     ref_update_interval: int = 1  # iterative reference update every K steps (spec section 6)
     ref_update_kl_target: float = 0.0  # 0: off; else update when the moving-average KL exceeds it
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample
+    dynamic_sampling_max_rounds: int = 8  # then fill the batch with the dropped groups
+    overlong_buffer: int = 0  # DAPO overlong shaping over the last N tokens of max_tokens; 0: off
+    overlong_penalty: float = 1.0  # the shaping's largest penalty
 
     def validate(self) -> None:
         from megatron_rpg.losses import LOSSES  # imported here: the loss library imports us
@@ -151,6 +155,10 @@ class AlgorithmConfig(_Section):
         _check(
             "ref_update_interval", self.ref_update_interval, self.ref_update_interval >= 1, ">= 1"
         )
+        _check("dynamic_sampling_max_rounds", self.dynamic_sampling_max_rounds,
+               self.dynamic_sampling_max_rounds >= 1, ">= 1")  # fmt: skip
+        _check("overlong_buffer", self.overlong_buffer, self.overlong_buffer >= 0, ">= 0")
+        _check("overlong_penalty", self.overlong_penalty, self.overlong_penalty >= 0, ">= 0")
         _check(
             "ref_update_kl_target",
             self.ref_update_kl_target,
@@ -276,6 +284,9 @@ class RunConfig(_Section):
         _check("train_steps", self.train_steps, self.train_steps >= 1, ">= 1")
         _check("seed", self.seed, self.seed >= 0, ">= 0")
         _check("eval_interval", self.eval_interval, self.eval_interval >= 0, ">= 0")
+        _check("algorithm.overlong_buffer", self.algorithm.overlong_buffer,
+               self.algorithm.overlong_buffer < self.rollout.max_tokens,
+               f"< rollout.max_tokens ({self.rollout.max_tokens})")  # fmt: skip
         sequences = self.data.prompts_per_step * self.rollout.n
         _check("optimizer.mini_batch_size", self.optimizer.mini_batch_size,
                sequences % self.optimizer.mini_batch_size == 0,

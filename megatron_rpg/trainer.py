@@ -40,7 +40,7 @@ from megatron_rpg.models import ModelArch, ReferenceModel, build_model_chunks
 from megatron_rpg.models.builder import resolve_dtype, unwrap
 from megatron_rpg.parallel import initialize_model_parallel
 from megatron_rpg.progress import Progress
-from megatron_rpg.rewards import exact_match
+from megatron_rpg.rewards import exact_match, overlong_penalty
 from megatron_rpg.rl_batch import RolloutBatch, build_batch
 from megatron_rpg.rollout import EmbeddedEngine, SamplingParams, sync_weights
 from megatron_rpg.tokenizer import Tokenizer, train_sentencepiece
@@ -117,6 +117,7 @@ class Trainer:
             self.engine = self._engine(hf_config)
         self.options = LogprobOptions(self.arch.vocab_size, temperature=c.rollout.temperature)
         self.step, self.skipped_steps, self.kl_average = 0, 0, 0.0
+        self.data_position = 0  # prompts consumed so far (more than steps x prompts with DAPO)
         self.sft_losses: list[float] = []
         resumed = self._resume() if resume else False
         if not resumed and c.sft.steps and not c.model.checkpoint:
@@ -195,36 +196,63 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- rollout
 
-    def _rollout(self) -> tuple[RolloutBatch, float]:
-        """Rank 0 samples and grades; every rank receives the batch and the rollout seconds."""
-        c = self.config
+    def _rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
+        """Rank 0 samples and grades; every rank receives the batch and the rollout metrics.
+        With dynamic sampling (DAPO), groups whose rewards are all equal carry no signal and are
+        replaced by groups of further prompts, for up to dynamic_sampling_max_rounds rounds;
+        then the batch is filled with dropped groups."""
+        c, a = self.config, self.config.algorithm
         start = time.perf_counter()
-        problems = self.task.batch(
-            c.seed, self.step * c.data.prompts_per_step, c.data.prompts_per_step
-        )
-        prompts = [self.tokenizer.encode(self.task.prompt(p)) for p in problems]
         payload: list[Any] = [None]
         if self.rank == 0:
-            params = SamplingParams(
-                n=c.rollout.n,
-                temperature=c.rollout.temperature,
-                top_p=c.rollout.top_p,
-                top_k=c.rollout.top_k,
-                max_tokens=c.rollout.max_tokens,
-                stop_token_ids=(self.tokenizer.eos_id,),
-                seed=c.seed * 1_000_003 + self.step,
-            )
-            groups = self.engine.generate(prompts, params)  # type: ignore[union-attr]
-            rewards = [
-                [
-                    exact_match(self.tokenizer.decode(r.token_ids), self.task.answer(p))
-                    for r in group
-                ]
-                for p, group in zip(problems, groups, strict=True)
-            ]
-            payload = [build_batch(prompts, groups, rewards, self.tokenizer.pad_id)]
+            kept: list[tuple[list[int], Any, list[float]]] = []
+            dropped: list[tuple[list[int], Any, list[float]]] = []
+            position, rounds, sampled = self.data_position, 0, []
+            while len(kept) < c.data.prompts_per_step and rounds < a.dynamic_sampling_max_rounds:
+                need = c.data.prompts_per_step - len(kept)
+                problems = self.task.batch(c.seed, position, need)
+                position += need
+                seed = (c.seed * 1_000_003 + self.step) * 64 + rounds
+                for group in self._sample_and_grade(problems, seed):
+                    sampled.extend(group[2])
+                    uniform = len(set(group[2])) == 1
+                    (dropped if a.dynamic_sampling and uniform else kept).append(group)
+                rounds += 1
+            kept += dropped[: c.data.prompts_per_step - len(kept)]
+            prompts, groups, rewards = (list(x) for x in zip(*kept, strict=True))
+            metrics = {"reward/sampled_mean": sum(sampled) / len(sampled),
+                       "dynamic/rounds": float(rounds),
+                       "dynamic/dropped_groups": float(len(dropped))}  # fmt: skip
+            batch = build_batch(prompts, groups, rewards, self.tokenizer.pad_id)
+            payload = [(batch, metrics, position)]
         dist.broadcast_object_list(payload, src=0)
-        return payload[0], time.perf_counter() - start
+        batch, metrics, self.data_position = payload[0]
+        metrics["time/rollout"] = time.perf_counter() - start
+        return batch, metrics
+
+    def _sample_and_grade(
+        self, problems: list[Any], seed: int
+    ) -> list[tuple[list[int], Any, list[float]]]:
+        """(prompt ids, responses, rewards) per problem: task reward plus overlong shaping."""
+        c, a = self.config, self.config.algorithm
+        prompts = [self.tokenizer.encode(self.task.prompt(p)) for p in problems]
+        params = SamplingParams(
+            n=c.rollout.n, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
+            top_k=c.rollout.top_k, max_tokens=c.rollout.max_tokens,
+            stop_token_ids=(self.tokenizer.eos_id,), seed=seed,
+        )  # fmt: skip
+        groups = self.engine.generate(prompts, params)  # type: ignore[union-attr]
+        out = []
+        for problem, prompt, group in zip(problems, prompts, groups, strict=True):
+            answer = self.task.answer(problem)
+            rewards = [
+                exact_match(self.tokenizer.decode(r.token_ids), answer)
+                + overlong_penalty(len(r.token_ids), c.rollout.max_tokens, a.overlong_buffer,
+                                   a.overlong_penalty)
+                for r in group
+            ]  # fmt: skip
+            out.append((prompt, group, rewards))
+        return out
 
     def evaluate(self) -> float:
         """Greedy accuracy over every problem of the task (rank 0; nan elsewhere)."""
@@ -327,7 +355,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         c = self.config
         start = time.perf_counter()
-        batch, rollout_s = self._rollout()
+        batch, rollout_metrics = self._rollout()
         advantages = compute_advantages(c.algorithm.advantage, batch.rewards, batch.group_ids)
         minis = self._micro_batches(batch, advantages)
         self._mini_counts = []
@@ -360,7 +388,7 @@ class Trainer:
             **step_kl,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "skipped_steps": float(self.skipped_steps),
-            "time/rollout": rollout_s,
+            **rollout_metrics,
             "time/logprobs": update_start - logprob_start,
             "time/update": sync_start - update_start,
             "time/sync": sync.seconds,
@@ -409,7 +437,7 @@ class Trainer:
         c = self.config
         state = {
             "step": self.step,
-            "data_position": self.step * c.data.prompts_per_step,
+            "data_position": self.data_position,
             "skipped_steps": self.skipped_steps,
             "kl_average": self.kl_average,
             "scheduler": self.scheduler.state_dict(),
@@ -442,6 +470,7 @@ class Trainer:
         self.optimizer.load_state_dict(loaded["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.data_position = state["data_position"]
         self.kl_average = state["kl_average"]
         if self.rank == 0:
             print(f"resume: continuing from {directory} (step {self.step})", flush=True)

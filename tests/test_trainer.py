@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from trainer_cases import non_finite_step_is_skipped, short_run
+from trainer_cases import dynamic_sampling_rollouts, non_finite_step_is_skipped, short_run
 
 from megatron_rpg.checkpoint.train_state import verify
 
@@ -156,3 +156,28 @@ def test_bad_config_stops_before_any_work(tmp_path, override, message):
     assert done.returncode != 0
     assert message in done.stderr
     assert not run_dir.exists()
+
+
+def test_dynamic_sampling_keeps_groups_with_signal(pool2, tmp_path):
+    overrides = [*TINY, "sft.steps=25", "algorithm.dynamic_sampling=true",
+                 "algorithm.dynamic_sampling_max_rounds=6", "data.prompts_per_step=6",
+                 "optimizer.mini_batch_size=24", f"logging.run_dir={tmp_path}"]  # fmt: skip
+    first, second = pool2.run(dynamic_sampling_rollouts, str(CONFIG), overrides)[0]
+    for varied, metrics, _, _ in (first, second):
+        assert len(varied) == 6
+        dropped = metrics["dynamic/dropped_groups"]
+        assert dropped > 0  # a partly trained model solves some prompts every time, others never
+        if metrics["dynamic/rounds"] < 6:
+            assert all(varied)  # the batch filled with informative groups
+        assert 0 <= metrics["reward/sampled_mean"] <= 1
+    assert second[2] > 12  # data position: more prompts than 2 steps x 6, resampled ones count
+
+
+def test_overlong_shaping_in_the_reward(pool2, tmp_path):
+    overrides = [*TINY, "sft.steps=0", "rollout.max_tokens=4", "algorithm.overlong_buffer=2",
+                 "algorithm.overlong_penalty=0.5", f"logging.run_dir={tmp_path}"]  # fmt: skip
+    first, _ = pool2.run(dynamic_sampling_rollouts, str(CONFIG), overrides)[0]
+    rewards = first[3]
+    # untrained: wrong answers (0) of 3 tokens (-0.25) or 4 (-0.5), or shorter (0)
+    assert set(rewards) <= {0.0, -0.25, -0.5, 1.0, 0.75, 0.5}
+    assert min(rewards) == -0.5

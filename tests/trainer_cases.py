@@ -51,3 +51,19 @@ def non_finite_step_is_skipped(config_path, overrides):
         "moved_after": not all(torch.equal(a, b) for a, b in zip(after_skip, after, strict=True)),
         "finite": all(bool(torch.isfinite(p).all()) for p in after),
     }
+
+
+def dynamic_sampling_rollouts(config_path, overrides):
+    """Two DAPO rollouts: per group whether its rewards vary, the metrics, the data position."""
+    from megatron_rpg.parallel import destroy_model_parallel
+    from megatron_rpg.trainer import Trainer
+
+    trainer = Trainer(load_config(config_path, overrides))
+    out = []
+    for _ in range(2):
+        batch, metrics = trainer._rollout()
+        varied = [len(set(batch.rewards[batch.group_ids == g].tolist())) > 1
+                  for g in range(int(batch.group_ids.max()) + 1)]  # fmt: skip
+        out.append((varied, metrics, trainer.data_position, batch.rewards.tolist()))
+    destroy_model_parallel()
+    return out

@@ -1,0 +1,56 @@
+r"""Final-answer extraction from a model's response (untrusted text; nothing is evaluated).
+
+    extract_answer("... last line\nAnswer: 3/4")           -> "3/4"           (DAPO style)
+    extract_answer(r"so \boxed{\frac{1}{2}} it is")     -> r"\frac{1}{2}"   (last \boxed{})
+
+The DAPO form ("Answer: X" on the last line that has one) wins over \boxed{}; surrounding
+$...$ are removed. Braces are matched by counting, so deep nesting costs one pass and no stack.
+Responses longer than MAX_CHARS are read only at their end (the answer is at the end).
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_CHARS = 20_000  # characters read from the end of a response
+ANSWER_LINE = re.compile(r"^\s*\**answer\**\s*[:：]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} or \\fbox{...} with balanced braces, or None."""
+    for command in ("\\boxed", "\\fbox"):
+        start = text.rfind(command + "{")
+        if start < 0:
+            start = text.rfind(command + " {")
+        if start < 0:
+            continue
+        open_at = text.index("{", start)
+        depth = 0
+        for i in range(open_at, len(text)):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[open_at + 1 : i].strip()
+        return None  # unbalanced: no answer
+    return None
+
+
+def extract_answer_line(text: str) -> str | None:
+    matches = ANSWER_LINE.findall(text)
+    if not matches:
+        return None
+    answer = matches[-1].strip()
+    boxed = extract_boxed(answer)
+    if boxed is not None:
+        return boxed
+    if len(answer) >= 2 and answer[0] == "$" and answer[-1] == "$":
+        answer = answer.strip("$").strip()
+    return answer.rstrip(".").strip() or None
+
+
+def extract_answer(text: str) -> str | None:
+    text = text[-MAX_CHARS:]
+    answer = extract_answer_line(text)
+    return answer if answer is not None else extract_boxed(text)

@@ -1,0 +1,30 @@
+"""Math answer grading with math-verify: numeric and symbolic equivalence of the extracted final
+answer and the reference (fractions, radicals, intervals, sets, units in text, LaTeX forms).
+
+Run it through the sandbox (rewards/sandbox.py): symbolic simplification of untrusted text can
+take unbounded time and memory. math-verify parses LaTeX and plain expressions with its own
+parser and sympy; it never evaluates text as Python.
+"""
+
+from __future__ import annotations
+
+from megatron_rpg.rewards.extract import extract_answer
+
+
+def _latex(text: str) -> str:
+    text = text.strip()
+    return text if text.startswith("$") else f"${text}$"
+
+
+def grade_math(response: str, answer: str) -> float:
+    """1.0 when the response's final answer is equivalent to the reference, else 0.0."""
+    from math_verify import parse, verify
+
+    predicted = extract_answer(response)
+    if predicted is None:
+        return 0.0
+    gold = parse(_latex(answer))
+    guess = parse(_latex(predicted))
+    if not gold or not guess:
+        return 0.0
+    return 1.0 if verify(gold, guess) else 0.0
