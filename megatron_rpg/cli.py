@@ -1,4 +1,4 @@
-"""The `megatron-rpg` command: config, convert, train."""
+"""The `megatron-rpg` command: config, convert, train, eval."""
 
 from __future__ import annotations
 
@@ -76,6 +76,69 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_on_rank(args: argparse.Namespace) -> str:
+    """Build the engine from --hf or --ckpt, generate, grade; write JSON + Markdown; the table."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from megatron_rpg.evaluation import evaluate, load_benchmark, to_markdown
+    from megatron_rpg.rewards.sandbox import GraderPool
+    from megatron_rpg.rollout import EmbeddedEngine, SamplingParams
+    from megatron_rpg.rollout.text import TextGenerator
+    from megatron_rpg.tokenizer import load_tokenizer
+
+    source = Path(args.hf or args.ckpt)
+    if args.hf:
+        from megatron_rpg.checkpoint import HFCheckpoint
+
+        checkpoint = HFCheckpoint(source)
+        engine = EmbeddedEngine(checkpoint.config)
+        engine.update_weights((n, checkpoint.get(n).float()) for n in checkpoint.names())
+    else:
+        from megatron_rpg.checkpoint.mcore import load_mcore, read_hf_config
+        from megatron_rpg.config import ParallelConfig
+        from megatron_rpg.models import ModelArch, build_model_chunks
+        from megatron_rpg.parallel import initialize_model_parallel
+        from megatron_rpg.rollout import sync_weights
+
+        hf_config = read_hf_config(source)
+        arch = ModelArch.from_hf(hf_config)
+        initialize_model_parallel(ParallelConfig(), seed=0)
+        chunks = build_model_chunks(arch, ParallelConfig(), torch.float32, initialize=False)
+        load_mcore(chunks, source)
+        engine = EmbeddedEngine(hf_config)
+        sync_weights(chunks, arch, engine)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
+    generate = TextGenerator(engine, load_tokenizer(source), params)
+    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    benchmarks = {n: load_benchmark(n, args.data_dir)[: args.limit or None] for n in names}
+    with GraderPool(workers=args.grader_workers, timeout_s=args.grader_timeout) as pool:
+        results = evaluate(benchmarks, generate, args.k, pool)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = to_markdown(results)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(table)
+    return table
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from megatron_rpg.parallel import RankError, run_on_ranks
+
+    try:
+        (table,) = run_on_ranks(1, _evaluate_on_rank, args)
+    except RankError as err:
+        last = err.remote_traceback.strip().splitlines()[-1]
+        sys.stderr.write(f"megatron-rpg eval: {last}\n")
+        return 1
+    sys.stdout.write(table)
+    sys.stdout.write(f"wrote {args.out}/results.json and results.md\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-rpg",
@@ -121,6 +184,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranks to spawn without torchrun (default: tp x pp; more adds DP)",
     )
     train.set_defaults(func=_train)
+
+    from megatron_rpg.evaluation import BENCHMARKS, DATA_DIR
+
+    evaluation = commands.add_parser(
+        "eval", help="benchmark a model: mean@k, pass@k, maj@k with bootstrap intervals"
+    )
+    model = evaluation.add_mutually_exclusive_group(required=True)
+    model.add_argument("--hf", help="HF model directory (weights, config, tokenizer)")
+    model.add_argument("--ckpt", help="Megatron checkpoint (megatron-rpg convert / train)")
+    evaluation.add_argument(
+        "--benchmarks",
+        default="aime24,aime25,amc23,math500,gsm8k",
+        help=f"comma-separated, of {','.join(BENCHMARKS)}",
+    )
+    evaluation.add_argument("--k", type=int, default=32, help="samples per problem")
+    evaluation.add_argument("--out", required=True, help="directory for results.json/.md")
+    evaluation.add_argument("--data-dir", default=str(DATA_DIR))
+    evaluation.add_argument("--limit", type=int, default=0, help="first N problems per set")
+    evaluation.add_argument("--temperature", type=float, default=1.0)
+    evaluation.add_argument("--top-p", type=float, default=1.0)
+    evaluation.add_argument("--max-tokens", type=int, default=8192)
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--grader-workers", type=int, default=2)
+    evaluation.add_argument("--grader-timeout", type=float, default=10.0)
+    evaluation.set_defaults(func=_eval)
     return parser
 
 

@@ -48,6 +48,39 @@ class Tokenizer:
         return "".join(pieces)
 
 
+class HFTokenizer:
+    """A Hugging Face fast tokenizer (tokenizer.json) behind the same interface."""
+
+    def __init__(self, directory: str | Path):
+        import transformers
+
+        self.processor = transformers.AutoTokenizer.from_pretrained(str(directory))
+        self.path = Path(directory)
+        self.vocab_size = len(self.processor)
+        if self.processor.eos_token_id is None:
+            raise ValueError(f"tokenizer in {directory}: no eos token")
+        self.eos_id = int(self.processor.eos_token_id)
+        pad = self.processor.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.processor.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return str(self.processor.decode(list(ids), skip_special_tokens=True))
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer | HFTokenizer:
+    """The tokenizer shipped in a model or checkpoint directory: tokenizer.json (Hugging Face)
+    or tokenizer.model (sentencepiece)."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        return HFTokenizer(directory)
+    if (directory / "tokenizer.model").is_file():
+        return Tokenizer(directory / "tokenizer.model")
+    raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.model")
+
+
 def train_sentencepiece(
     corpus: Iterable[str], out: str | Path, vocab_size: int, symbols: Iterable[str] = ()
 ) -> Tokenizer:

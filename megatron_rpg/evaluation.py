@@ -1,0 +1,138 @@
+"""Benchmark evaluation: AIME24/25, AMC23, MATH-500, GSM8K with mean@k, pass@k and maj@k.
+
+    problems = load_benchmark("aime24")                       # ../shared/data/aime24.jsonl
+    results = evaluate({"aime24": problems}, generate, k=32, pool=GraderPool())
+    print(to_markdown(results))
+
+`generate(prompts, k)` returns k response texts per prompt (any rollout engine). Each response
+is graded in the sandbox (rewards/sandbox.py, math-verify). For a problem with n = k graded
+samples of which c are correct:
+
+    mean@k = c / n                      (the RPG paper's metric, averaged over problems)
+    pass@k = 1 - C(n - c, k) / C(n, k)  (unbiased, Chen et al. 2021; here with n = k: c > 0)
+    maj@k  = 1 if the most frequent extracted answer (ties: the first seen) is correct
+
+and each is averaged over problems, with a percentile bootstrap 95% interval over problems.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from megatron_rpg.rewards.extract import extract_answer
+from megatron_rpg.rewards.sandbox import GraderPool
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
+BENCHMARKS = {
+    "aime24": "aime24.jsonl", "aime25": "aime25.jsonl", "amc23": "amc23.jsonl",
+    "math500": "math500.jsonl", "gsm8k": "gsm8k_test.jsonl",
+}  # fmt: skip
+PROMPT_TEMPLATE = (
+    "Solve the following math problem step by step. The last line of your response should be of "
+    "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+    "{problem}"
+)
+Generate = Callable[[list[str], int], list[list[str]]]
+
+
+def load_benchmark(name: str, data_dir: str | Path = DATA_DIR) -> list[dict[str, str]]:
+    """The benchmark's problems; a bad line is named by file, line number and field."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"benchmark {name!r} is not one of {sorted(BENCHMARKS)}")
+    path = Path(data_dir) / BENCHMARKS[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark {name}: no file {path}")
+    problems = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            raise ValueError(f"{path}:{number}: not JSON ({err})") from None
+        for field in ("id", "problem", "answer"):
+            if not isinstance(record.get(field), str | int) or str(record[field]) == "":
+                raise ValueError(f"{path}:{number}: field {field!r} missing or empty "
+                                 f"(got {record.get(field)!r})")  # fmt: skip
+        problems.append({k: str(record[k]) for k in ("id", "problem", "answer")})
+    if not problems:
+        raise ValueError(f"{path}: no problems")
+    return problems
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n} c={c} k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(answers: Sequence[str | None], scores: Sequence[float]) -> float:
+    """Score of the most frequent extracted answer (None, no answer, never wins)."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return 0.0
+    winner = max(votes, key=lambda a: (votes[a], -answers.index(a)))
+    return scores[answers.index(winner)]
+
+
+def bootstrap_interval(values: Sequence[float], samples: int = 1000, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:  # fmt: skip
+    """Percentile bootstrap interval of the mean over `values` (resampled with replacement)."""
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(samples))
+    low = means[int((1 - level) / 2 * samples)]
+    high = means[min(samples - 1, int((1 + level) / 2 * samples))]
+    return low, high
+
+
+def score_benchmark(problems: list[dict[str, str]], responses: list[list[str]], k: int,
+                    pool: GraderPool) -> dict[str, Any]:  # fmt: skip
+    if len(responses) != len(problems) or any(len(r) != k for r in responses):
+        raise ValueError(f"need {k} responses for each of the {len(problems)} problems")
+    items = [(text, p["answer"]) for p, texts in zip(problems, responses, strict=True)
+             for text in texts]  # fmt: skip
+    scores, stats = pool.grade("math", items)
+    per_problem: dict[str, list[float]] = {"mean": [], "pass": [], "maj": []}
+    for i, texts in enumerate(responses):
+        mine = scores[i * k : (i + 1) * k]
+        correct = int(sum(mine))
+        per_problem["mean"].append(correct / k)
+        per_problem["pass"].append(pass_at_k(k, correct, k))
+        per_problem["maj"].append(majority_correct([extract_answer(t) for t in texts], mine))
+    out: dict[str, Any] = {"problems": len(problems), "k": k, "grading": stats}
+    for name, values in per_problem.items():
+        out[f"{name}@{k}"] = sum(values) / len(values)
+        out[f"{name}@{k}_ci95"] = bootstrap_interval(values)
+    return out
+
+
+def evaluate(benchmarks: dict[str, list[dict[str, str]]], generate: Generate, k: int,
+             pool: GraderPool) -> dict[str, Any]:  # fmt: skip
+    results = {}
+    for name, problems in benchmarks.items():
+        prompts = [PROMPT_TEMPLATE.format(problem=p["problem"]) for p in problems]
+        results[name] = score_benchmark(problems, generate(prompts, k), k, pool)
+    return results
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    lines = ["| benchmark | problems | mean@k | pass@k | maj@k |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        k = r["k"]
+        cells = [f"{r[f'{m}@{k}']:.4f} [{r[f'{m}@{k}_ci95'][0]:.3f}, {r[f'{m}@{k}_ci95'][1]:.3f}]"
+                 for m in ("mean", "pass", "maj")]  # fmt: skip
+        lines.append(f"| {name} | {r['problems']} | " + " | ".join(cells) + " |")
+    return (
+        "\n".join(lines)
+        + f"\n\nk = {next(iter(results.values()))['k']}; 95% bootstrap intervals.\n"
+    )

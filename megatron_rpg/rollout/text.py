@@ -1,0 +1,25 @@
+"""Text in, text out over any rollout engine (evaluation): prompts are encoded with the model's
+tokenizer, k responses sampled per prompt, decoded.
+
+    generate = TextGenerator(engine, tokenizer, SamplingParams(max_tokens=8192, seed=0))
+    responses = generate(["Solve ..."], k=32)          # [[32 strings]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from megatron_rpg.rollout.protocol import RolloutEngine, SamplingParams
+
+
+class TextGenerator:
+    def __init__(self, engine: RolloutEngine, tokenizer: Any, params: SamplingParams):
+        self.engine, self.tokenizer = engine, tokenizer
+        stop = (*params.stop_token_ids, tokenizer.eos_id)
+        self.params = dataclasses.replace(params, stop_token_ids=stop)
+
+    def __call__(self, prompts: list[str], k: int) -> list[list[str]]:
+        encoded = [self.tokenizer.encode(p) for p in prompts]
+        groups = self.engine.generate(encoded, dataclasses.replace(self.params, n=k))
+        return [[self.tokenizer.decode(r.token_ids) for r in group] for group in groups]
