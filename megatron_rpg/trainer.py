@@ -35,6 +35,7 @@ from megatron_rpg.data import ArithmeticTask
 from megatron_rpg.forward_backward import LogprobOptions, forward_backward
 from megatron_rpg.losses import compute_advantages, policy_loss
 from megatron_rpg.losses.aggregation import masked_mean
+from megatron_rpg.manifest import write_manifest
 from megatron_rpg.metrics import MetricsLog, check_logging
 from megatron_rpg.models import ModelArch, ReferenceModel, build_model_chunks
 from megatron_rpg.models.builder import resolve_dtype, unwrap
@@ -127,6 +128,13 @@ class Trainer:
         self.log = None
         if self.rank == 0:
             self.log = MetricsLog(c.logging, self.run_dir, self.step, config_to_dict(c))
+            (self.run_dir / "config.yaml").write_text(
+                yaml.safe_dump(config_to_dict(c), sort_keys=False)
+            )
+            paths = [Path(p) for p in (c.model.hf_config, c.data.train_path) if p]
+            paths = [p / "config.json" if p.is_dir() else p for p in paths]
+            write_manifest(self.run_dir / "manifest.json", config_to_dict(c),
+                           [self.tokenizer.path, *paths])  # fmt: skip
         self.sync_seconds = sync_weights(self.policy, self.arch, self.engine).seconds
 
     # ---------------------------------------------------------------------------- building

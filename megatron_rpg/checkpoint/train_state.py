@@ -15,13 +15,10 @@ first and skips (with a warning) one without COMPLETE or whose files do not matc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +28,7 @@ import torch.distributed as dist
 
 from megatron_rpg.checkpoint.hf import fsync
 from megatron_rpg.checkpoint.mcore import in_process_write_results
+from megatron_rpg.manifest import git_revision, sha256, versions
 
 MARKER = "COMPLETE"
 
@@ -57,43 +55,13 @@ def sharded_state(
     return state
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _manifest(directory: Path, checksums: bool) -> dict[str, Any]:
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     return {
-        "python": sys.version.split()[0],
-        "versions": _versions(),
-        "git_revision": _git_revision(),
-        "sha256": {str(p.relative_to(directory)): _sha256(p) for p in files} if checksums else {},
+        "versions": versions(),
+        "git_revision": git_revision(),
+        "sha256": {str(p.relative_to(directory)): sha256(p) for p in files} if checksums else {},
     }
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for name in ("megatron-rpg", "torch", "megatron-core", "transformers", "sentencepiece"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "absent"
-    return out
-
-
-def _git_revision() -> str:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, cwd=Path(__file__).resolve().parent)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
 def save_train_checkpoint(
@@ -162,7 +130,7 @@ def verify(directory: Path) -> str | None:
         path = directory / name
         if not path.is_file():
             return f"missing file {name}"
-        if _sha256(path) != digest:
+        if sha256(path) != digest:
             return f"file {name} does not match its sha256 (corrupt)"
     return None
 

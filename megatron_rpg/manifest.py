@@ -1,0 +1,70 @@
+"""What a run needs to be rerun exactly: resolved config, package versions, git revision, seeds
+and the hashes of the data and tokenizer files it read.
+
+    write_manifest(run_dir / "manifest.json", config, files=[tokenizer_path])
+    megatron-rpg train --config run_dir/config.yaml        # the same run again
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("megatron-rpg", "torch", "megatron-core", "transformers", "sentencepiece",
+            "math-verify", "numpy")  # fmt: skip
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def git_revision() -> str:
+    """HEAD of the checkout this package runs from, with '+dirty' for uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, cwd=here)  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, cwd=here)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def manifest(config: dict[str, Any], files: Iterable[str | Path] = ()) -> dict[str, Any]:
+    return {
+        "config": config,
+        "seed": config.get("seed"),
+        "versions": versions(),
+        "git_revision": git_revision(),
+        "files": {str(p): sha256(p) for p in files if Path(p).is_file()},
+        "command": " ".join(sys.argv),
+    }
+
+
+def write_manifest(
+    path: str | Path, config: dict[str, Any], files: Iterable[str | Path] = ()
+) -> None:
+    Path(path).write_text(json.dumps(manifest(config, files), indent=2, sort_keys=True))
