@@ -20,6 +20,8 @@ does not depend on the layout. A step whose gradients are not finite on any rank
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -486,8 +488,24 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- the run
 
+    def _stop_requested(self) -> bool:
+        """Whether any rank received SIGUSR1/SIGTERM (preemption, a time limit); collective."""
+        flag = torch.tensor([1.0 if self._signalled else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._signalled = True
+
     def train(self) -> list[dict[str, float]]:
+        """Train to train_steps. On SIGUSR1 or SIGTERM (Slurm's warning before a time limit or
+        preemption; slurm/common.sh forwards it) the ranks agree after the current step, write a
+        checkpoint and return early; the requeued job resumes from it (--resume)."""
         c = self.config
+        self._signalled = False
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGUSR1, signal.SIGTERM):
+                signal.signal(signum, self._on_signal)
         progress = Progress(c.train_steps, "step", enabled=self.rank == 0)
         progress.update(self.step)
         history = []
@@ -508,6 +526,11 @@ class Trainer:
             interval = c.checkpoint.save_interval
             if (interval and self.step % interval == 0) or self.step == c.train_steps:
                 self.save_checkpoint()
+            elif self._stop_requested():
+                path = self.save_checkpoint()
+                if self.rank == 0:
+                    print(f"stopping on a signal: checkpoint {path} (step {self.step})", flush=True)
+                break
         progress.close()
         if self.log is not None:
             print(self.log.close(), flush=True)

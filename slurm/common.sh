@@ -1,0 +1,72 @@
+# shellcheck shell=bash
+# Sourced by the slurm/*.sh batch scripts (not run on its own): rendezvous from Slurm, NCCL and
+# InfiniBand settings, the plan, and a task launcher that turns Slurm's warning signal into a
+# checkpoint and a requeue.
+#
+#   source "$SLURM_SUBMIT_DIR/slurm/common.sh"
+#   mrpg_run megatron-rpg train --config examples/x.yaml --resume "$@"
+#
+# Variables (all optional): MRPG_PYTHON (interpreter with megatron_rpg; default .venv/bin/python
+# when present), MRPG_CONTAINER_IMAGE / MRPG_CONTAINER_MOUNTS (pyxis/enroot: srun
+# --container-image), NCCL_* / MRPG_IB_HCA (InfiniBand adapters, e.g. mlx5), MRPG_SOCKET_IFNAME.
+set -euo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-.}"
+if [ -z "${MRPG_PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then MRPG_PYTHON=.venv/bin/python; else MRPG_PYTHON=python3; fi
+fi
+export MRPG_PYTHON
+
+# rendezvous: the first node's address (emulated node names need not resolve), a job-scoped port
+mapfile -t MRPG_HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=$(scontrol show node "${MRPG_HOSTS[0]}" | grep -oP 'NodeAddr=\K\S+' || true)
+export MASTER_ADDR=${MASTER_ADDR:-${MRPG_HOSTS[0]}}
+export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+export WORLD_SIZE=$SLURM_NTASKS
+
+# GPUs: Megatron's TP comm overlap needs one connection per device; NCCL over InfiniBand
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+export NCCL_IB_HCA=${MRPG_IB_HCA:-${NCCL_IB_HCA:-}}
+export NCCL_SOCKET_IFNAME=${MRPG_SOCKET_IFNAME:-${NCCL_SOCKET_IFNAME:-}}
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
+export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export PYTHONUNBUFFERED=1
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+
+mrpg_plan() {
+    echo "job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}): ${#MRPG_HOSTS[@]} node(s) [${MRPG_HOSTS[*]}]," \
+        "$SLURM_NTASKS tasks, rendezvous $MASTER_ADDR:$MASTER_PORT," \
+        "restart ${SLURM_RESTART_COUNT:-0}, python $MRPG_PYTHON" \
+        "${MRPG_CONTAINER_IMAGE:+, container $MRPG_CONTAINER_IMAGE}"
+}
+
+# Run the command once per task (RANK, LOCAL_RANK from Slurm). USR1/TERM to this batch shell
+# (--signal=B:USR1@N, scancel --signal, preemption) are forwarded to every task; the trainer
+# checkpoints and exits 0; the job then requeues itself and the next run resumes (--resume).
+mrpg_run() {
+    local preempted=0 rc=0 srun_pid container=()
+    if [ -n "${MRPG_CONTAINER_IMAGE:-}" ]; then
+        container=(--container-image="$MRPG_CONTAINER_IMAGE")
+        [ -n "${MRPG_CONTAINER_MOUNTS:-}" ] && container+=(--container-mounts="$MRPG_CONTAINER_MOUNTS")
+    fi
+    mrpg_plan
+    trap 'preempted=1; kill -USR1 "$srun_pid" 2>/dev/null || true' USR1 TERM
+    # shellcheck disable=SC2016  # expanded by each task's bash, not here
+    srun --kill-on-bad-exit=1 "${container[@]}" bash -c \
+        'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID; exec "$@"' \
+        _ "$@" &
+    srun_pid=$!
+    while true; do  # wait returns early when a trapped signal arrives: wait until srun is gone
+        rc=0
+        wait "$srun_pid" || rc=$?
+        kill -0 "$srun_pid" 2>/dev/null || break
+    done
+    trap - USR1 TERM
+    if [ "$preempted" = 1 ] && [ "$rc" = 0 ]; then
+        echo "job $SLURM_JOB_ID: checkpoint written after a signal; requeueing"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    return "$rc"
+}
