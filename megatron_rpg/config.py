@@ -70,6 +70,7 @@ class ParallelConfig(_Section):
     sequence_parallel: bool = False
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl with CUDA, else gloo
     timeout_minutes: int = 30
+    recompute_activations: bool = False  # full recompute: keep only each layer's input
 
     def validate(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel"):
@@ -92,6 +93,7 @@ class RolloutConfig(_Section):
     top_k: int = 0  # 0: no top-k
     max_tokens: int = 256
     tensor_parallel: int = 1  # the engine's own TP, independent of the trainer's
+    gpu_memory_utilization: float = 0.35  # vLLM's share of each GPU (colocated with training)
 
     def validate(self) -> None:
         _check("n", self.n, self.n >= 1, "an integer >= 1")
@@ -100,6 +102,8 @@ class RolloutConfig(_Section):
         _check("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 disables it)")
         _check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
         _check("tensor_parallel", self.tensor_parallel, self.tensor_parallel >= 1, ">= 1")
+        _check("gpu_memory_utilization", self.gpu_memory_utilization,
+               0 < self.gpu_memory_utilization < 1, "in (0, 1)")  # fmt: skip
 
 
 @dataclass

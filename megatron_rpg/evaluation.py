@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,7 +30,8 @@ from megatron_rpg.rewards.extract import extract_answer
 from megatron_rpg.rewards.sandbox import GraderPool
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
+# the shipped data sets: ../shared/data beside the project, or MEGATRON_RPG_DATA
+DATA_DIR = Path(os.environ.get("MEGATRON_RPG_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 BENCHMARKS = {
     "aime24": "aime24.jsonl", "aime25": "aime25.jsonl", "amc23": "amc23.jsonl",
     "math500": "math500.jsonl", "gsm8k": "gsm8k_test.jsonl",

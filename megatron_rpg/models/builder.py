@@ -103,6 +103,11 @@ def transformer_config(  # type: ignore[no-untyped-def]
         use_cpu_initialization=not torch.cuda.is_available(),
         batch_p2p_comm=False,  # interleaved PP=2 with batched p2p is silently wrong
         **skip_init,
+        **(
+            dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+            if parallel.recompute_activations
+            else {}
+        ),
         # perform_initialization stays on: without it Megatron also skips tagging parameters with
         # tensor_model_parallel / partition_dim, which sharding.py reads (TP>1 loads break).
     )

