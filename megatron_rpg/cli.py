@@ -63,14 +63,14 @@ def _train(args: argparse.Namespace) -> int:
         from megatron_rpg.parallel import init_process_group
 
         init_process_group(cfg.parallel.backend, cfg.parallel.timeout_minutes)
-        run_training(cfg, args.resume)
+        run_training(cfg, args.resume or cfg.checkpoint.resume)
         return 0
     from megatron_rpg.parallel import RankError, RankPool
 
     world = args.nproc or cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
     try:
         with RankPool(world, timeout_s=cfg.parallel.timeout_minutes * 60.0) as pool:
-            pool.run(run_training, cfg, args.resume)
+            pool.run(run_training, cfg, args.resume or cfg.checkpoint.resume)
     except RankError as err:
         sys.stderr.write(f"megatron-rpg train: rank {err.rank} failed:\n{err.remote_traceback}")
         return 1

@@ -17,7 +17,6 @@ and each is averaged over problems, with a percentile bootstrap 95% interval ove
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -26,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from megatron_rpg.data import PROMPT_TEMPLATE, read_records
 from megatron_rpg.rewards.extract import extract_answer
 from megatron_rpg.rewards.sandbox import GraderPool
 
@@ -36,11 +36,6 @@ BENCHMARKS = {
     "aime24": "aime24.jsonl", "aime25": "aime25.jsonl", "amc23": "amc23.jsonl",
     "math500": "math500.jsonl", "gsm8k": "gsm8k_test.jsonl",
 }  # fmt: skip
-PROMPT_TEMPLATE = (
-    "Solve the following math problem step by step. The last line of your response should be of "
-    "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
-    "{problem}"
-)
 Generate = Callable[[list[str], int], list[list[str]]]
 
 
@@ -51,22 +46,7 @@ def load_benchmark(name: str, data_dir: str | Path = DATA_DIR) -> list[dict[str,
     path = Path(data_dir) / BENCHMARKS[name]
     if not path.is_file():
         raise FileNotFoundError(f"benchmark {name}: no file {path}")
-    problems = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err})") from None
-        for field in ("id", "problem", "answer"):
-            if not isinstance(record.get(field), str | int) or str(record[field]) == "":
-                raise ValueError(f"{path}:{number}: field {field!r} missing or empty "
-                                 f"(got {record.get(field)!r})")  # fmt: skip
-        problems.append({k: str(record[k]) for k in ("id", "problem", "answer")})
-    if not problems:
-        raise ValueError(f"{path}: no problems")
-    return problems
+    return read_records(path, {"id": "id", "problem": "problem", "answer": "answer"})
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -40,6 +40,7 @@ def check_logging(config: LoggingConfig) -> None:
 class MetricsLog:
     def __init__(self, config: LoggingConfig, run_dir: Path, resume_step: int, run_config: dict):
         check_logging(config)
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
         if self.path.exists():

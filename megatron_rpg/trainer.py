@@ -33,7 +33,7 @@ import yaml
 from megatron_rpg.checkpoint import train_state
 from megatron_rpg.checkpoint.mcore import load_mcore
 from megatron_rpg.config import ConfigError, RunConfig, config_to_dict
-from megatron_rpg.data import ArithmeticTask
+from megatron_rpg.data import ArithmeticTask, MathDataset
 from megatron_rpg.forward_backward import LogprobOptions, forward_backward
 from megatron_rpg.losses import compute_advantages, policy_loss
 from megatron_rpg.losses.aggregation import masked_mean
@@ -44,12 +44,14 @@ from megatron_rpg.models.builder import resolve_dtype, unwrap
 from megatron_rpg.parallel import initialize_model_parallel
 from megatron_rpg.progress import Progress
 from megatron_rpg.rewards import exact_match, overlong_penalty
+from megatron_rpg.rewards.sandbox import GraderPool
 from megatron_rpg.rl_batch import RolloutBatch, build_batch
 from megatron_rpg.rollout import EmbeddedEngine, SamplingParams, sync_weights
-from megatron_rpg.tokenizer import Tokenizer, train_sentencepiece
+from megatron_rpg.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 Batch = dict[str, torch.Tensor]
-KL_AVERAGE_DECAY = 0.9  # moving average of the step KL for the reference update trigger
+KL_AVERAGE_DECAY = 0.9
+EVAL_PROBLEMS = 256  # moving average of the step KL for the reference update trigger
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
@@ -72,10 +74,8 @@ class Trainer:
                 "reinforce_pp",
                 "an outcome estimator (group_mean, group_mean_std, batch_mean) in the trainer",
             )
-        if c.data.task != "arithmetic":
-            raise ConfigError(
-                "data.task", c.data.task, "'arithmetic' (math data sets come with the math graders)"
-            )
+        if c.data.task == "math" and not c.data.train_path:
+            raise ConfigError("data.train_path", "", "a JSON lines file of problems for task math")
         hf_config = read_hf_config(c.model.hf_config)
         self.arch = ModelArch.from_hf(hf_config)
         self.layout = initialize_model_parallel(c.parallel, c.seed)
@@ -95,7 +95,11 @@ class Trainer:
             )
         self.rank = dist.get_rank()
         self.run_dir = Path(c.logging.run_dir)
-        self.task = ArithmeticTask(c.data.max_operand, c.data.operators)
+        self.task: Any = (
+            ArithmeticTask(c.data.max_operand, c.data.operators)
+            if c.data.task == "arithmetic"
+            else MathDataset(c.data.train_path, c.data.prompt_key, c.data.answer_key)
+        )
         self.tokenizer = self._tokenizer()
         if self.tokenizer.vocab_size > self.arch.vocab_size:
             raise ConfigError(
@@ -121,6 +125,8 @@ class Trainer:
         self.options = LogprobOptions(self.arch.vocab_size, temperature=c.rollout.temperature)
         self.step, self.skipped_steps, self.kl_average = 0, 0, 0.0
         self.data_position = 0  # prompts consumed so far (more than steps x prompts with DAPO)
+        self.grader_pool: GraderPool | None = None
+        self.grading_failures = 0  # graded 0 after a timeout, crash or grader error
         self.sft_losses: list[float] = []
         resumed = self._resume() if resume else False
         if not resumed and c.sft.steps and not c.model.checkpoint:
@@ -141,17 +147,41 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- building
 
-    def _tokenizer(self) -> Tokenizer:
-        if self.config.model.tokenizer:
-            return Tokenizer(self.config.model.tokenizer)
+    def _tokenizer(self) -> Any:
+        """model.tokenizer (a directory or a tokenizer.model), else the tokenizer files of
+        model.checkpoint; the arithmetic task trains its own into the run directory."""
+        c = self.config
+        if c.model.tokenizer:
+            path = Path(c.model.tokenizer)
+            return load_tokenizer(path) if path.is_dir() else Tokenizer(path)
+        if c.model.checkpoint and c.data.task == "math":
+            return load_tokenizer(c.model.checkpoint)
+        if c.data.task == "math":
+            raise ConfigError(
+                "model.tokenizer",
+                "",
+                "a tokenizer directory or tokenizer.model "
+                "(or model.checkpoint with tokenizer files) for data.task=math",
+            )
         path = self.run_dir / "tokenizer.model"
         if self.rank == 0 and not path.is_file():
             # digits and operators are single pieces (numbers spelled digit by digit); "=" is
             # left to the unigram model, which needs at least one ordinary character
-            symbols = list("0123456789" + self.config.data.operators)
+            symbols = list("0123456789" + c.data.operators)
             train_sentencepiece(self.task.corpus(), path, self.arch.vocab_size, symbols)
         dist.barrier()
         return Tokenizer(path)
+
+    def grade(self, items: list[tuple[str, str]]) -> list[float]:
+        """Rewards of (response text, reference) pairs: exact match in this process (the
+        arithmetic task), math-verify in the sandboxed pool (math). Rank 0."""
+        if self.task.grader == "exact":
+            return [exact_match(text, answer) for text, answer in items]
+        if self.grader_pool is None:
+            self.grader_pool = GraderPool()
+        scores, stats = self.grader_pool.grade(self.task.grader, items)
+        self.grading_failures += stats["timeouts"] + stats["crashes"] + stats["errors"]
+        return scores
 
     def _engine(self, hf_config: dict[str, Any]) -> Any:
         if self.config.rollout.engine == "vllm":
@@ -252,34 +282,34 @@ class Trainer:
             stop_token_ids=(self.tokenizer.eos_id,), seed=seed,
         )  # fmt: skip
         groups = self.engine.generate(prompts, params)  # type: ignore[union-attr]
+        items = [
+            (self.tokenizer.decode(r.token_ids), self.task.answer(problem))
+            for problem, group in zip(problems, groups, strict=True)
+            for r in group
+        ]
+        scores = iter(self.grade(items))
         out = []
-        for problem, prompt, group in zip(problems, prompts, groups, strict=True):
-            answer = self.task.answer(problem)
+        for prompt, group in zip(prompts, groups, strict=True):
             rewards = [
-                exact_match(self.tokenizer.decode(r.token_ids), answer)
-                + overlong_penalty(len(r.token_ids), c.rollout.max_tokens, a.overlong_buffer,
-                                   a.overlong_penalty)
+                next(scores) + overlong_penalty(len(r.token_ids), c.rollout.max_tokens,
+                                                a.overlong_buffer, a.overlong_penalty)
                 for r in group
             ]  # fmt: skip
             out.append((prompt, group, rewards))
         return out
 
     def evaluate(self) -> float:
-        """Greedy accuracy over every problem of the task (rank 0; nan elsewhere)."""
+        """Greedy accuracy over the task's problems (the first EVAL_PROBLEMS); rank 0, nan
+        elsewhere."""
         if self.engine is None:
             return float("nan")
-        prompts = [self.tokenizer.encode(self.task.prompt(p)) for p in self.task.problems]
-        params = SamplingParams(
-            top_k=1,
-            max_tokens=self.config.rollout.max_tokens,
-            stop_token_ids=(self.tokenizer.eos_id,),
-            seed=0,
-        )
+        problems = self.task.problems[:EVAL_PROBLEMS]
+        prompts = [self.tokenizer.encode(self.task.prompt(p)) for p in problems]
+        params = SamplingParams(top_k=1, max_tokens=self.config.rollout.max_tokens,
+                                stop_token_ids=(self.tokenizer.eos_id,), seed=0)  # fmt: skip
         groups = self.engine.generate(prompts, params)
-        scores = [
-            exact_match(self.tokenizer.decode(g[0].token_ids), self.task.answer(p))
-            for p, g in zip(self.task.problems, groups, strict=True)
-        ]
+        scores = self.grade([(self.tokenizer.decode(g[0].token_ids), self.task.answer(p))
+                             for p, g in zip(problems, groups, strict=True)])  # fmt: skip
         return sum(scores) / len(scores)
 
     # ---------------------------------------------------------------------------- update
@@ -398,6 +428,7 @@ class Trainer:
             **step_kl,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
             "skipped_steps": float(self.skipped_steps),
+            "grading_failures": float(self.grading_failures),
             **rollout_metrics,
             "time/logprobs": update_start - logprob_start,
             "time/update": sync_start - update_start,
@@ -532,6 +563,8 @@ class Trainer:
                     print(f"stopping on a signal: checkpoint {path} (step {self.step})", flush=True)
                 break
         progress.close()
+        if self.grader_pool is not None:
+            self.grader_pool.close()
         if self.log is not None:
             print(self.log.close(), flush=True)
         return history

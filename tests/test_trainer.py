@@ -146,7 +146,7 @@ def test_non_finite_step_is_skipped_not_applied(pool2, tmp_path):
         ("loss.beta=-1", "loss.beta"),
         ("optimizer.mini_batch_size=48", "optimizer.mini_batch_size"),
         ("rollout.top_p=2", "rollout.top_p"),
-        ("data.task=math", "data.task"),
+        ("data.task=math", "data.train_path"),
         ("model.hf_config=/nonexistent", "model.hf_config"),
     ],
 )
@@ -181,3 +181,34 @@ def test_overlong_shaping_in_the_reward(pool2, tmp_path):
     # untrained: wrong answers (0) of 3 tokens (-0.25) or 4 (-0.5), or shorter (0)
     assert set(rewards) <= {0.0, -0.25, -0.5, 1.0, 0.75, 0.5}
     assert min(rewards) == -0.5
+
+
+def test_math_task_trains_with_sandboxed_grading(pool2, tmp_path):
+    """data.task=math: JSON lines problems in the DAPO prompt, a model tokenizer, math-verify in
+    the grader pool. A random tiny model answers nothing right; the loop runs and logs."""
+    import transformers
+
+    from megatron_rpg.data import PROMPT_TEMPLATE
+    from megatron_rpg.tokenizer import train_sentencepiece
+
+    source = ROOT.parent / "shared" / "data" / "gsm8k_train.jsonl"
+    lines = source.read_text().splitlines()[:40]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    texts = [PROMPT_TEMPLATE.format(problem=json.loads(x)["problem"]) for x in lines]
+    tokenizer = train_sentencepiece(texts, tmp_path / "tokenizer.model", 300)
+    model = tmp_path / "model"
+    model.mkdir()
+    config = transformers.LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    ).to_dict()  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config))
+    overrides = [*TINY, "data.task=math", f"data.train_path={tmp_path / 'train.jsonl'}",
+                 f"model.hf_config={model}", f"model.tokenizer={tokenizer.path}",
+                 "rollout.max_tokens=8", "train_steps=2", "sft.steps=0",
+                 f"logging.run_dir={tmp_path / 'run'}"]  # fmt: skip
+    history = pool2.run(short_run, str(CONFIG), overrides)[0]
+    assert len(history) == 2
+    for record in history:
+        assert 0.0 <= record["reward/mean"] <= 1.0
+        assert record["grading_failures"] == 0.0

@@ -15,6 +15,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from megatron_rpg.data.records import take
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -31,6 +33,8 @@ OPERATORS: dict[str, Callable[[int, int], int]] = {
 
 
 class ArithmeticTask:
+    grader = "exact"
+
     def __init__(self, max_operand: int, operators: str = "+"):
         unknown = set(operators) - set(OPERATORS)
         operands = range(max_operand + 1)
@@ -55,14 +59,6 @@ class ArithmeticTask:
         """Text to train the tokenizer on: every prompt and answer."""
         return [self.prompt(p) + self.answer(p) for p in self.problems]
 
-    def order(self, seed: int, epoch: int) -> list[int]:
-        """The problems' order in one epoch (a permutation, the same on every rank)."""
-        order = list(range(len(self.problems)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        return order
-
     def batch(self, seed: int, position: int, count: int) -> list[Problem]:
-        """`count` problems from global position `position` of the epoch sequence."""
-        size = len(self.problems)
-        return [self.problems[self.order(seed, i // size)[i % size]]
-                for i in range(position, position + count)]  # fmt: skip
+        """`count` problems from global position `position` of the run (data/records.take)."""
+        return take(self.problems, seed, position, count)
