@@ -110,3 +110,22 @@ def test_cli_prints_resolved_config_and_names_bad_keys():
         text=True,
     )
     assert bad.returncode == 2 and "'loss.nope'" in bad.stderr
+
+
+def test_every_key_is_documented():
+    import dataclasses
+    import typing
+
+    from megatron_rpg.config import RunConfig
+
+    def keys(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from keys(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [k for k in keys(RunConfig) if f"| `{k}` |" not in text]
+    assert not missing, missing
