@@ -70,3 +70,15 @@ mrpg_run() {
     fi
     return "$rc"
 }
+
+# The GPU recipes' body: check the layout and memory plan on the job's nodes, then train from
+# the Megatron checkpoint $CKPT (resuming the run's own checkpoints when requeued).
+mrpg_train() {
+    local config=$1
+    shift
+    : "${CKPT:?set CKPT to a Megatron checkpoint of the model (megatron-rpg convert hf-to-mcore)}"
+    "$MRPG_PYTHON" -m megatron_rpg.cli launch --config "$config" --nodes "$SLURM_JOB_NUM_NODES" \
+        --gpus-per-node "${SLURM_GPUS_ON_NODE:-8}" --dry-run "model.checkpoint=$CKPT" "$@"
+    mrpg_run "$MRPG_PYTHON" -m megatron_rpg.cli train --config "$config" --resume \
+        "model.checkpoint=$CKPT" "$@"
+}

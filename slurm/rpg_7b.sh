@@ -15,9 +15,4 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --output=slurm-%x-%j.out
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
-: "${CKPT:?set CKPT to a Megatron checkpoint of the model (megatron-rpg convert hf-to-mcore)}"
-CONFIG=${CONFIG:-examples/rpg_7b.yaml}
-"$MRPG_PYTHON" -m megatron_rpg.cli launch --config "$CONFIG" --nodes "$SLURM_JOB_NUM_NODES" \
-    --gpus-per-node "${SLURM_GPUS_ON_NODE:-8}" --dry-run "model.checkpoint=$CKPT" "$@"
-mrpg_run "$MRPG_PYTHON" -m megatron_rpg.cli train --config "$CONFIG" --resume \
-    "model.checkpoint=$CKPT" "$@"
+mrpg_train "${CONFIG:-examples/rpg_7b.yaml}" "$@"
