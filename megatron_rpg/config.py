@@ -277,11 +277,21 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval_interval: int = 0  # steps between greedy evaluations on the task; 0: none
+    eval_benchmarks: str = ""  # also at those steps: comma-separated benchmarks (evaluation.py)
+    eval_k: int = 4  # samples per benchmark problem
+    eval_limit: int = 0  # first N problems of each benchmark; 0: all
 
     def validate(self) -> None:
         _check("train_steps", self.train_steps, self.train_steps >= 1, ">= 1")
         _check("seed", self.seed, self.seed >= 0, ">= 0")
         _check("eval_interval", self.eval_interval, self.eval_interval >= 0, ">= 0")
+        _check("eval_k", self.eval_k, self.eval_k >= 1, ">= 1")
+        _check("eval_limit", self.eval_limit, self.eval_limit >= 0, ">= 0")
+        from megatron_rpg.evaluation import BENCHMARKS  # here: evaluation imports the rewards
+
+        unknown = [b for b in self.eval_benchmarks.split(",") if b and b not in BENCHMARKS]
+        _check("eval_benchmarks", self.eval_benchmarks, not unknown,
+               f"comma-separated names of {sorted(BENCHMARKS)}")  # fmt: skip
         _check("algorithm.overlong_buffer", self.algorithm.overlong_buffer,
                self.algorithm.overlong_buffer < self.rollout.max_tokens,
                f"< rollout.max_tokens ({self.rollout.max_tokens})")  # fmt: skip

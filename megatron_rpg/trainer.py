@@ -312,6 +312,26 @@ class Trainer:
                              for p, g in zip(problems, groups, strict=True)])  # fmt: skip
         return sum(scores) / len(scores)
 
+    def evaluate_benchmarks(self) -> dict[str, float]:
+        """mean@k and pass@k of `eval_benchmarks` with the rollout engine (rank 0)."""
+        c = self.config
+        names = [n for n in c.eval_benchmarks.split(",") if n]
+        if not names or self.engine is None:
+            return {}
+        from megatron_rpg.evaluation import evaluate, load_benchmark
+        from megatron_rpg.rollout.text import TextGenerator
+
+        benchmarks = {n: load_benchmark(n)[: c.eval_limit or None] for n in names}
+        params = SamplingParams(temperature=c.rollout.temperature, top_p=c.rollout.top_p,
+                                max_tokens=c.rollout.max_tokens, seed=c.seed)  # fmt: skip
+        if self.grader_pool is None:
+            self.grader_pool = GraderPool()
+        results = evaluate(benchmarks, TextGenerator(self.engine, self.tokenizer, params),
+                           c.eval_k, self.grader_pool)  # fmt: skip
+        k = c.eval_k
+        return {f"eval/{name}/{metric}@{k}": r[f"{metric}@{k}"]
+                for name, r in results.items() for metric in ("mean", "pass", "maj")}  # fmt: skip
+
     # ---------------------------------------------------------------------------- update
 
     def _micro_batches(self, batch: RolloutBatch, advantages: torch.Tensor) -> list[list[Batch]]:
@@ -438,6 +458,7 @@ class Trainer:
         }
         if c.eval_interval and self.step % c.eval_interval == 0:
             out["eval/accuracy"] = self.evaluate()
+            out.update(self.evaluate_benchmarks())
         return out
 
     def _reduce(self, metrics: list[dict[str, Any]], grad_norms: list[float]) -> dict[str, float]:

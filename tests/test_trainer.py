@@ -147,6 +147,7 @@ def test_non_finite_step_is_skipped_not_applied(pool2, tmp_path):
         ("optimizer.mini_batch_size=48", "optimizer.mini_batch_size"),
         ("rollout.top_p=2", "rollout.top_p"),
         ("data.task=math", "data.train_path"),
+        ("eval_benchmarks=aime23", "eval_benchmarks"),
         ("model.hf_config=/nonexistent", "model.hf_config"),
     ],
 )
@@ -206,9 +207,14 @@ def test_math_task_trains_with_sandboxed_grading(pool2, tmp_path):
     overrides = [*TINY, "data.task=math", f"data.train_path={tmp_path / 'train.jsonl'}",
                  f"model.hf_config={model}", f"model.tokenizer={tokenizer.path}",
                  "rollout.max_tokens=8", "train_steps=2", "sft.steps=0",
+                 "eval_interval=2", "eval_benchmarks=gsm8k,amc23", "eval_k=2", "eval_limit=2",
                  f"logging.run_dir={tmp_path / 'run'}"]  # fmt: skip
     history = pool2.run(short_run, str(CONFIG), overrides)[0]
     assert len(history) == 2
     for record in history:
         assert 0.0 <= record["reward/mean"] <= 1.0
         assert record["grading_failures"] == 0.0
+    # periodic validation on the benchmarks, through the rollout engine
+    for name in ("gsm8k", "amc23"):
+        assert 0.0 <= history[1][f"eval/{name}/mean@2"] <= history[1][f"eval/{name}/pass@2"] <= 1
+    assert "eval/gsm8k/mean@2" not in history[0]
