@@ -93,7 +93,8 @@ class RolloutConfig(_Section):
     top_k: int = 0  # 0: no top-k
     max_tokens: int = 256
     tensor_parallel: int = 1  # the engine's own TP, independent of the trainer's
-    gpu_memory_utilization: float = 0.35  # vLLM's share of each GPU (colocated with training)
+    gpu_memory_utilization: float = 0.35  # vLLM's share of each of its GPUs
+    engine_nodes: int = 0  # 0: vLLM colocated on the trainer's GPUs; N: on N nodes of its own
 
     def validate(self) -> None:
         _check("n", self.n, self.n >= 1, "an integer >= 1")
@@ -102,6 +103,7 @@ class RolloutConfig(_Section):
         _check("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 disables it)")
         _check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
         _check("tensor_parallel", self.tensor_parallel, self.tensor_parallel >= 1, ">= 1")
+        _check("engine_nodes", self.engine_nodes, self.engine_nodes >= 0, ">= 0")
         _check("gpu_memory_utilization", self.gpu_memory_utilization,
                0 < self.gpu_memory_utilization < 1, "in (0, 1)")  # fmt: skip
 

@@ -17,12 +17,14 @@ over TP; the replicated norms are negligible), D = data-parallel size:
                                           a = 34 s b h / TP bytes, or 2 s b h / TP with full
                                           recompute (layer inputs only) plus one layer's
                                           working set w = 34 s b h / TP; s = prompt + response
-    engine       u x GPU memory           colocated vLLM (rollout.gpu_memory_utilization): its
-                                          weights 2 N / engine TP, the rest KV cache
+    engine       u x GPU memory           vLLM (rollout.gpu_memory_utilization): its weights
+                                          2 N / engine TP, the rest KV cache
 
-Training holds weights + gradients + optimizer + reference + activations; rollout holds the
-same states (they stay on the GPU) + the engine's share, while the trainer's activations are
-freed and the engine sleeps during training. Both must fit in the GPU's memory.
+Colocated (rollout.engine_nodes = 0): training holds weights + gradients + optimizer +
+reference + activations; rollout holds the same states (they stay on the GPU) + the engine's
+share, while the trainer's activations are freed and the engine sleeps during training. Both
+must fit in the GPU's memory. Separate (engine_nodes = E): the trainer gets the other nodes and
+never holds an engine; the engines' GPUs hold only their share.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class MemoryPlan:
     pp: int
     dp: int
     engine_tp: int
+    engine_nodes: int
     total_parameters: int
     sequence: int
     micro_batch: int
@@ -82,18 +85,25 @@ class MemoryPlan:
 
     @property
     def rollout_gb(self) -> float:
+        """Peak of a GPU during rollout: the trainer's states plus the engine when colocated,
+        else the larger of a trainer GPU and an engine GPU."""
         g = self.gb
-        return g["weights"] + g["gradients"] + g["optimizer"] + g["reference"] + g["engine"]
+        states = g["weights"] + g["gradients"] + g["optimizer"] + g["reference"]
+        return states + g["engine"] if not self.engine_nodes else max(states, g["engine"])
 
     def render(self) -> str:
         g = self.gb
         gpus = self.nodes * self.gpus_per_node
+        engine_gpus = (self.engine_nodes or self.nodes) * self.gpus_per_node
+        where = (f"on {self.engine_nodes} node(s) of their own" if self.engine_nodes
+                 else "colocated with the trainer")  # fmt: skip
         lines = [
             f"model: {self.arch.family.name}, {self.total_parameters / 1e9:.2f}B parameters, "
             f"{self.arch.num_layers} layers, hidden {self.arch.hidden_size}",
             f"layout: {self.nodes} node(s) x {self.gpus_per_node} GPUs = {gpus}; trainer TP "
-            f"{self.tp} x PP {self.pp} x DP {self.dp}; {gpus // self.engine_tp} vLLM engines "
-            f"of TP {self.engine_tp} (colocated)",
+            f"{self.tp} x PP {self.pp} x DP {self.dp} on {self.nodes - self.engine_nodes} "
+            f"node(s); {engine_gpus // self.engine_tp} vLLM engines of TP {self.engine_tp} "
+            f"{where}",
             f"sequence {self.sequence} tokens, micro-batch {self.micro_batch}, "
             f"{self.in_flight} micro-batch(es) in flight on the first stage",
             "per-GPU memory (GB):",
@@ -129,7 +139,14 @@ def memory_plan(config: RunConfig, nodes: int, gpus_per_node: int,
     c, parallel = config, config.parallel
     arch = ModelArch.from_hf(_config_path(c.model.hf_config))
     check_layout(arch, parallel)
-    gpus = nodes * gpus_per_node
+    engine_nodes = c.rollout.engine_nodes
+    if engine_nodes >= nodes:
+        raise ConfigError(
+            "rollout.engine_nodes",
+            engine_nodes,
+            f"fewer than the job's {nodes} node(s): the trainer needs one",
+        )
+    gpus = (nodes - engine_nodes) * gpus_per_node
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
     if gpus % (tp * pp):
         raise ConfigError("parallel", f"TP{tp} x PP{pp}", f"a divisor of the {gpus} GPUs")
@@ -172,8 +189,8 @@ def memory_plan(config: RunConfig, nodes: int, gpus_per_node: int,
         "kv_cache": kv_cache / GB,
         "kv_tokens": max(kv_cache, 0) / kv_per_token,
     }
-    return MemoryPlan(arch, nodes, gpus_per_node, gpu_memory_gb, tp, pp, dp, engine_tp, total,
-                      s, b, in_flight, gb)  # fmt: skip
+    return MemoryPlan(arch, nodes, gpus_per_node, gpu_memory_gb, tp, pp, dp, engine_tp,
+                      engine_nodes, total, s, b, in_flight, gb)  # fmt: skip
 
 
 def _config_path(path: str) -> Path:
