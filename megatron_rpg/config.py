@@ -143,6 +143,7 @@ class LossConfig(_Section):
 class AlgorithmConfig(_Section):
     loss: str = "rpg_reinforce_urkl"  # a name from megatron_rpg.losses.LOSSES
     advantage: Literal["group_mean", "group_mean_std", "batch_mean", "reinforce_pp"] = "group_mean"
+    kl_in_reward: float = 0.0  # REINFORCE++: coefficient of the per-token KL in the reward
     ppo_epochs: int = 1
     ref_update_interval: int = 1  # iterative reference update every K steps (spec section 6)
     ref_update_kl_target: float = 0.0  # 0: off; else update when the moving-average KL exceeds it
@@ -155,6 +156,7 @@ class AlgorithmConfig(_Section):
         from megatron_rpg.losses import LOSSES  # imported here: the loss library imports us
 
         _check("loss", self.loss, self.loss in LOSSES, f"one of {sorted(LOSSES)}")
+        _check("kl_in_reward", self.kl_in_reward, self.kl_in_reward >= 0, ">= 0")
         _check("ppo_epochs", self.ppo_epochs, self.ppo_epochs >= 1, ">= 1")
         _check(
             "ref_update_interval", self.ref_update_interval, self.ref_update_interval >= 1, ">= 1"

@@ -36,6 +36,7 @@ from megatron_rpg.config import ConfigError, RunConfig, config_to_dict
 from megatron_rpg.data import ArithmeticTask, MathDataset
 from megatron_rpg.forward_backward import LogprobOptions, forward_backward
 from megatron_rpg.losses import compute_advantages, policy_loss
+from megatron_rpg.losses.advantages import reinforce_pp_returns, whiten
 from megatron_rpg.losses.aggregation import masked_mean
 from megatron_rpg.manifest import write_manifest
 from megatron_rpg.metrics import MetricsLog, check_logging
@@ -68,14 +69,6 @@ class Trainer:
     def __init__(self, config: RunConfig, resume: bool = False):
         self.config = c = config
         check_logging(c.logging)
-        if c.algorithm.advantage == "reinforce_pp":
-            raise ConfigError(
-                "algorithm.advantage",
-                "reinforce_pp",
-                "an outcome estimator (group_mean, group_mean_std, batch_mean) in the trainer",
-            )
-        if c.data.task == "math" and not c.data.train_path:
-            raise ConfigError("data.train_path", "", "a JSON lines file of problems for task math")
         hf_config = read_hf_config(c.model.hf_config)
         self.arch = ModelArch.from_hf(hf_config)
         self.layout = initialize_model_parallel(c.parallel, c.seed)
@@ -356,6 +349,27 @@ class Trainer:
         for micro, out in zip(micros, forward_backward(chunks, micros, self.options), strict=False):
             micro[key] = out["logprobs"]
 
+    def _reinforce_pp_advantages(self, micros: list[Batch]) -> None:
+        """REINFORCE++ token advantages on the last stage: returns with the KL to the reference
+        (pi_old when kl_anchor=old) in the reward, whitened over the whole step: every
+        micro-batch of every data-parallel rank (losses/advantages.py)."""
+        from megatron.core import parallel_state
+
+        if not micros or "old_logprobs" not in micros[0]:
+            return  # not the last pipeline stage: the loss is not computed here
+        returns = torch.cat([
+            reinforce_pp_returns(m["advantages"], m["response_mask"], m["old_logprobs"],
+                                 m.get("ref_logprobs", m["old_logprobs"]),
+                                 self.config.algorithm.kl_in_reward)
+            for m in micros
+        ])  # fmt: skip
+        masks = torch.cat([m["response_mask"] for m in micros])
+        whitened = whiten(returns, masks, parallel_state.get_data_parallel_group()).split(
+            [len(m["response_mask"]) for m in micros]
+        )
+        for micro, advantages in zip(micros, whitened, strict=True):
+            micro["advantages"] = advantages
+
     def loss_fn(self, counts: tuple[float, float]) -> Any:
         """The micro-batch loss share: the configured loss with the mini-batch's global counts."""
         c = self.config
@@ -416,7 +430,10 @@ class Trainer:
         c = self.config
         start = time.perf_counter()
         batch, rollout_metrics = self._rollout()
-        advantages = compute_advantages(c.algorithm.advantage, batch.rewards, batch.group_ids)
+        token_level = c.algorithm.advantage == "reinforce_pp"  # needs log-probs: set below
+        advantages = batch.rewards
+        if not token_level:
+            advantages = compute_advantages(c.algorithm.advantage, batch.rewards, batch.group_ids)
         minis = self._micro_batches(batch, advantages)
         self._mini_counts = []
         for start_row in range(0, len(batch), c.optimizer.mini_batch_size):
@@ -425,12 +442,14 @@ class Trainer:
                 (float(batch.response_mask[rows].sum()), float(c.optimizer.mini_batch_size))
             )
         logprob_start = time.perf_counter()
-        on_policy = c.algorithm.ppo_epochs == 1 and len(minis) == 1
+        on_policy = c.algorithm.ppo_epochs == 1 and len(minis) == 1 and not token_level
         for micros in minis:
             if not on_policy:
                 self._attach_logprobs(self.policy, micros, "old_logprobs")
             if self.reference is not None:
                 self._attach_logprobs(self.reference.chunks, micros, "ref_logprobs")
+        if token_level:
+            self._reinforce_pp_advantages([m for micros in minis for m in micros])
         update_start = time.perf_counter()
         metrics, grad_norms = self._update(minis)
         sync_start = time.perf_counter()

@@ -67,3 +67,14 @@ def dynamic_sampling_rollouts(config_path, overrides):
         out.append((varied, metrics, trainer.data_position, batch.rewards.tolist()))
     destroy_model_parallel()
     return out
+
+
+def whiten_halves(values, mask):
+    """Each of two ranks whitens its half of the rows over the whole group."""
+    import torch.distributed as dist
+
+    from megatron_rpg.losses.advantages import whiten
+
+    rank = dist.get_rank()
+    half = slice(rank * len(values) // 2, (rank + 1) * len(values) // 2)
+    return whiten(values[half], mask[half], group=dist.group.WORLD)

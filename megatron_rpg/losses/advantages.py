@@ -58,6 +58,37 @@ def batch_mean_advantages(rewards: Tensor) -> Tensor:
     return rewards - rewards.mean()
 
 
+def reinforce_pp_returns(
+    rewards: Tensor, response_mask: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, beta: float
+) -> Tensor:
+    """REINFORCE++ returns G_t [batch, T] before whitening; R_i is added at the last masked
+    position of row i (responses may start anywhere in the row, e.g. after the prompt)."""
+    mask = response_mask.to(old_logprobs.dtype)
+    if mask.shape != old_logprobs.shape or ref_logprobs.shape != old_logprobs.shape:
+        raise ValueError("response_mask, old_logprobs and ref_logprobs must have the same shape")
+    token_rewards = -beta * (old_logprobs - ref_logprobs) * mask
+    has_tokens = mask.sum(dim=-1) > 0
+    last = mask.shape[-1] - 1 - mask.flip(-1).argmax(dim=-1)  # the last masked position
+    rows = torch.arange(rewards.numel(), device=rewards.device)[has_tokens]
+    token_rewards[rows, last[has_tokens]] += rewards[has_tokens].to(token_rewards.dtype)
+    return token_rewards.flip(-1).cumsum(-1).flip(-1) * mask
+
+
+def whiten(values: Tensor, mask: Tensor, group: object = None, eps: float = 1e-6) -> Tensor:
+    """(values - mean) / (std + eps) over the masked entries, zero elsewhere; the mean and the
+    (population) std are taken over every rank of `group` when one is given (two all-reduces)."""
+    mask = mask.to(values.dtype)
+    totals = torch.stack([(values * mask).sum(), mask.sum()])
+    if group is not None:
+        torch.distributed.all_reduce(totals, group=group)  # type: ignore[arg-type]
+    mean = totals[0] / totals[1].clamp(min=1.0)
+    square = ((values - mean) * mask).square().sum()
+    if group is not None:
+        torch.distributed.all_reduce(square, group=group)  # type: ignore[arg-type]
+    std = (square / totals[1].clamp(min=1.0)).sqrt()
+    return (values - mean) / (std + eps) * mask
+
+
 def reinforce_pp_advantages(
     rewards: Tensor,
     response_mask: Tensor,
@@ -67,19 +98,8 @@ def reinforce_pp_advantages(
     eps: float = 1e-6,
 ) -> Tensor:
     """REINFORCE++ token advantages [batch, response_len] (see the module docstring)."""
-    mask = response_mask.to(old_logprobs.dtype)
-    if mask.shape != old_logprobs.shape or ref_logprobs.shape != old_logprobs.shape:
-        raise ValueError("response_mask, old_logprobs and ref_logprobs must have the same shape")
-    token_rewards = -beta * (old_logprobs - ref_logprobs) * mask
-    lengths = mask.sum(dim=-1).long()
-    has_tokens = lengths > 0
-    rows = torch.arange(rewards.numel(), device=rewards.device)[has_tokens]
-    token_rewards[rows, lengths[has_tokens] - 1] += rewards[has_tokens].to(token_rewards.dtype)
-    returns = token_rewards.flip(-1).cumsum(-1).flip(-1) * mask
-    count = mask.sum().clamp(min=1.0)
-    mean = returns.sum() / count
-    std = (((returns - mean) * mask).square().sum() / count).sqrt()
-    return (returns - mean) / (std + eps) * mask
+    returns = reinforce_pp_returns(rewards, response_mask, old_logprobs, ref_logprobs, beta)
+    return whiten(returns, response_mask, eps=eps)
 
 
 def compute_advantages(
