@@ -20,6 +20,7 @@ does not depend on the layout. A step whose gradients are not finite on any rank
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -72,13 +73,16 @@ class Trainer:
         hf_config = read_hf_config(c.model.hf_config)
         self.arch = ModelArch.from_hf(hf_config)
         self.layout = initialize_model_parallel(c.parallel, c.seed)
-        if c.rollout.engine == "vllm" and self.layout.world_size > 1:
-            raise ConfigError(
-                "rollout.engine",
-                "vllm",
-                "'embedded' when the trainer has more "
-                "than one rank (vLLM in the trainer is single-rank so far)",
-            )
+        if c.rollout.engine_nodes and not (c.rollout.engine == "vllm"
+                                           and os.environ.get("MRPG_ENGINE_URL")):  # fmt: skip
+            raise ConfigError("rollout.engine_nodes", c.rollout.engine_nodes,
+                              "0, unless rollout.engine=vllm in a job whose slurm/common.sh "
+                              "started the server (MRPG_ENGINE_URL)")  # fmt: skip
+        colocated_vllm = c.rollout.engine == "vllm" and not c.rollout.engine_nodes
+        if colocated_vllm and self.layout.world_size > 1:
+            raise ConfigError("rollout.engine", "vllm", "'embedded', or rollout.engine_nodes=1, "
+                              "when the trainer has more than one rank (colocated vLLM in the "
+                              "trainer is single-rank so far)")  # fmt: skip
         micro, dp = c.optimizer.micro_batch_size, self.layout.data_parallel
         if c.optimizer.mini_batch_size % (micro * dp):
             raise ConfigError(
@@ -112,9 +116,13 @@ class Trainer:
         if c.loss.kl_anchor == "ref":
             ref_chunks = build_model_chunks(self.arch, c.parallel, dtype)
             self.reference = ReferenceModel(ref_chunks, self.policy)
-        self.engine = None
-        if self.rank == 0:
-            self.engine = self._engine(hf_config)
+        self.engine = None  # generates: rank 0
+        self.sync_target = None  # receives the weights: rank 0, or every rank for a vLLM server
+        if c.rollout.engine == "vllm" and c.rollout.engine_nodes:
+            self.sync_target = self._server_engine()
+            self.engine = self.sync_target if self.rank == 0 else None
+        elif self.rank == 0:
+            self.engine = self.sync_target = self._engine(hf_config)
         self.options = LogprobOptions(self.arch.vocab_size, temperature=c.rollout.temperature)
         self.step, self.skipped_steps, self.kl_average = 0, 0, 0.0
         self.data_position = 0  # prompts consumed so far (more than steps x prompts with DAPO)
@@ -136,7 +144,7 @@ class Trainer:
             paths = [p / "config.json" if p.is_dir() else p for p in paths]
             write_manifest(self.run_dir / "manifest.json", config_to_dict(c),
                            [self.tokenizer.path, *paths])  # fmt: skip
-        self.sync_seconds = sync_weights(self.policy, self.arch, self.engine).seconds
+        self.sync_seconds = sync_weights(self.policy, self.arch, self.sync_target).seconds
 
     # ---------------------------------------------------------------------------- building
 
@@ -186,6 +194,15 @@ class Trainer:
                 seed=self.config.seed,
             )
         return EmbeddedEngine(hf_config, dtype=torch.float32)
+
+    def _server_engine(self) -> Any:
+        """The `vllm serve` that slurm/common.sh started on the job's engine node."""
+        from megatron_rpg.rollout.vllm_engine import VLLMServerEngine
+
+        url, address, port = (
+            os.environ[k] for k in ("MRPG_ENGINE_URL", "MASTER_ADDR", "MASTER_PORT")
+        )
+        return VLLMServerEngine(url, address, int(port) + 1)
 
     def make_optimizer(self, lr: float, weight_decay: float) -> Any:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -430,6 +447,8 @@ class Trainer:
         c = self.config
         start = time.perf_counter()
         batch, rollout_metrics = self._rollout()
+        if self.sync_target is not None:
+            self.sync_target.sleep()  # a colocated engine frees its memory for training
         token_level = c.algorithm.advantage == "reinforce_pp"  # needs log-probs: set below
         advantages = batch.rewards
         if not token_level:
@@ -456,7 +475,9 @@ class Trainer:
         self.step += 1
         step_kl = self._reduce(metrics, grad_norms)
         self._update_reference(step_kl["kl/k3"])
-        sync = sync_weights(self.policy, self.arch, self.engine)
+        if self.sync_target is not None:
+            self.sync_target.wake()
+        sync = sync_weights(self.policy, self.arch, self.sync_target)
         end = time.perf_counter()
         tokens = float(batch.prompt_lengths.sum() + batch.response_lengths.sum())
         out = {

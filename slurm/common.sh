@@ -52,9 +52,10 @@ mrpg_run() {
     fi
     mrpg_plan
     trap 'preempted=1; kill -USR1 "$srun_pid" 2>/dev/null || true' USR1 TERM
-    # shellcheck disable=SC2016  # expanded by each task's bash, not here
-    srun --kill-on-bad-exit=1 "${container[@]}" bash -c \
-        'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID; exec "$@"' \
+    # shellcheck disable=SC2016,SC2086  # $SLURM_*: each task's bash; MRPG_SRUN_ARGS: words  # MRPG_SRUN_ARGS: several words by design
+    srun --kill-on-bad-exit=1 ${MRPG_SRUN_ARGS:-} "${container[@]}" bash -c \
+        'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID \
+                WORLD_SIZE=$SLURM_NTASKS; exec "$@"' \
         _ "$@" &
     srun_pid=$!
     while true; do  # wait returns early when a trapped signal arrives: wait until srun is gone
@@ -71,14 +72,46 @@ mrpg_run() {
     return "$rc"
 }
 
+# vLLM on a node of its own (MRPG_ENGINE_NODES=1): `vllm serve` on the job's last node, data
+# parallel over its GPUs (MRPG_ENGINE_TP per engine), started with dummy weights (the trainer
+# sends them over NCCL) from the HF directory MRPG_ENGINE_MODEL (config and tokenizer); the
+# trainer's tasks run on the other nodes and find it at MRPG_ENGINE_URL.
+mrpg_serve() {
+    local host=${MRPG_HOSTS[-1]} gpus=${SLURM_GPUS_ON_NODE:-8} tp=${MRPG_ENGINE_TP:-8} i
+    : "${MRPG_ENGINE_MODEL:?set MRPG_ENGINE_MODEL to the HF directory of the model (config, tokenizer)}"
+    local address
+    address=$(scontrol show node "$host" | grep -oP 'NodeAddr=\K\S+' || echo "$host")
+    srun --nodes=1 --ntasks=1 --nodelist="$host" --kill-on-bad-exit=1 \
+        env VLLM_SERVER_DEV_MODE=1 "$MRPG_PYTHON" -m vllm.entrypoints.cli.main serve \
+        "$MRPG_ENGINE_MODEL" --host 0.0.0.0 --port 8000 --tensor-parallel-size "$tp" \
+        --data-parallel-size $((gpus / tp)) --load-format dummy --skip-tokenizer-init \
+        --weight-transfer-config '{"backend":"nccl"}' --logprobs-mode processed_logprobs \
+        --generation-config vllm --hf-overrides '{"head_dtype":"float32"}' &
+    export MRPG_ENGINE_URL="http://$address:8000"
+    for ((i = 0; i < 1800; i++)); do
+        curl -sf "$MRPG_ENGINE_URL/health" >/dev/null && return 0
+        sleep 1
+    done
+    echo "vllm serve on $host did not become healthy in 30 minutes" >&2
+    return 1
+}
+
 # The GPU recipes' body: check the layout and memory plan on the job's nodes, then train from
-# the Megatron checkpoint $CKPT (resuming the run's own checkpoints when requeued).
+# the Megatron checkpoint $CKPT (resuming the run's own checkpoints when requeued); with
+# MRPG_ENGINE_NODES=1 the engine gets the last node and the trainer the others.
 mrpg_train() {
-    local config=$1
+    local config=$1 engine_nodes=${MRPG_ENGINE_NODES:-0}
     shift
     : "${CKPT:?set CKPT to a Megatron checkpoint of the model (megatron-rpg convert hf-to-mcore)}"
+    local overrides=("model.checkpoint=$CKPT" "rollout.engine_nodes=$engine_nodes" "$@")
     "$MRPG_PYTHON" -m megatron_rpg.cli launch --config "$config" --nodes "$SLURM_JOB_NUM_NODES" \
-        --gpus-per-node "${SLURM_GPUS_ON_NODE:-8}" --dry-run "model.checkpoint=$CKPT" "$@"
-    mrpg_run "$MRPG_PYTHON" -m megatron_rpg.cli train --config "$config" --resume \
-        "model.checkpoint=$CKPT" "$@"
+        --gpus-per-node "${SLURM_GPUS_ON_NODE:-8}" --dry-run "${overrides[@]}"
+    if [ "$engine_nodes" -gt 0 ]; then
+        mrpg_serve
+        local trainer_nodes=$((SLURM_JOB_NUM_NODES - engine_nodes))
+        MRPG_SRUN_ARGS="--nodes=$trainer_nodes --ntasks=$((trainer_nodes * ${SLURM_NTASKS_PER_NODE:-8}))"
+        MRPG_SRUN_ARGS+=" --nodelist=$(IFS=,; echo "${MRPG_HOSTS[*]:0:trainer_nodes}")"
+        export MRPG_SRUN_ARGS
+    fi
+    mrpg_run "$MRPG_PYTHON" -m megatron_rpg.cli train --config "$config" --resume "${overrides[@]}"
 }

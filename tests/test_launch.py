@@ -81,17 +81,19 @@ def test_impossible_layouts_are_refused_with_a_reason(nodes, overrides, key, rea
 
 def test_engines_on_nodes_of_their_own():
     plan = memory_plan(
-        config(RECIPE_70B, "rollout.engine_nodes=2", "rollout.gpu_memory_utilization=0.9"),
-        nodes=10,
+        config(RECIPE_70B, "rollout.engine_nodes=1", "rollout.gpu_memory_utilization=0.9"),
+        nodes=9,
         gpus_per_node=8,
     )
     plan.check()
     assert (plan.tp, plan.pp, plan.dp) == (8, 4, 2)  # the trainer keeps 8 nodes
     states = sum(plan.gb[k] for k in ("weights", "gradients", "optimizer", "reference"))
     assert plan.rollout_gb == pytest.approx(max(states, 0.9 * 80))  # no engine on trainer GPUs
-    assert "2 vLLM engines of TP 8 on 2 node(s) of their own" in plan.render()
+    assert "1 vLLM engines of TP 8 on 1 node(s) of their own" in plan.render()
     with pytest.raises(ConfigError, match="the trainer needs one"):
-        memory_plan(config(RECIPE_70B, "rollout.engine_nodes=8"), nodes=8, gpus_per_node=8)
+        memory_plan(config(RECIPE_70B, "rollout.engine_nodes=1"), nodes=1, gpus_per_node=8)
+    with pytest.raises(ConfigError, match="one vLLM server"):
+        memory_plan(config(RECIPE_70B, "rollout.engine_nodes=2"), nodes=10, gpus_per_node=8)
 
 
 def test_7b_recipe_fits_one_node():

@@ -153,6 +153,7 @@ def test_non_finite_step_is_skipped_not_applied(pool2, tmp_path):
         ("rollout.top_p=2", "rollout.top_p"),
         ("data.task=math", "data.train_path"),
         ("eval_benchmarks=aime23", "eval_benchmarks"),
+        ("rollout.engine_nodes=1", "rollout.engine_nodes"),
         ("model.hf_config=/nonexistent", "model.hf_config"),
     ],
 )

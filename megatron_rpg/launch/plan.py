@@ -140,6 +140,12 @@ def memory_plan(config: RunConfig, nodes: int, gpus_per_node: int,
     arch = ModelArch.from_hf(_config_path(c.model.hf_config))
     check_layout(arch, parallel)
     engine_nodes = c.rollout.engine_nodes
+    if engine_nodes > 1:
+        raise ConfigError(
+            "rollout.engine_nodes",
+            engine_nodes,
+            "0 or 1 (one vLLM server, data parallel over its node's GPUs)",
+        )
     if engine_nodes >= nodes:
         raise ConfigError(
             "rollout.engine_nodes",
