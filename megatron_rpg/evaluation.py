@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import subprocess
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,8 +31,30 @@ from megatron_rpg.rewards.extract import extract_answer
 from megatron_rpg.rewards.sandbox import GraderPool
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# the shipped data sets: ../shared/data beside the project, or MEGATRON_RPG_DATA
-DATA_DIR = Path(os.environ.get("MEGATRON_RPG_DATA", PROJECT_ROOT.parent / "shared" / "data"))
+
+
+def shared_data_dir() -> Path:
+    """The shipped data sets: $MEGATRON_RPG_DATA, else ../shared/data beside the project, else
+    beside the checkout this one was cloned from (a CI clone elsewhere on the same machine)."""
+    if os.environ.get("MEGATRON_RPG_DATA"):
+        return Path(os.environ["MEGATRON_RPG_DATA"])
+    beside = PROJECT_ROOT.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    try:
+        origin = subprocess.run(["git", "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True, timeout=10,
+                                cwd=PROJECT_ROOT).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        origin = ""
+    if origin and Path(origin).is_dir():
+        cloned_from = Path(origin).resolve().parent / "shared" / "data"
+        if cloned_from.is_dir():
+            return cloned_from
+    return beside  # absent: load_benchmark names the missing file
+
+
+DATA_DIR = shared_data_dir()
 BENCHMARKS = {
     "aime24": "aime24.jsonl", "aime25": "aime25.jsonl", "amc23": "amc23.jsonl",
     "math500": "math500.jsonl", "gsm8k": "gsm8k_test.jsonl",

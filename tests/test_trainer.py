@@ -196,9 +196,10 @@ def test_math_task_trains_with_sandboxed_grading(pool2, tmp_path):
     import transformers
 
     from megatron_rpg.data import PROMPT_TEMPLATE
+    from megatron_rpg.evaluation import DATA_DIR
     from megatron_rpg.tokenizer import train_sentencepiece
 
-    source = ROOT.parent / "shared" / "data" / "gsm8k_train.jsonl"
+    source = DATA_DIR / "gsm8k_train.jsonl"
     lines = source.read_text().splitlines()[:40]
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     texts = [PROMPT_TEMPLATE.format(problem=json.loads(x)["problem"]) for x in lines]
