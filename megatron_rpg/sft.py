@@ -22,14 +22,13 @@ if TYPE_CHECKING:
     from megatron_rpg.trainer import Trainer
 
 
-def supervised_warmup(trainer: Trainer) -> list[float]:
+def supervised_warmup(trainer: Trainer) -> None:
     c = trainer.config.sft
     task, tokenizer, layout = trainer.task, trainer.tokenizer, trainer.layout
     optimizer = trainer.make_optimizer(c.lr, weight_decay=0.0)
     options = LogprobOptions(trainer.arch.vocab_size)
     rng = random.Random(trainer.config.seed)
     progress = Progress(c.steps, "sft", enabled=trainer.rank == 0)
-    losses = []
 
     def loss_fn(lp: torch.Tensor, entropy: torch.Tensor, batch: dict) -> tuple:
         value = -(lp * batch["mask"]).sum() / batch["count"]
@@ -59,7 +58,5 @@ def supervised_warmup(trainer: Trainer) -> list[float]:
         out = forward_backward(trainer.policy, [micro], options, loss_fn)
         optimizer.step()
         loss = float(out[0]["loss"]) * layout.data_parallel if out else float("nan")
-        losses.append(loss)
         progress.update(1, loss=loss)
     progress.close()
-    return losses

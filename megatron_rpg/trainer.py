@@ -128,12 +128,11 @@ class Trainer:
         self.data_position = 0  # prompts consumed so far (more than steps x prompts with DAPO)
         self.grader_pool: GraderPool | None = None
         self.grading_failures = 0  # graded 0 after a timeout, crash or grader error
-        self.sft_losses: list[float] = []
         resumed = self._resume() if resume else False
         if not resumed and c.sft.steps and not c.model.checkpoint:
             from megatron_rpg.sft import supervised_warmup
 
-            self.sft_losses = supervised_warmup(self)
+            supervised_warmup(self)
         self.log = None
         if self.rank == 0:
             self.log = MetricsLog(c.logging, self.run_dir, self.step, config_to_dict(c))
@@ -144,7 +143,7 @@ class Trainer:
             paths = [p / "config.json" if p.is_dir() else p for p in paths]
             write_manifest(self.run_dir / "manifest.json", config_to_dict(c),
                            [self.tokenizer.path, *paths])  # fmt: skip
-        self.sync_seconds = sync_weights(self.policy, self.arch, self.sync_target).seconds
+        sync_weights(self.policy, self.arch, self.sync_target)  # the engine starts from the policy
 
     # ---------------------------------------------------------------------------- building
 
