@@ -86,7 +86,8 @@ def save_train_checkpoint(
     dist.barrier()
     with in_process_write_results():
         dist_checkpointing.save(state_dicts, str(staging / "dist"))
-    rng = {"torch": torch.get_rng_state(), "python": list(_flatten(random.getstate()))}
+    version, internal, gauss = random.getstate()  # plain ints and a float: weights_only loads it
+    rng = {"torch": torch.get_rng_state(), "python": [version, *internal], "python_gauss": gauss}
     torch.save(rng, staging / "rng" / f"rank_{rank}.pt")
     dist.barrier()
     if rank == 0:
@@ -104,12 +105,6 @@ def save_train_checkpoint(
         _prune(out.parent, keep_last)
     dist.barrier()
     return out
-
-
-def _flatten(state: tuple[Any, ...]) -> list[int]:
-    """random.getstate() = (version, 625 ints, gauss) as a flat list of ints (weights_only)."""
-    version, internal, gauss = state
-    return [version, *internal, -1 if gauss is None else 0]
 
 
 def _prune(directory: Path, keep_last: int) -> None:
@@ -158,5 +153,5 @@ def load_train_checkpoint(directory: Path, state_dicts: dict[str, Any]) -> tuple
     rng = torch.load(directory / "rng" / f"rank_{dist.get_rank()}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     flat = rng["python"]
-    random.setstate((flat[0], tuple(flat[1:-1]), None))
+    random.setstate((flat[0], tuple(flat[1:]), rng["python_gauss"]))
     return loaded, json.loads((directory / "state.json").read_text())
