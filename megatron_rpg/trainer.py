@@ -9,7 +9,9 @@ One step:
       --> iterative reference update (every K steps, or when the moving-average KL > target)
       --> weight sync into the engine --> periodic greedy evaluation --> checkpoint
 
-Every rank runs this; rank 0 holds the rollout engine (embedded) and broadcasts the rollout.
+Every rank runs this. The rollout engine (rollout/placement.py) is the embedded one or a vLLM
+server, driven by rank 0, which broadcasts what it returns, or vLLM colocated in every rank, each
+engine sampling its share of the prompts; rank 0 grades.
 Sequences are split over data-parallel ranks inside each mini-batch, and the loss of every
 micro-batch is its share of the mini-batch's loss (global token / sequence counts), so the update
 does not depend on the layout. A step whose gradients are not finite on any rank is skipped
@@ -20,12 +22,12 @@ does not depend on the layout. A step whose gradients are not finite on any rank
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -45,10 +47,14 @@ from megatron_rpg.models import ModelArch, ReferenceModel, build_model_chunks
 from megatron_rpg.models.builder import resolve_dtype, unwrap
 from megatron_rpg.parallel import initialize_model_parallel
 from megatron_rpg.progress import Progress
-from megatron_rpg.rewards import exact_match, overlong_penalty
+from megatron_rpg.rewards import exact_match
 from megatron_rpg.rewards.sandbox import GraderPool
 from megatron_rpg.rl_batch import RolloutBatch, build_batch
-from megatron_rpg.rollout import EmbeddedEngine, SamplingParams, sync_weights
+from megatron_rpg.rollout import Response, SamplingParams, sync_weights
+from megatron_rpg.rollout.build import build_engine
+from megatron_rpg.rollout.collect import CollectSettings, collect_groups
+from megatron_rpg.rollout.placement import rollout_placement
+from megatron_rpg.rollout.protocol import EngineError
 from megatron_rpg.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 Batch = dict[str, torch.Tensor]
@@ -73,16 +79,7 @@ class Trainer:
         hf_config = read_hf_config(c.model.hf_config)
         self.arch = ModelArch.from_hf(hf_config)
         self.layout = initialize_model_parallel(c.parallel, c.seed)
-        if c.rollout.engine_nodes and not (c.rollout.engine == "vllm"
-                                           and os.environ.get("MRPG_ENGINE_URL")):  # fmt: skip
-            raise ConfigError("rollout.engine_nodes", c.rollout.engine_nodes,
-                              "0, unless rollout.engine=vllm in a job whose slurm/common.sh "
-                              "started the server (MRPG_ENGINE_URL)")  # fmt: skip
-        colocated_vllm = c.rollout.engine == "vllm" and not c.rollout.engine_nodes
-        if colocated_vllm and self.layout.world_size > 1:
-            raise ConfigError("rollout.engine", "vllm", "'embedded', or rollout.engine_nodes=1, "
-                              "when the trainer has more than one rank (colocated vLLM in the "
-                              "trainer is single-rank so far)")  # fmt: skip
+        self.placement = rollout_placement(c.rollout, self.arch, self.layout.world_size)
         micro, dp = c.optimizer.micro_batch_size, self.layout.data_parallel
         if c.optimizer.mini_batch_size % (micro * dp):
             raise ConfigError(
@@ -116,13 +113,8 @@ class Trainer:
         if c.loss.kl_anchor == "ref":
             ref_chunks = build_model_chunks(self.arch, c.parallel, dtype)
             self.reference = ReferenceModel(ref_chunks, self.policy)
-        self.engine = None  # generates: rank 0
-        self.sync_target = None  # receives the weights: rank 0, or every rank for a vLLM server
-        if c.rollout.engine == "vllm" and c.rollout.engine_nodes:
-            self.sync_target = self._server_engine()
-            self.engine = self.sync_target if self.rank == 0 else None
-        elif self.rank == 0:
-            self.engine = self.sync_target = self._engine(hf_config)
+        # every rank holding an engine receives the weights; generation: see generate()
+        self.engine = build_engine(c, self.placement, hf_config, self.run_dir, self.rank)
         self.options = LogprobOptions(self.arch.vocab_size, temperature=c.rollout.temperature)
         self.step, self.skipped_steps, self.kl_average = 0, 0, 0.0
         self.data_position = 0  # prompts consumed so far (more than steps x prompts with DAPO)
@@ -143,7 +135,7 @@ class Trainer:
             paths = [p / "config.json" if p.is_dir() else p for p in paths]
             write_manifest(self.run_dir / "manifest.json", config_to_dict(c),
                            [self.tokenizer.path, *paths])  # fmt: skip
-        sync_weights(self.policy, self.arch, self.sync_target)  # the engine starts from the policy
+        sync_weights(self.policy, self.arch, self.engine)  # the engine starts from the policy
 
     # ---------------------------------------------------------------------------- building
 
@@ -182,26 +174,6 @@ class Trainer:
         scores, stats = self.grader_pool.grade(self.task.grader, items)
         self.grading_failures += stats["timeouts"] + stats["crashes"] + stats["errors"]
         return scores
-
-    def _engine(self, hf_config: dict[str, Any]) -> Any:
-        if self.config.rollout.engine == "vllm":
-            from megatron_rpg.rollout.vllm_engine import VLLMEngine
-
-            return VLLMEngine(
-                self.config.model.hf_config,
-                self.config.rollout.tensor_parallel,
-                seed=self.config.seed,
-            )
-        return EmbeddedEngine(hf_config, dtype=torch.float32)
-
-    def _server_engine(self) -> Any:
-        """The `vllm serve` that slurm/common.sh started on the job's engine node."""
-        from megatron_rpg.rollout.vllm_engine import VLLMServerEngine
-
-        url, address, port = (
-            os.environ[k] for k in ("MRPG_ENGINE_URL", "MASTER_ADDR", "MASTER_PORT")
-        )
-        return VLLMServerEngine(url, address, int(port) + 1)
 
     def make_optimizer(self, lr: float, weight_decay: float) -> Any:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -245,107 +217,106 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- rollout
 
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[list[Response]]:
+        """Collective: every rank gets the responses. A colocated vLLM engine generates on
+        every rank; the embedded engine and a vLLM server on rank 0, which broadcasts (and
+        broadcasts a failure, so that no rank waits in a collective for an answer that will
+        not come)."""
+        if self.engine is not None and self.engine.collective:
+            groups: list[list[Response]] = self.engine.generate(prompts, params)
+            return groups
+        payload: list[Any] = [None]
+        failure: Exception | None = None
+        if self.rank == 0:
+            try:
+                payload = [(cast(Any, self.engine).generate(prompts, params), None)]
+            except Exception as err:
+                failure, payload = err, [(None, f"{type(err).__name__}: {err}")]
+        dist.broadcast_object_list(payload, src=0)
+        groups, error = payload[0]
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise EngineError(f"rank 0's rollout engine failed: {error}")
+        return cast(list[list[Response]], groups)
+
+    def grade_everywhere(self, items: list[tuple[str, Any]]) -> list[float]:
+        """Collective: rank 0 grades, every rank gets the scores."""
+        payload: list[Any] = [self.grade(items) if self.rank == 0 else None]
+        dist.broadcast_object_list(payload, src=0)
+        return cast(list[float], payload[0])
+
     def _rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
-        """Rank 0 samples and grades; every rank receives the batch and the rollout metrics.
-        With dynamic sampling (DAPO), groups whose rewards are all equal carry no signal and are
-        replaced by groups of further prompts, for up to dynamic_sampling_max_rounds rounds;
-        then the batch is filled with dropped groups."""
+        """Every rank in lockstep: sample and grade the step's groups (rollout/collect.py)."""
         c, a = self.config, self.config.algorithm
         start = time.perf_counter()
-        payload: list[Any] = [None]
-        if self.rank == 0:
-            kept: list[tuple[list[int], Any, list[float]]] = []
-            dropped: list[tuple[list[int], Any, list[float]]] = []
-            position, rounds, sampled = self.data_position, 0, []
-            while len(kept) < c.data.prompts_per_step and rounds < a.dynamic_sampling_max_rounds:
-                need = c.data.prompts_per_step - len(kept)
-                problems = self.task.batch(c.seed, position, need)
-                position += need
-                seed = (c.seed * 1_000_003 + self.step) * 64 + rounds
-                for group in self._sample_and_grade(problems, seed):
-                    sampled.extend(group[2])
-                    uniform = len(set(group[2])) == 1
-                    (dropped if a.dynamic_sampling and uniform else kept).append(group)
-                rounds += 1
-            kept += dropped[: c.data.prompts_per_step - len(kept)]
-            prompts, groups, rewards = (list(x) for x in zip(*kept, strict=True))
-            metrics = {"reward/sampled_mean": sum(sampled) / len(sampled),
-                       "dynamic/rounds": float(rounds),
-                       "dynamic/dropped_groups": float(len(dropped))}  # fmt: skip
-            batch = build_batch(prompts, groups, rewards, self.tokenizer.pad_id)
-            payload = [(batch, metrics, position)]
-        dist.broadcast_object_list(payload, src=0)
-        batch, metrics, self.data_position = payload[0]
+        settings = CollectSettings(
+            prompts=c.data.prompts_per_step,
+            params=SamplingParams(n=c.rollout.n, temperature=c.rollout.temperature,
+                                  top_p=c.rollout.top_p, top_k=c.rollout.top_k,
+                                  max_tokens=c.rollout.max_tokens,
+                                  stop_token_ids=(self.tokenizer.eos_id,)),
+            dynamic_sampling=a.dynamic_sampling, max_rounds=a.dynamic_sampling_max_rounds,
+            overlong_buffer=a.overlong_buffer, overlong_penalty=a.overlong_penalty,
+        )  # fmt: skip
+        groups, metrics, self.data_position = collect_groups(
+            self.task, self.tokenizer, self.generate, self.grade_everywhere, settings,
+            seed=c.seed, step=self.step, position=self.data_position,
+        )  # fmt: skip
+        batch = build_batch([g.prompt for g in groups], [g.responses for g in groups],
+                            [g.rewards for g in groups], self.tokenizer.pad_id)  # fmt: skip
         metrics["time/rollout"] = time.perf_counter() - start
         return batch, metrics
 
-    def _sample_and_grade(
-        self, problems: list[Any], seed: int
-    ) -> list[tuple[list[int], Any, list[float]]]:
-        """(prompt ids, responses, rewards) per problem: task reward plus overlong shaping."""
-        c, a = self.config, self.config.algorithm
-        prompts = [self.tokenizer.encode(self.task.prompt(p)) for p in problems]
-        params = SamplingParams(
-            n=c.rollout.n, temperature=c.rollout.temperature, top_p=c.rollout.top_p,
-            top_k=c.rollout.top_k, max_tokens=c.rollout.max_tokens,
-            stop_token_ids=(self.tokenizer.eos_id,), seed=seed,
-        )  # fmt: skip
-        groups = self.engine.generate(prompts, params)  # type: ignore[union-attr]
-        items = [
-            (self.tokenizer.decode(r.token_ids), self.task.answer(problem))
-            for problem, group in zip(problems, groups, strict=True)
-            for r in group
-        ]
-        scores = iter(self.grade(items))
-        out = []
-        for prompt, group in zip(prompts, groups, strict=True):
-            rewards = [
-                next(scores) + overlong_penalty(len(r.token_ids), c.rollout.max_tokens,
-                                                a.overlong_buffer, a.overlong_penalty)
-                for r in group
-            ]  # fmt: skip
-            out.append((prompt, group, rewards))
-        return out
-
     def evaluate(self) -> float:
-        """Greedy accuracy over the task's problems (the first EVAL_PROBLEMS); rank 0, nan
-        elsewhere."""
-        if self.engine is None:
-            return float("nan")
+        """Greedy accuracy over the task's problems (the first EVAL_PROBLEMS); collective;
+        rank 0 grades and returns it, the others nan."""
         problems = self.task.problems[:EVAL_PROBLEMS]
         prompts = [self.tokenizer.encode(self.task.prompt(p)) for p in problems]
         params = SamplingParams(top_k=1, max_tokens=self.config.rollout.max_tokens,
                                 stop_token_ids=(self.tokenizer.eos_id,), seed=0)  # fmt: skip
-        groups = self.engine.generate(prompts, params)
+        groups = self.generate(prompts, params)
+        if self.rank != 0:
+            return float("nan")
         scores = self.grade([(self.tokenizer.decode(g[0].token_ids), self.task.answer(p))
                              for p, g in zip(problems, groups, strict=True)])  # fmt: skip
         return sum(scores) / len(scores)
 
     def evaluate_benchmarks(self) -> dict[str, float]:
-        """mean@k and pass@k of `eval_benchmarks` with the rollout engine (rank 0)."""
+        """mean@k, pass@k and maj@k of `eval_benchmarks` with the rollout engine; collective;
+        rank 0 grades and returns them."""
         c = self.config
         names = [n for n in c.eval_benchmarks.split(",") if n]
-        if not names or self.engine is None:
+        if not names:
             return {}
-        from megatron_rpg.evaluation import evaluate, load_benchmark
+        from megatron_rpg.data import PROMPT_TEMPLATE
+        from megatron_rpg.evaluation import load_benchmark, score_benchmark
         from megatron_rpg.rollout.text import TextGenerator
 
-        benchmarks = {n: load_benchmark(n)[: c.eval_limit or None] for n in names}
         params = SamplingParams(temperature=c.rollout.temperature, top_p=c.rollout.top_p,
                                 max_tokens=c.rollout.max_tokens, seed=c.seed)  # fmt: skip
-        if self.grader_pool is None:
-            self.grader_pool = GraderPool()
-        results = evaluate(benchmarks, TextGenerator(self.engine, self.tokenizer, params),
-                           c.eval_k, self.grader_pool)  # fmt: skip
-        k = c.eval_k
-        return {f"eval/{name}/{metric}@{k}": r[f"{metric}@{k}"]
-                for name, r in results.items() for metric in ("mean", "pass", "maj")}  # fmt: skip
+        generate = TextGenerator(self, self.tokenizer, params)  # self.generate: collective
+        k, out = c.eval_k, {}
+        for name in names:
+            problems = load_benchmark(name)[: c.eval_limit or None]
+            texts = generate([PROMPT_TEMPLATE.format(problem=p["problem"]) for p in problems], k)
+            if self.rank != 0:
+                continue
+            if self.grader_pool is None:
+                self.grader_pool = GraderPool()
+            result = score_benchmark(problems, texts, k, self.grader_pool)
+            for metric in ("mean", "pass", "maj"):
+                out[f"eval/{name}/{metric}@{k}"] = result[f"{metric}@{k}"]
+        return out
 
     # ---------------------------------------------------------------------------- update
 
     def _micro_batches(self, batch: RolloutBatch, advantages: torch.Tensor) -> list[list[Batch]]:
         """This rank's micro-batches, per mini-batch: mini-batch rows split over DP ranks."""
         o, layout = self.config.optimizer, self.layout
+        device = next(self.policy[0].parameters()).device
         minis = []
         for start in range(0, len(batch), o.mini_batch_size):
             rows = torch.arange(start, start + o.mini_batch_size)[
@@ -356,7 +327,7 @@ class Trainer:
                 index = rows[m : m + o.micro_batch_size]
                 micro = batch.rows(index)
                 micro["advantages"] = advantages[index]
-                micros.append(micro)
+                micros.append({k: v.to(device) for k, v in micro.items()})
             minis.append(micros)
         return minis
 
@@ -446,8 +417,8 @@ class Trainer:
         c = self.config
         start = time.perf_counter()
         batch, rollout_metrics = self._rollout()
-        if self.sync_target is not None:
-            self.sync_target.sleep()  # a colocated engine frees its memory for training
+        if self.engine is not None:
+            self.engine.sleep()  # a colocated engine frees its memory for training
         token_level = c.algorithm.advantage == "reinforce_pp"  # needs log-probs: set below
         advantages = batch.rewards
         if not token_level:
@@ -474,9 +445,9 @@ class Trainer:
         self.step += 1
         step_kl = self._reduce(metrics, grad_norms)
         self._update_reference(step_kl["kl/k3"])
-        if self.sync_target is not None:
-            self.sync_target.wake()
-        sync = sync_weights(self.policy, self.arch, self.sync_target)
+        if self.engine is not None:
+            self.engine.wake()
+        sync = sync_weights(self.policy, self.arch, self.engine)
         end = time.perf_counter()
         tokens = float(batch.prompt_lengths.sum() + batch.response_lengths.sum())
         out = {
@@ -623,11 +594,18 @@ class Trainer:
                     print(f"stopping on a signal: checkpoint {path} (step {self.step})", flush=True)
                 break
         progress.close()
-        if self.grader_pool is not None:
-            self.grader_pool.close()
         if self.log is not None:
             print(self.log.close(), flush=True)
         return history
+
+    def close(self) -> None:
+        """Stop the grader pool and the rollout engine (before the process group goes)."""
+        if self.grader_pool is not None:
+            self.grader_pool.close()
+            self.grader_pool = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
 
 def _wrap_ddp(chunks: list[Any]) -> list[Any]:
@@ -652,4 +630,8 @@ def _wrap_ddp(chunks: list[Any]) -> list[Any]:
 
 def run_training(config: RunConfig, resume: bool = False) -> list[dict[str, float]]:
     """Build the trainer on this rank (process group initialized) and train."""
-    return Trainer(config, resume).train()
+    trainer = Trainer(config, resume)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

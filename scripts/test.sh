@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$(bash scripts/install.sh dev)
+PATH="$(cd "$venv/bin" && pwd):$PATH"  # the venv's tools (shellcheck, megatron-rpg) for tests
+export PATH
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
 "$venv/bin/mypy"

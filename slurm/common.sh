@@ -81,12 +81,10 @@ mrpg_serve() {
     : "${MRPG_ENGINE_MODEL:?set MRPG_ENGINE_MODEL to the HF directory of the model (config, tokenizer)}"
     local address
     address=$(scontrol show node "$host" | grep -oP 'NodeAddr=\K\S+' || echo "$host")
+    # the flags VLLMServerEngine needs live in one place: megatron_rpg/rollout/vllm_server.py
     srun --nodes=1 --ntasks=1 --nodelist="$host" --kill-on-bad-exit=1 \
-        env VLLM_SERVER_DEV_MODE=1 "$MRPG_PYTHON" -m vllm.entrypoints.cli.main serve \
-        "$MRPG_ENGINE_MODEL" --host 0.0.0.0 --port 8000 --tensor-parallel-size "$tp" \
-        --data-parallel-size $((gpus / tp)) --load-format dummy --skip-tokenizer-init \
-        --weight-transfer-config '{"backend":"nccl"}' --logprobs-mode processed_logprobs \
-        --generation-config vllm --hf-overrides '{"head_dtype":"float32"}' &
+        "$MRPG_PYTHON" -m megatron_rpg.rollout.vllm_server "$MRPG_ENGINE_MODEL" --port 8000 \
+        --tensor-parallel "$tp" --data-parallel $((gpus / tp)) &
     export MRPG_ENGINE_URL="http://$address:8000"
     for ((i = 0; i < 1800; i++)); do
         curl -sf "$MRPG_ENGINE_URL/health" >/dev/null && return 0

@@ -7,6 +7,7 @@ TINY = dict(
     num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
     max_position_embeddings=64, hidden_act="silu",
 )  # fmt: skip
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 FAMILIES = {
     "llama": dict(TINY, model_type="llama", tie_word_embeddings=False,
                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -15,15 +16,21 @@ FAMILIES = {
     "qwen3": dict(TINY, model_type="qwen3", head_dim=24, tie_word_embeddings=False),
     "mistral": dict(TINY, model_type="mistral", sliding_window=None, tie_word_embeddings=False),
 }  # fmt: skip
+# vLLM's CPU attention needs heads of at least 32 dimensions
+VLLM_FAMILIES = {
+    name: dict(FAMILIES[name], hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+               architectures=[ARCHITECTURES[name]])
+    for name in ("llama", "qwen2")
+}  # fmt: skip
 TOKENS = torch.randint(200, (2, 16), generator=torch.Generator().manual_seed(5))
 
 
-def hf_model(name, seed=0):
+def hf_model(name, seed=0, families=FAMILIES):
     """A random transformers model of the family (fp32, eager attention), weights scaled up so
     that logits are far from uniform."""
     import transformers
 
-    config = transformers.AutoConfig.for_model(**FAMILIES[name])
+    config = transformers.AutoConfig.for_model(**families[name])
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -36,7 +43,7 @@ def hf_model(name, seed=0):
     return model
 
 
-def load_in_layout(name, hf_state, tp, pp):
+def load_in_layout(name, hf_state, tp, pp, families=FAMILIES):
     """HF weights -> full Megatron tensors -> this rank's shards at TP x PP."""
     from megatron_rpg.config import ParallelConfig
     from megatron_rpg.models import ModelArch, build_model_chunks, load_full_state_dict
@@ -45,7 +52,7 @@ def load_in_layout(name, hf_state, tp, pp):
 
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
     initialize_model_parallel(parallel, seed=0)
-    arch = ModelArch.from_hf(FAMILIES[name])
+    arch = ModelArch.from_hf(families[name])
     chunks = build_model_chunks(arch, parallel, torch.float32)
     full = {n: to_megatron(n, hf_state.__getitem__, arch) for n in megatron_names(arch)}
     for chunk in chunks:

@@ -1,5 +1,6 @@
-"""Rank functions for tests/test_rollout.py: a policy at TP x PP takes an optimizer step and
-syncs into the embedded engine held by rank 0."""
+"""Rank functions for tests/test_rollout.py and tests/test_vllm.py: a policy at TP x PP takes an
+optimizer step and syncs into a rollout engine (embedded on rank 0, vLLM colocated in every
+rank, or a vLLM server)."""
 
 import torch
 import torch.distributed as dist
@@ -7,7 +8,25 @@ import torch.distributed as dist
 from hf_cases import FAMILIES, load_in_layout
 from model_cases import wrap_ddp
 
-PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38]]
+PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38], [1, 2, 3, 4, 5]]
+
+
+def embedded_engine(hf_config):
+    from megatron_rpg.rollout import EmbeddedEngine
+
+    return EmbeddedEngine(hf_config) if dist.get_rank() == 0 else None
+
+
+def colocated_engine(hf_config, model_dir, tensor_parallel):
+    from megatron_rpg.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(model_dir, tensor_parallel, dtype="float32", kv_cache_gb=0.25)
+
+
+def server_engine(hf_config, url):
+    from megatron_rpg.rollout.vllm_engine import VLLMServerEngine
+
+    return VLLMServerEngine(url, hf_config, timeout_s=120)
 
 
 def _trainer_logprobs(chunks, arch, tokens):
@@ -19,51 +38,61 @@ def _trainer_logprobs(chunks, arch, tokens):
 
 
 def _rollout(engine, params):
-    """Rank 0 samples; every rank gets the tokens [b, prompt + response] and rank 0's log-probs."""
-    payload = [None]
-    if dist.get_rank() == 0:
+    """Every rank gets the tokens [b, prompt + response] and the engine's log-probs: a
+    collective engine generates on every rank, the others on rank 0, which broadcasts."""
+    if engine is not None and engine.collective:
         groups = engine.generate(PROMPTS, params)
-        rows = [(p, r) for p, group in zip(PROMPTS, groups, strict=True) for r in group]
-        tokens = torch.tensor([p + r.token_ids for p, r in rows])
-        payload = [(tokens, torch.tensor([r.logprobs for _, r in rows]))]
-    dist.broadcast_object_list(payload, src=0)
-    return payload[0]
+    else:
+        payload = [engine.generate(PROMPTS, params) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(payload, src=0)
+        groups = payload[0]
+    rows = [(p, r) for p, group in zip(PROMPTS, groups, strict=True) for r in group]
+    return (
+        torch.tensor([p + r.token_ids for p, r in rows]),
+        torch.tensor([r.logprobs for _, r in rows]),
+    )
 
 
-def sync_after_step(name, hf_state, tp, pp):
+def sync_after_step(name, hf_state, tp, pp, make_engine=embedded_engine, families=FAMILIES):
     """Initial weights synced; one Adam step; engine log-probs vs the trainer's before and after
-    the second sync. Returns, per rank, (before, after) max |difference| on the last stage."""
+    the second sync. Returns, on the last stage, the max |difference| before and after, the
+    bytes of both syncs and the first prompt's responses; None elsewhere."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_rpg.forward_backward import LogprobOptions, forward_backward
-    from megatron_rpg.rollout import EmbeddedEngine, SamplingParams, sync_weights
+    from megatron_rpg.rollout import SamplingParams, sync_weights
 
-    arch, chunks = load_in_layout(name, hf_state, tp, pp)
-    engine = EmbeddedEngine(FAMILIES[name]) if dist.get_rank() == 0 else None
-    first = sync_weights(chunks, arch, engine)
-    params = SamplingParams(n=2, max_tokens=6, seed=7)
-    policy = wrap_ddp(chunks)
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, bf16=False, fp16=False), policy
-    )
-    tokens, _ = _rollout(engine, params)
-    for m in policy:
-        m.zero_grad_buffer()
-    optimizer.zero_grad()
-    options = LogprobOptions(vocab_size=arch.vocab_size)
-    forward_backward(policy, [{"tokens": tokens}], options, lambda lp, ent, b: (-lp.sum(), {}))
-    optimizer.step()
+    arch, chunks = load_in_layout(name, hf_state, tp, pp, families)
+    engine = make_engine(families[name])
+    try:
+        first = sync_weights(chunks, arch, engine)
+        params = SamplingParams(n=2, max_tokens=6, seed=7)
+        policy = wrap_ddp(chunks)
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=1e-2, bf16=False, fp16=False), policy
+        )
+        tokens, _ = _rollout(engine, params)
+        for m in policy:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+        options = LogprobOptions(vocab_size=arch.vocab_size)
+        forward_backward(policy, [{"tokens": tokens}], options, lambda lp, ent, b: (-lp.sum(), {}))
+        optimizer.step()
 
-    response = slice(len(PROMPTS[0]) - 1, None)  # log-probs of the response tokens
-    tokens, stale = _rollout(engine, params)
-    trainer = _trainer_logprobs(policy, arch, tokens)
-    second = sync_weights(chunks, arch, engine)
-    tokens, fresh = _rollout(engine, params)
-    trainer_fresh = _trainer_logprobs(policy, arch, tokens)
+        response = slice(len(PROMPTS[0]) - 1, None)  # log-probs of the response tokens
+        tokens, stale = _rollout(engine, params)
+        trainer = _trainer_logprobs(policy, arch, tokens)
+        second = sync_weights(chunks, arch, engine)
+        tokens, fresh = _rollout(engine, params)
+        trainer_fresh = _trainer_logprobs(policy, arch, tokens)
+    finally:
+        if engine is not None:
+            engine.close()
     if trainer is None:
         return None
     return {
         "before": (trainer[:, response] - stale).abs().max().item(),
         "after": (trainer_fresh[:, response] - fresh).abs().max().item(),
         "bytes": (first.bytes, second.bytes),
+        "responses": tokens[: params.n, len(PROMPTS[0]) :].tolist(),
     }

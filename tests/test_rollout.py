@@ -1,6 +1,7 @@
-"""Rollout engines: the engine contract (every engine: the embedded one here, vLLM where it can
-run), sampling against exact enumeration, and live weight sync from a TP=2 x PP=2 policy."""
+"""Rollout engines: the engine contract (the embedded engine and a vLLM server, the CPU build),
+sampling against exact enumeration, and live weight sync from a TP=2 x PP=2 policy."""
 
+import contextlib
 import math
 import re
 
@@ -11,7 +12,7 @@ from rollout_cases import sync_after_step
 from megatron_rpg.rollout import EmbeddedEngine, SamplingParams
 from megatron_rpg.rollout.embedded import sample
 
-from hf_cases import FAMILIES, hf_model
+from hf_cases import FAMILIES, VLLM_FAMILIES, hf_model
 
 PROMPTS = [[5, 17, 3, 9], [1, 2], [44, 45, 46, 47, 48, 49]]
 
@@ -23,30 +24,26 @@ def embedded_engine(name):
     return engine, model, 1e-5
 
 
-def vllm_engine(name):
-    pytest.importorskip("vllm", reason="vLLM is not installed (GPU machines with the gpu extra)")
-    if not torch.cuda.is_available():
-        pytest.skip("vLLM engines need a CUDA GPU")
-    import tempfile
+@contextlib.contextmanager
+def vllm_server_engine(name):
+    """A `vllm serve` (CPU build) loading the HF model's weights; the engine talks to it."""
+    from servers import model_dir, running_server
 
-    from megatron_rpg.checkpoint import write_hf_checkpoint
-    from megatron_rpg.rollout.vllm_engine import VLLMEngine
+    from megatron_rpg.rollout.vllm_engine import VLLMServerEngine
 
-    model = hf_model(name)
-    directory = tempfile.mkdtemp()
-    write_hf_checkpoint(f"{directory}/hf", model.state_dict().items(), model.config.to_dict(),
-                        force=True)  # fmt: skip
-    engine = VLLMEngine(f"{directory}/hf", dtype="float32", gpu_memory_utilization=0.3)
-    engine.llm.collective_rpc("reload_weights", kwargs={"weights_path": f"{directory}/hf"})
-    return engine, model, 1e-3
-
-
-ENGINES = {"embedded": embedded_engine, "vllm": vllm_engine}
+    model = hf_model(name, families=VLLM_FAMILIES)
+    directory = model_dir(VLLM_FAMILIES[name], model.state_dict())
+    with running_server(directory, load_format="auto") as (url, _):
+        yield VLLMServerEngine(url, VLLM_FAMILIES[name]), model, 1e-4
 
 
 @pytest.fixture(scope="module", params=["embedded", "vllm"])
 def engine(request):
-    return ENGINES[request.param]("llama")
+    if request.param == "embedded":
+        yield embedded_engine("llama")
+        return
+    with vllm_server_engine("llama") as engine:
+        yield engine
 
 
 def reference_logprobs(model, prompt, response, temperature):
@@ -173,23 +170,3 @@ def test_sync_from_tp2_pp2_after_an_optimizer_step(pool4, name):
             == r["bytes"][1]
             == sum(p.numel() * 4 for p in hf_model(name).parameters())
         )
-
-
-def test_vllm_outputs_are_read_as_documented():
-    """The vLLM glue that needs no GPU: our SamplingParams in vLLM's terms, and a
-    CompletionOutput (sampled token first in each position's dict) read back."""
-    from types import SimpleNamespace as NS
-
-    from megatron_rpg.rollout.vllm_engine import response_from_completion, vllm_sampling_kwargs
-
-    kwargs = vllm_sampling_kwargs(SamplingParams(n=2, max_tokens=9, stop_token_ids=[5], seed=1))
-    assert kwargs["logprobs"] == 0 and kwargs["max_tokens"] == 9 and kwargs["top_k"] == 0
-    assert kwargs["stop_token_ids"] == [5] and kwargs["detokenize"] is False
-    positions = [{7: NS(logprob=-0.5), 1: NS(logprob=-0.1)}, {5: NS(logprob=-2.0)}]
-    response = response_from_completion(NS(token_ids=(7, 5), logprobs=positions,
-                                           finish_reason="stop"))  # fmt: skip
-    assert response.token_ids == [7, 5] and response.logprobs == [-0.5, -2.0]
-    with pytest.raises(ValueError, match="1 log-probs for 2 tokens"):
-        response_from_completion(NS(token_ids=(7, 5), logprobs=positions[:1], finish_reason="stop"))
-    with pytest.raises(RuntimeError, match="'abort'"):
-        response_from_completion(NS(token_ids=(7,), logprobs=positions[:1], finish_reason="abort"))

@@ -35,6 +35,7 @@ from pathlib import Path
 from megatron_rpg.config import ConfigError, RunConfig
 from megatron_rpg.models import ModelArch
 from megatron_rpg.models.builder import check_layout, padded_vocab_size
+from megatron_rpg.rollout.placement import rollout_placement
 
 GB = 1e9
 KV_BYTES = 2  # bf16 KV cache
@@ -157,10 +158,11 @@ def memory_plan(config: RunConfig, nodes: int, gpus_per_node: int,
     if gpus % (tp * pp):
         raise ConfigError("parallel", f"TP{tp} x PP{pp}", f"a divisor of the {gpus} GPUs")
     engine_tp = c.rollout.tensor_parallel
-    if gpus_per_node % engine_tp or arch.num_attention_heads % engine_tp:
+    if c.rollout.engine == "vllm":  # the trainer's own check (rollout/placement.py)
+        rollout_placement(c.rollout, arch, gpus, gpus_per_node, cuda=True)
+    if gpus_per_node % engine_tp:
         raise ConfigError("rollout.tensor_parallel", engine_tp,
-                          f"a divisor of the GPUs per node ({gpus_per_node}) and of the "
-                          f"attention heads ({arch.num_attention_heads})")  # fmt: skip
+                          f"a divisor of the GPUs per node ({gpus_per_node})")  # fmt: skip
     dp = gpus // (tp * pp)
     stages = stage_parameters(arch, tp, pp)
     p = max(stages) / tp

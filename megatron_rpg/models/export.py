@@ -111,15 +111,19 @@ class WeightStream:
         self.plan = export_plan(self.model_chunks, arch)
 
     @property
-    def metadata(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def bucket_metadata(self) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
+        """Per bucket, what `buckets()` will yield: (hf_name, shape, dtype) of each tensor."""
         return [
-            (hf_name, tuple(t.shape), t.dtype)
-            for planned in self.plan
-            for hf_name, t in to_hf(
-                planned.name, torch.empty(planned.shape, dtype=planned.dtype, device="meta"),
-                self.arch,
-            )
+            [(hf_name, tuple(t.shape), t.dtype)
+             for planned in bucket
+             for hf_name, t in to_hf(planned.name, torch.empty(planned.shape, dtype=planned.dtype,
+                                                               device="meta"), self.arch)]
+            for bucket in _buckets(self.plan, self.bucket_bytes)
         ]  # fmt: skip
+
+    @property
+    def metadata(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [entry for bucket in self.bucket_metadata for entry in bucket]
 
     @property
     def nbytes(self) -> int:

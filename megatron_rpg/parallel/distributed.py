@@ -5,7 +5,8 @@
     ...
     destroy_model_parallel()
 
-NCCL with CUDA, gloo without (backend='auto'). DP is what remains: world = TP * PP * DP.
+NCCL (CUDA tensors) + gloo (CPU tensors) with CUDA, gloo without (backend='auto'). DP is what
+remains: world = TP * PP * DP.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ class ParallelLayout:
 
 
 def resolve_backend(backend: str) -> str:
+    """With CUDA, NCCL carries CUDA tensors and gloo CPU ones (a step's flags and counts are
+    CPU tensors: NCCL alone fails with "No backend type associated with device type cpu")."""
     if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("parallel.backend", backend, "'gloo' or 'auto' on a machine without CUDA")
-    return backend
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
 
 
 def init_process_group(backend: str = "auto", timeout_minutes: int = 30) -> None:
@@ -58,7 +61,7 @@ def init_process_group(backend: str = "auto", timeout_minutes: int = 30) -> None
     if dist.is_initialized():
         return
     backend = resolve_backend(backend)
-    if backend == "nccl":
+    if "nccl" in backend:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
 

@@ -26,6 +26,8 @@ from megatron_rpg.rollout.protocol import Response, SamplingParams, check_prompt
 
 
 class EmbeddedEngine:
+    collective = False  # one process generates (rank 0 in the trainer)
+
     def __init__(
         self,
         hf_config: dict[str, Any],
@@ -89,6 +91,9 @@ class EmbeddedEngine:
         self.model.to(self.device)
         self.asleep = False
 
+    def close(self) -> None:
+        """Nothing to release beyond the model, which goes with the engine."""
+
     # generation ---------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -126,9 +131,15 @@ class EmbeddedEngine:
         active = set(range(len(rows)))
         cache = None
         for step in range(max(limits)):
-            result = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                cache=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
-            cache = result.cache
+            result = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache = result.past_key_values
             tokens, logprobs = sample(result.logits[:, -1].float(), params, generators)
             for i in list(active):
                 token = int(tokens[i])

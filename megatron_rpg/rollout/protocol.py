@@ -22,6 +22,10 @@ from megatron_rpg.config import ConfigError
 FINISH_REASONS = ("stop", "length")
 
 
+class EngineError(RuntimeError):
+    """The rollout engine failed (a dead server, a refused request); names the engine."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     n: int = 1
@@ -67,6 +71,14 @@ class RolloutEngine(Protocol):
     def sleep(self) -> None: ...
 
     def wake(self) -> None: ...
+
+    def close(self) -> None:
+        """Release the engine (before the trainer's process group is destroyed)."""
+        ...
+
+    # True: generate and update_weights are collective over the trainer's ranks (a colocated
+    # vLLM engine in every rank); False: generate runs on the rank holding the engine
+    collective: bool
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, max_len: int) -> None:

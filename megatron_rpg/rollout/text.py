@@ -8,13 +8,22 @@ tokenizer, k responses sampled per prompt, decoded.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from megatron_rpg.rollout.protocol import RolloutEngine, SamplingParams
+from megatron_rpg.rollout.protocol import Response, SamplingParams
+
+
+class Generates(Protocol):
+    """An engine, or the trainer (whose generate is collective over its ranks)."""
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[list[Response]]: ...
 
 
 class TextGenerator:
-    def __init__(self, engine: RolloutEngine, tokenizer: Any, params: SamplingParams):
+    def __init__(self, engine: Generates, tokenizer: Any, params: SamplingParams):
         self.engine, self.tokenizer = engine, tokenizer
         stop = (*params.stop_token_ids, tokenizer.eos_id)
         self.params = dataclasses.replace(params, stop_token_ids=stop)

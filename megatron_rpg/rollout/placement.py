@@ -1,0 +1,109 @@
+"""Where the rollout engines run: the one decision that the trainer and `megatron-rpg launch
+--dry-run` both take, so a layout the plan accepts is a layout the trainer starts.
+
+    placement = rollout_placement(config.rollout, arch, trainer_ranks=64, gpus_per_node=8)
+
+embedded     rank 0 holds a transformers model (CPU runs, tests)
+vLLM, colocated (engine_nodes = 0, no server_url)
+             an engine of `tensor_parallel` ranks in every block of that many consecutive
+             trainer ranks: trainer_ranks / tensor_parallel engines, each sampling its share
+             of the prompts; weights by reference in-process (mrpg_local)
+vLLM, server (engine_nodes > 0 or server_url)
+             a `vllm serve` elsewhere; weights over NCCL (CUDA) or gloo (mrpg_gloo)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_rpg.config import ConfigError, RolloutConfig
+from megatron_rpg.models import ModelArch
+
+
+@dataclass(frozen=True)
+class RolloutPlacement:
+    engine: str  # "embedded" or "vllm"
+    colocated: bool  # vLLM inside the trainer's ranks
+    tensor_parallel: int  # ranks (GPUs) per engine
+    engines: int  # colocated engines (0: a server's own count)
+    transfer: str  # weight-transfer backend; "" for the embedded engine
+
+    def describe(self) -> str:
+        if self.engine == "embedded":
+            return "embedded engine on rank 0"
+        where = (
+            f"{self.engines} colocated engine(s) of TP {self.tensor_parallel}"
+            if self.colocated
+            else "a vllm serve of its own"
+        )
+        return f"vLLM: {where}, weights by {self.transfer}"
+
+
+def rollout_placement(
+    rollout: RolloutConfig,
+    arch: ModelArch,
+    trainer_ranks: int,
+    gpus_per_node: int | None = None,
+    cuda: bool | None = None,
+) -> RolloutPlacement:
+    """The placement, or ConfigError naming the key that cannot work. `cuda`: the trainer's
+    device (default: this machine's); the launch plan passes True."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    tp = rollout.tensor_parallel
+    server = rollout.engine_nodes > 0 or bool(rollout.server_url)
+    if rollout.engine == "embedded":
+        for key, value, ok in [
+            ("tensor_parallel", tp, tp == 1),
+            ("engine_nodes", rollout.engine_nodes, rollout.engine_nodes == 0),
+            ("server_url", rollout.server_url, not rollout.server_url),
+            ("weight_transfer", rollout.weight_transfer, rollout.weight_transfer == "auto"),
+        ]:
+            if not ok:
+                raise ConfigError(
+                    f"rollout.{key}",
+                    value,
+                    "its default with rollout.engine=embedded (one process; vLLM for the others)",
+                )
+        return RolloutPlacement("embedded", False, 1, 1, "")
+    heads, groups = arch.num_attention_heads, arch.num_query_groups
+    if heads % tp or (groups % tp and tp % groups):
+        raise ConfigError(
+            "rollout.tensor_parallel",
+            tp,
+            f"a divisor of the {heads} attention heads that divides or is a "
+            f"multiple of the {groups} KV heads",
+        )
+    transfer = rollout.weight_transfer
+    if server:
+        transfer = ("nccl" if cuda else "mrpg_gloo") if transfer == "auto" else transfer
+        allowed = ("nccl", "mrpg_gloo") if cuda else ("mrpg_gloo",)
+        if transfer not in allowed:
+            raise ConfigError(
+                "rollout.weight_transfer",
+                rollout.weight_transfer,
+                f"one of {['auto', *allowed]} for a vllm serve"
+                f"{'' if cuda else ' from a trainer without CUDA'}",
+            )
+        return RolloutPlacement("vllm", False, tp, 0, transfer)
+    if transfer not in ("auto", "mrpg_local"):
+        raise ConfigError(
+            "rollout.weight_transfer",
+            transfer,
+            "'auto' or 'mrpg_local' for a colocated engine (it lives in the trainer's process)",
+        )
+    if trainer_ranks % tp:
+        raise ConfigError(
+            "rollout.tensor_parallel",
+            tp,
+            f"a divisor of the trainer's {trainer_ranks} ranks (colocated "
+            "engines are blocks of consecutive ranks)",
+        )
+    if gpus_per_node is not None and gpus_per_node % tp:
+        raise ConfigError(
+            "rollout.tensor_parallel",
+            tp,
+            f"a divisor of the {gpus_per_node} GPUs per node (an engine's ranks share a node)",
+        )
+    return RolloutPlacement("vllm", True, tp, trainer_ranks // tp, "mrpg_local")

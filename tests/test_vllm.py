@@ -1,0 +1,169 @@
+"""vLLM (the CPU build) as the rollout engine: weight sync from a TP2 x PP2 policy into colocated
+engines (external_launcher, engine TP 1 and 2) and into a `vllm serve` (TP 1 and 2), training
+runs that learn in both placements, a bf16 engine against the fp32 trainer, and a server that
+dies mid-run."""
+
+import time
+from functools import partial
+
+import pytest
+from rollout_cases import colocated_engine, server_engine, sync_after_step
+from servers import kill, model_dir, running_server
+from test_trainer import CONFIG, ROOT, metrics, train
+
+from megatron_rpg.config import load_config
+from megatron_rpg.models import ModelArch
+from megatron_rpg.parallel import RankPool
+from megatron_rpg.rollout.placement import rollout_placement
+
+from hf_cases import VLLM_FAMILIES, hf_model
+
+TINY_MODEL = ROOT / "examples" / "tiny_model"
+# a longer warm-up than the default run's (reward about 0.7 after it), then RL past 0.8
+LEARNS = [
+    "eval_interval=0",
+    "checkpoint.save_interval=0",
+    "rollout.engine=vllm",
+    "sft.steps=100",
+    "train_steps=160",
+]
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    """Ranks of their own: vLLM leaves process-wide settings behind (threads, NUMA binding)."""
+    with RankPool(world_size=4, timeout_s=600) as pool:
+        yield pool
+
+
+def check_sync(results, name):
+    """Log-probs equal the trainer's after the sync (fp32: 1e-4), not before; every sync moves
+    the HF model's bytes; returns the first prompt's responses."""
+    last_stage = [r for r in results if r is not None]
+    assert len(last_stage) == 2
+    hf_bytes = sum(p.numel() * 4 for p in hf_model(name, families=VLLM_FAMILIES).parameters())
+    for r in last_stage:
+        assert r["before"] > 1e-3  # the engine still has the old weights
+        assert r["after"] < 1e-4
+        assert r["bytes"] == (hf_bytes, hf_bytes)
+    return last_stage[0]["responses"]
+
+
+@pytest.mark.parametrize(("name", "engine_tp"), [("llama", 1), ("llama", 2), ("qwen2", 2)])
+def test_colocated_engines_sync_from_tp2_pp2(pool4, name, engine_tp):
+    """4 ranks: TP1 gives 4 engines, TP2 two; each samples its share of the prompts."""
+    directory = model_dir(VLLM_FAMILIES[name])
+    make = partial(colocated_engine, model_dir=directory, tensor_parallel=engine_tp)
+    state = hf_model(name, families=VLLM_FAMILIES).state_dict()
+    check_sync(pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name)
+
+
+@pytest.mark.parametrize(("name", "engine_tp"), [("llama", 1), ("qwen2", 2)])
+def test_server_engine_syncs_from_tp2_pp2(pool4, name, engine_tp):
+    state = hf_model(name, families=VLLM_FAMILIES).state_dict()
+    with running_server(model_dir(VLLM_FAMILIES[name]), engine_tp) as (url, _):
+        make = partial(server_engine, url=url)
+        responses = check_sync(
+            pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name
+        )
+    if name == "llama":  # same seeds, same weights: the server samples what colocated engines do
+        make = partial(
+            colocated_engine, model_dir=model_dir(VLLM_FAMILIES[name]), tensor_parallel=1
+        )
+        assert responses == check_sync(
+            pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name
+        )
+
+
+def test_placement_refusals_name_the_key():
+    arch = ModelArch.from_hf(VLLM_FAMILIES["llama"])  # 4 heads, 2 KV heads
+    cases = [
+        (["rollout.engine=vllm", "rollout.tensor_parallel=3"], 4, "rollout.tensor_parallel"),
+        (["rollout.engine=vllm", "rollout.tensor_parallel=4"], 6, "trainer's 6 ranks"),
+        (["rollout.engine=vllm", "rollout.weight_transfer=nccl"], 4, "mrpg_local"),
+        (
+            ["rollout.engine=vllm", "rollout.server_url=http://x", "rollout.weight_transfer=nccl"],
+            4,
+            "without CUDA",
+        ),
+        (["rollout.tensor_parallel=2"], 4, "rollout.engine=embedded"),
+    ]
+    for overrides, ranks, message in cases:
+        with pytest.raises(ValueError, match=message):
+            rollout_placement(load_config(CONFIG, overrides).rollout, arch, ranks, cuda=False)
+    colocated = rollout_placement(load_config(CONFIG, cases[0][0][:1]).rollout, arch, 4, cuda=False)
+    assert (colocated.engines, colocated.transfer) == (4, "mrpg_local")
+
+
+def assert_learned(run_dir, steps=20):
+    """The mean reward of the last `steps` steps is >= 0.8 and above that of the first."""
+    rewards = [m["reward/mean"] for m in metrics(run_dir)]
+    first, last = sum(rewards[:steps]) / steps, sum(rewards[-steps:]) / steps
+    assert last >= 0.8 and last > first + 0.05, (first, last)
+
+
+def test_colocated_bf16_engine_learns_and_truncated_is_corrects(tmp_path):
+    """One rank, a bf16 engine against the fp32 trainer: the mismatch shows in the metrics and
+    in the importance weights, and the policy still learns."""
+    run_dir = tmp_path / "bf16"
+    done = train(
+        *LEARNS, "rollout.dtype=bfloat16", "loss.rollout_is=token", f"logging.run_dir={run_dir}"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_learned(run_dir)
+    records = metrics(run_dir)
+    assert min(r["rollout/abs_gap_max"] for r in records) > 1e-4  # bf16 vs fp32
+    assert all(r["rollout/kl_k3"] > 0 for r in records)
+    assert max(abs(r["rollout/is_weight_mean"] - 1) for r in records) > 1e-4
+
+
+def test_colocated_tp2_dp2_learns(tmp_path):
+    """4 ranks (trainer TP2 x DP2), four vLLM engines (each a quarter of the prompts), fp32:
+    engine = trainer. (Engines of TP2 in a 4-rank world: the sync tests above.)"""
+    run_dir = tmp_path / "tp2dp2"
+    done = train(
+        "--nproc",
+        "4",
+        *LEARNS,
+        "parallel.tensor_parallel=2",
+        "optimizer.micro_batch_size=32",
+        f"logging.run_dir={run_dir}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_learned(run_dir)
+    assert max(r["rollout/abs_gap_max"] for r in metrics(run_dir)) < 1e-4
+
+
+def test_server_engine_learns_and_a_dead_server_stops_the_run_resumably(tmp_path):
+    """A `vllm serve` subprocess; killed mid-run, the trainer stops within seconds naming it
+    (bounded retries, no rank left in a collective); resumed against a new server, the run
+    completes and learns."""
+    run_dir = tmp_path / "server"
+    common = [
+        *LEARNS,
+        "checkpoint.save_interval=20",
+        "rollout.request_timeout_s=10",
+        "rollout.request_retries=1",
+        f"logging.run_dir={run_dir}",
+    ]
+    with running_server(TINY_MODEL, max_model_len=32) as (url, server):
+        process = train(*common, f"rollout.server_url={url}", popen=True)
+        log = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and process.poll() is None:
+            if log.exists() and len(log.read_text().splitlines()) >= 45:
+                break
+            time.sleep(0.2)
+        kill(server)
+        killed = time.monotonic()
+        output, _ = process.communicate(timeout=120)
+    assert time.monotonic() - killed < 60  # retries and timeouts bound it, not the collective's
+    assert process.returncode != 0
+    assert f"vllm serve at {url}" in output, output[-3000:]
+    assert [m["step"] for m in metrics(run_dir)][-1] >= 45
+    with running_server(TINY_MODEL, max_model_len=32) as (url, _):
+        done = train(*common, f"rollout.server_url={url}", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resume: continuing from" in done.stdout
+    assert [m["step"] for m in metrics(run_dir)][-1] == 160
+    assert_learned(run_dir)
