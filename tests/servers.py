@@ -19,9 +19,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def model_dir(hf_config, state_dict=None):
-    """A directory with config.json (and the weights as safetensors when given)."""
-    directory = Path(tempfile.mkdtemp(prefix="vllm_model_"))
+def model_dir(parent, hf_config, state_dict=None):
+    """A new directory under `parent` with config.json (and the weights as safetensors)."""
+    directory = Path(tempfile.mkdtemp(prefix="vllm_model_", dir=parent))
     (directory / "config.json").write_text(json.dumps(hf_config))
     if state_dict is not None:
         from safetensors.torch import save_file

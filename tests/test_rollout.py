@@ -25,24 +25,24 @@ def embedded_engine(name):
 
 
 @contextlib.contextmanager
-def vllm_server_engine(name):
+def vllm_server_engine(name, parent):
     """A `vllm serve` (CPU build) loading the HF model's weights; the engine talks to it."""
     from servers import model_dir, running_server
 
     from megatron_rpg.rollout.vllm_engine import VLLMServerEngine
 
     model = hf_model(name, families=VLLM_FAMILIES)
-    directory = model_dir(VLLM_FAMILIES[name], model.state_dict())
+    directory = model_dir(parent, VLLM_FAMILIES[name], model.state_dict())
     with running_server(directory, load_format="auto") as (url, _):
         yield VLLMServerEngine(url, VLLM_FAMILIES[name]), model, 1e-4
 
 
 @pytest.fixture(scope="module", params=["embedded", "vllm"])
-def engine(request):
+def engine(request, tmp_path_factory):
     if request.param == "embedded":
         yield embedded_engine("llama")
         return
-    with vllm_server_engine("llama") as engine:
+    with vllm_server_engine("llama", tmp_path_factory.mktemp("vllm")) as engine:
         yield engine
 
 

@@ -50,25 +50,25 @@ def check_sync(results, name):
 
 
 @pytest.mark.parametrize(("name", "engine_tp"), [("llama", 1), ("llama", 2), ("qwen2", 2)])
-def test_colocated_engines_sync_from_tp2_pp2(pool4, name, engine_tp):
+def test_colocated_engines_sync_from_tp2_pp2(pool4, tmp_path, name, engine_tp):
     """4 ranks: TP1 gives 4 engines, TP2 two; each samples its share of the prompts."""
-    directory = model_dir(VLLM_FAMILIES[name])
+    directory = model_dir(tmp_path, VLLM_FAMILIES[name])
     make = partial(colocated_engine, model_dir=directory, tensor_parallel=engine_tp)
     state = hf_model(name, families=VLLM_FAMILIES).state_dict()
     check_sync(pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name)
 
 
 @pytest.mark.parametrize(("name", "engine_tp"), [("llama", 1), ("qwen2", 2)])
-def test_server_engine_syncs_from_tp2_pp2(pool4, name, engine_tp):
+def test_server_engine_syncs_from_tp2_pp2(pool4, tmp_path, name, engine_tp):
     state = hf_model(name, families=VLLM_FAMILIES).state_dict()
-    with running_server(model_dir(VLLM_FAMILIES[name]), engine_tp) as (url, _):
+    with running_server(model_dir(tmp_path, VLLM_FAMILIES[name]), engine_tp) as (url, _):
         make = partial(server_engine, url=url)
         responses = check_sync(
             pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name
         )
     if name == "llama":  # same seeds, same weights: the server samples what colocated engines do
         make = partial(
-            colocated_engine, model_dir=model_dir(VLLM_FAMILIES[name]), tensor_parallel=1
+            colocated_engine, model_dir=model_dir(tmp_path, VLLM_FAMILIES[name]), tensor_parallel=1
         )
         assert responses == check_sync(
             pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name

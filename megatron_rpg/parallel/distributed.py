@@ -11,6 +11,7 @@ remains: world = TP * PP * DP.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -119,7 +120,16 @@ def destroy_model_parallel() -> None:
 
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
+        # Megatron 0.16.1's destroy_model_parallel leaves these two set, keeping their groups.
+        parallel_state._INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP = None
+        parallel_state._INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO = None
+    rotary = sys.modules.get("megatron.core.models.common.embeddings.rotary_pos_embedding")
+    if rotary is not None:  # forward's lru_cache keeps the last module, and so its cp group
+        rotary.RotaryEmbedding.forward.cache_clear()
     while _owned_groups:
         group = _owned_groups.pop(0)
         if group in _registered_groups():  # destroying one group can take its aliases along
             dist.destroy_process_group(group)
+    # A destroyed gloo group stops its threads (3 per group, each waking every few ms) only when
+    # freed; models and DDP buffers that still reference it sit in reference cycles.
+    gc.collect()
