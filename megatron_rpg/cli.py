@@ -19,12 +19,25 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    """Run a conversion on tp x pp ranks: directly under torchrun / srun (RANK set), else on
-    spawned gloo ranks of this machine."""
+    """GGUF import in this process; other conversions on tp x pp ranks: directly under torchrun /
+    srun (RANK set), else on spawned gloo ranks of this machine."""
     import os
 
     from megatron_rpg.checkpoint import convert
 
+    if args.action == "gguf-to-hf":
+        from megatron_rpg.checkpoint.gguf import gguf_to_hf
+
+        try:
+            difference = gguf_to_hf(args.gguf, args.out, args.dtype, args.force, args.verify)
+        except (ValueError, FileExistsError, FileNotFoundError) as err:
+            sys.stderr.write(f"megatron-rpg convert: {err}\n")
+            return 1
+        if difference is not None:
+            sys.stdout.write(f"verify: max |logits difference| vs the GGUF model = "
+                             f"{difference:.3g}\n")  # fmt: skip
+        sys.stdout.write(f"wrote {args.out}\n")
+        return 0
     actions: dict[str, Callable[[str, str, int, int, bool, bool], None]] = {
         "hf-to-mcore": convert.hf_to_mcore,
         "mcore-to-hf": convert.mcore_to_hf,
@@ -91,6 +104,10 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
     from megatron_rpg.tokenizer import load_tokenizer
 
     source = Path(args.hf or args.ckpt)
+    if args.ckpt:
+        from megatron_rpg.checkpoint.mcore import model_checkpoint
+
+        source = model_checkpoint(source)  # a training checkpoint: its dist/
     engine: Any
     if args.engine == "vllm":
         if not args.hf:
@@ -121,7 +138,7 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
         sync_weights(chunks, arch, engine)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
-    generate = TextGenerator(engine, load_tokenizer(source), params)
+    generate = TextGenerator(engine, load_tokenizer(source, args.chat_template), params)
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     benchmarks = {n: load_benchmark(n, args.data_dir)[: args.limit or None] for n in names}
     with GraderPool(workers=args.grader_workers, timeout_s=args.grader_timeout) as pool:
@@ -183,9 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     config.set_defaults(func=_config)
 
     convert = commands.add_parser(
-        "convert", help="HF <-> Megatron checkpoints at any TP x PP (writes atomically)"
+        "convert", help="GGUF -> HF, HF <-> Megatron at any TP x PP (writes atomically)"
     )
-    convert.add_argument("action", choices=["hf-to-mcore", "mcore-to-hf", "reshard"])
+    convert.add_argument("action", choices=["gguf-to-hf", "hf-to-mcore", "mcore-to-hf", "reshard"])
+    convert.add_argument("--gguf", help="GGUF file (gguf-to-hf; dequantized to --dtype)")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                         help="gguf-to-hf: dtype of the written weights")  # fmt: skip
     convert.add_argument("--hf", help="HF model directory (hf-to-mcore)")
     convert.add_argument("--ckpt", help="Megatron checkpoint directory (mcore-to-hf, reshard)")
     convert.add_argument("--out", required=True, help="output directory (must not exist)")
@@ -222,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = evaluation.add_mutually_exclusive_group(required=True)
     model.add_argument("--hf", help="HF model directory (weights, config, tokenizer)")
-    model.add_argument("--ckpt", help="Megatron checkpoint (megatron-rpg convert / train)")
+    model.add_argument("--ckpt", help="Megatron checkpoint (megatron-rpg convert, or a training "
+                       "checkpoint run/checkpoints/step_N)")  # fmt: skip
     evaluation.add_argument(
         "--benchmarks",
         default="aime24,aime25,amc23,math500,gsm8k",
@@ -238,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--engine", choices=["embedded", "vllm"], default="embedded")
     evaluation.add_argument("--tensor-parallel", type=int, default=1, help="vLLM's TP")
+    evaluation.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
+                            help="prompts as the chat template's user turn, as data.chat_template "
+                            "in training (auto: when the tokenizer has one)")  # fmt: skip
     evaluation.add_argument("--grader-workers", type=int, default=2)
     evaluation.add_argument("--grader-timeout", type=float, default=10.0)
     evaluation.set_defaults(func=_eval)
@@ -260,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "convert":
-        needed = "hf" if args.action == "hf-to-mcore" else "ckpt"
+        needed = {"gguf-to-hf": "gguf", "hf-to-mcore": "hf"}.get(args.action, "ckpt")
         if getattr(args, needed) is None:
             parser.error(f"convert {args.action} needs --{needed}")
         if args.verify and args.action == "reshard":

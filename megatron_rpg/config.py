@@ -185,7 +185,9 @@ class AlgorithmConfig(_Section):
 @dataclass
 class DataConfig(_Section):
     """task 'arithmetic': the embedded synthetic task (data/arithmetic.py; max_operand,
-    operators); 'math': prompts and answers from the JSON lines file train_path."""
+    operators); 'math': prompts and answers from the JSON lines file train_path. chat_template:
+    prompts as the user's turn of the tokenizer's chat template ('auto': when it has one), in
+    training, SFT and evaluation alike."""
 
     task: Literal["arithmetic", "math"] = "arithmetic"
     max_operand: int = 9
@@ -195,6 +197,7 @@ class DataConfig(_Section):
     answer_key: str = "answer"
     prompts_per_step: int = 8
     max_prompt_tokens: int = 512
+    chat_template: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> None:
         _check("max_operand", self.max_operand, self.max_operand >= 1, ">= 1")

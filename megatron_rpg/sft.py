@@ -37,12 +37,9 @@ def supervised_warmup(trainer: Trainer) -> None:
     for _ in range(c.steps):
         rows = []
         for problem in (rng.choice(task.problems) for _ in range(c.batch_size)):
-            prompt = tokenizer.encode(task.prompt(problem))
-            text = task.prompt(problem) + task.noisy_answer(problem, c.correct_fraction, rng)
-            full = tokenizer.encode(text)
-            if full[: len(prompt)] != prompt:
-                raise ValueError(f"tokenizer: {task.prompt(problem)!r} does not prefix-encode")
-            rows.append((prompt, [*full[len(prompt) :], tokenizer.eos_id]))
+            prompt = tokenizer.encode_prompt(task.prompt(problem))  # as the rollout sees it
+            answer = tokenizer.encode(task.noisy_answer(problem, c.correct_fraction, rng))
+            rows.append((prompt, [*answer, tokenizer.eos_id]))
         width = max(len(p) + len(a) for p, a in rows)
         tokens = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)

@@ -1,10 +1,16 @@
 """Tokenizers: a sentencepiece model (trained locally for the embedded task, or shipped with a
-checkpoint) behind one small interface.
+checkpoint) and a Hugging Face tokenizer behind one small interface.
 
     tokenizer = train_sentencepiece(corpus_lines, "run/tokenizer.model", vocab_size=48,
                                     symbols=list("0123456789+="))
     ids = tokenizer.encode("3+4=")           # no BOS/EOS added
     text = tokenizer.decode(ids)
+    prompt = tokenizer.encode_prompt(text)   # the chat template's user turn, when it applies
+
+`encode_prompt` is the one way a task's prompt text becomes the model's input, in training,
+evaluation and SFT alike: with a chat template (`chat_template` 'on', or 'auto' and the
+tokenizer has one) the text is the user's message, followed by the assistant's header;
+otherwise it is encoded as is.
 
 Training is deterministic (one thread, fixed seed, no sampling of the corpus), so every rank and
 every resumed run that trains it from the same corpus gets the same model file.
@@ -16,10 +22,16 @@ import io
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
+
+ChatTemplate = Literal["auto", "on", "off"]
+CHAT_TEMPLATE_KEY = "data.chat_template"
 
 
 class Tokenizer:
-    def __init__(self, model_file: str | Path):
+    chat = False  # sentencepiece models carry no chat template
+
+    def __init__(self, model_file: str | Path, chat_template: ChatTemplate = "auto"):
         import sentencepiece
 
         path = Path(model_file)
@@ -33,9 +45,15 @@ class Tokenizer:
         if self.eos_id < 0 or self.pad_id < 0:
             raise ValueError(f"tokenizer {path}: needs eos and pad pieces (eos_id={self.eos_id}, "
                              f"pad_id={self.pad_id})")  # fmt: skip
+        if chat_template == "on":
+            raise ValueError(f"{CHAT_TEMPLATE_KEY}=on: the sentencepiece tokenizer {path} has "
+                             "no chat template")  # fmt: skip
 
     def encode(self, text: str) -> list[int]:
         return list(self.processor.encode(text))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids, without eos/pad; ids the model's (larger) vocabulary has but the
@@ -49,9 +67,10 @@ class Tokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face fast tokenizer (tokenizer.json) behind the same interface."""
+    """A Hugging Face fast tokenizer (tokenizer.json, with its chat template if it has one)
+    behind the same interface."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, chat_template: ChatTemplate = "auto"):
         import transformers
 
         self.processor = transformers.AutoTokenizer.from_pretrained(str(directory))
@@ -62,22 +81,37 @@ class HFTokenizer:
         self.eos_id = int(self.processor.eos_token_id)
         pad = self.processor.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
+        has_template = bool(self.processor.chat_template)
+        if chat_template == "on" and not has_template:
+            raise ValueError(f"{CHAT_TEMPLATE_KEY}=on: the tokenizer in {directory} has no chat "
+                             "template")  # fmt: skip
+        self.chat = chat_template == "on" or (chat_template == "auto" and has_template)
 
     def encode(self, text: str) -> list[int]:
         return list(self.processor.encode(text, add_special_tokens=False))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if not self.chat:
+            return self.encode(text)
+        messages = [{"role": "user", "content": text}]
+        rendered = self.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=False)  # fmt: skip
+        return self.encode(str(rendered))  # the template writes the special tokens itself
 
     def decode(self, ids: Iterable[int]) -> str:
         return str(self.processor.decode(list(ids), skip_special_tokens=True))
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer | HFTokenizer:
+def load_tokenizer(
+    directory: str | Path, chat_template: ChatTemplate = "auto"
+) -> Tokenizer | HFTokenizer:
     """The tokenizer shipped in a model or checkpoint directory: tokenizer.json (Hugging Face)
     or tokenizer.model (sentencepiece)."""
     directory = Path(directory)
     if (directory / "tokenizer.json").is_file():
-        return HFTokenizer(directory)
+        return HFTokenizer(directory, chat_template)
     if (directory / "tokenizer.model").is_file():
-        return Tokenizer(directory / "tokenizer.model")
+        return Tokenizer(directory / "tokenizer.model", chat_template)
     raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.model")
 
 

@@ -34,7 +34,8 @@ import torch.distributed as dist
 import yaml
 
 from megatron_rpg.checkpoint import train_state
-from megatron_rpg.checkpoint.mcore import load_mcore
+from megatron_rpg.checkpoint.hf import TOKENIZER_FILES
+from megatron_rpg.checkpoint.mcore import HF_CONFIG, load_mcore
 from megatron_rpg.config import ConfigError, RunConfig, config_to_dict
 from megatron_rpg.data import ArithmeticTask, MathDataset
 from megatron_rpg.forward_backward import LogprobOptions, forward_backward
@@ -76,7 +77,7 @@ class Trainer:
     def __init__(self, config: RunConfig, resume: bool = False):
         self.config = c = config
         check_logging(c.logging)
-        hf_config = read_hf_config(c.model.hf_config)
+        self.hf_config = hf_config = read_hf_config(c.model.hf_config)
         self.arch = ModelArch.from_hf(hf_config)
         self.layout = initialize_model_parallel(c.parallel, c.seed)
         self.placement = rollout_placement(c.rollout, self.arch, self.layout.world_size)
@@ -143,11 +144,12 @@ class Trainer:
         """model.tokenizer (a directory or a tokenizer.model), else the tokenizer files of
         model.checkpoint; the arithmetic task trains its own into the run directory."""
         c = self.config
+        chat = c.data.chat_template
         if c.model.tokenizer:
             path = Path(c.model.tokenizer)
-            return load_tokenizer(path) if path.is_dir() else Tokenizer(path)
+            return load_tokenizer(path, chat) if path.is_dir() else Tokenizer(path, chat)
         if c.model.checkpoint and c.data.task == "math":
-            return load_tokenizer(c.model.checkpoint)
+            return load_tokenizer(c.model.checkpoint, chat)
         if c.data.task == "math":
             raise ConfigError(
                 "model.tokenizer",
@@ -162,7 +164,7 @@ class Trainer:
             symbols = list("0123456789" + c.data.operators)
             train_sentencepiece(self.task.corpus(), path, self.arch.vocab_size, symbols)
         dist.barrier()
-        return Tokenizer(path)
+        return Tokenizer(path, chat)
 
     def grade(self, items: list[tuple[str, str]]) -> list[float]:
         """Rewards of (response text, reference) pairs: exact match in this process (the
@@ -274,7 +276,7 @@ class Trainer:
         """Greedy accuracy over the task's problems (the first EVAL_PROBLEMS); collective;
         rank 0 grades and returns it, the others nan."""
         problems = self.task.problems[:EVAL_PROBLEMS]
-        prompts = [self.tokenizer.encode(self.task.prompt(p)) for p in problems]
+        prompts = [self.tokenizer.encode_prompt(self.task.prompt(p)) for p in problems]
         params = SamplingParams(top_k=1, max_tokens=self.config.rollout.max_tokens,
                                 stop_token_ids=(self.tokenizer.eos_id,), seed=0)  # fmt: skip
         groups = self.generate(prompts, params)
@@ -522,7 +524,18 @@ class Trainer:
             yaml.safe_dump(config_to_dict(c), sort_keys=False),
             c.checkpoint.keep_last,
             c.checkpoint.verify_checksums,
+            self._model_files(),
         )
+
+    def _model_files(self) -> dict[str, bytes]:
+        """What makes a checkpoint's weights a model: the HF config and the tokenizer files."""
+        files = {HF_CONFIG: json.dumps(self.hf_config, indent=2, sort_keys=True).encode()}
+        path = Path(self.tokenizer.path)
+        sources = [path / n for n in TOKENIZER_FILES] if path.is_dir() else [path]
+        for source in sources:
+            if source.is_file():
+                files["tokenizer.model" if source == path else source.name] = source.read_bytes()
+        return files
 
     def _resume(self) -> bool:
         directory = train_state.latest_valid(self.run_dir)

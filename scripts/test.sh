@@ -4,7 +4,7 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k losses`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-venv=$(bash scripts/install.sh dev)
+venv=$(bash scripts/install.sh dev,smollm2)
 PATH="$(cd "$venv/bin" && pwd):$PATH"  # the venv's tools (shellcheck, megatron-rpg) for tests
 export PATH
 "$venv/bin/ruff" check .

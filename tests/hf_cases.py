@@ -93,3 +93,19 @@ def verify_against(name, hf_dir):
     except ValueError as err:
         return str(err)
     return None
+
+
+def checkpoint_logits(checkpoint, tp, pp, tokens):
+    """A Megatron checkpoint loaded at TP x PP: full logits on the last stage's ranks."""
+    from megatron_rpg.checkpoint.mcore import load_mcore, read_hf_config
+    from megatron_rpg.config import ParallelConfig
+    from megatron_rpg.forward_backward import full_logits
+    from megatron_rpg.models import ModelArch, build_model_chunks
+    from megatron_rpg.parallel import initialize_model_parallel
+
+    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
+    arch = ModelArch.from_hf(read_hf_config(checkpoint))
+    initialize_model_parallel(parallel, seed=0)
+    chunks = build_model_chunks(arch, parallel, torch.float32, initialize=False)
+    load_mcore(chunks, checkpoint)
+    return full_logits(chunks, tokens, arch.vocab_size)

@@ -114,3 +114,17 @@ def test_shell_scripts_parse_and_pass_shellcheck(script):
     done = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True,
                           cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.parametrize("requirements", sorted((ROOT / "constraints").glob("*.txt")),
+                         ids=lambda p: p.name)  # fmt: skip
+def test_install_requirements_come_from_registries(requirements):
+    """A fresh machine has only the registries and /opt/wheels: a `name @ file:///...` line
+    (what `pip freeze` writes for a wheel installed from a path) fails there. The constraints
+    file pins every release."""
+    pinned = requirements.name == "cpu.txt"
+    for number, line in enumerate(requirements.read_text().splitlines(), 1):
+        requirement = line.split("#", 1)[0].strip()
+        if requirement:
+            assert "@" not in requirement, f"{requirements.name}:{number}: {line}"
+            assert "==" in requirement or not pinned, f"{requirements.name}:{number}: {line}"

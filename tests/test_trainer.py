@@ -225,6 +225,21 @@ def test_math_task_trains_with_sandboxed_grading(pool2, tmp_path):
     for name in ("gsm8k", "amc23"):
         assert 0.0 <= history[1][f"eval/{name}/mean@2"] <= history[1][f"eval/{name}/pass@2"] <= 1
     assert "eval/gsm8k/mean@2" not in history[0]
+    # the training checkpoint is a model: evaluated as it is, or converted to HF, the same
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert (step / "dist" / "tokenizer.model").read_bytes() == tokenizer.path.read_bytes()
+    common = ["--benchmarks", "gsm8k", "--k", "2", "--limit", "2", "--max-tokens", "8"]
+    for args in (
+        ["eval", "--ckpt", step, *common, "--out", tmp_path / "from_step"],
+        ["convert", "mcore-to-hf", "--ckpt", step, "--out", tmp_path / "hf"],
+        ["eval", "--hf", tmp_path / "hf", *common, "--out", tmp_path / "from_hf"],
+    ):
+        done = subprocess.run([sys.executable, "-m", "megatron_rpg.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((tmp_path / d / "results.json").read_text())
+               for d in ("from_step", "from_hf")]  # fmt: skip
+    assert results[0] == results[1] and results[0]["gsm8k"]["problems"] == 2
 
 
 def test_reinforce_pp_whitens_over_the_step_in_any_layout(pool2, tmp_path):

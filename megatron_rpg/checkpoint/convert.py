@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpg.checkpoint.hf import HFCheckpoint, write_hf_checkpoint
-from megatron_rpg.checkpoint.mcore import load_mcore, read_hf_config, save_mcore
+from megatron_rpg.checkpoint.mcore import load_mcore, model_checkpoint, read_hf_config, save_mcore
 from megatron_rpg.config import ParallelConfig
 from megatron_rpg.models import ModelArch, build_model_chunks, load_full_state_dict
 from megatron_rpg.models.export import iter_hf_weights
@@ -123,8 +123,8 @@ def mcore_to_hf(
     stream = iter_hf_weights(chunks, arch)
     if dist.get_rank() == 0:
         write_hf_checkpoint(
-            out, _counted(stream, len(hf_names(arch))), hf_config, tokenizer_from=checkpoint,
-            force=force,
+            out, _counted(stream, len(hf_names(arch))), hf_config,
+            tokenizer_from=model_checkpoint(checkpoint), force=force,
         )  # fmt: skip
     else:
         for _ in stream:  # take part in the collectives; rank 0 writes
@@ -142,4 +142,5 @@ def reshard(
     hf_config = read_hf_config(checkpoint)
     _, chunks = _build(hf_config, tp, pp)
     load_mcore(chunks, checkpoint)
-    save_mcore(chunks, out, hf_config, force=force, tokenizer_from=checkpoint)
+    save_mcore(chunks, out, hf_config, force=force,
+               tokenizer_from=model_checkpoint(checkpoint))  # fmt: skip

@@ -30,6 +30,7 @@ SINGLE = "model.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+    "chat_template.jinja",
 )  # fmt: skip
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

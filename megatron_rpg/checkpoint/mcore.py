@@ -4,6 +4,9 @@
     load_mcore(chunks, "ckpt")                # any layout: dist_checkpointing reshards
     hf_config = read_hf_config("ckpt")        # the architecture travels with the checkpoint
 
+A training checkpoint (run/checkpoints/step_N, trainer.py) holds the policy the same way in its
+dist/ directory, with the HF config and tokenizer files; every function here takes either.
+
 The checkpoint is written into a temporary directory beside `out` and renamed by rank 0 after
 every rank finished (barriers around it); an existing `out` is refused unless force=True.
 VPP chunks are saved as model0, model1, ...
@@ -92,12 +95,22 @@ def save_mcore(
     return out
 
 
+def model_checkpoint(checkpoint: str | Path) -> Path:
+    """The directory holding the weights, HF config and tokenizer: `checkpoint` itself, or the
+    dist/ of a training checkpoint."""
+    checkpoint = Path(checkpoint)
+    for directory in (checkpoint, checkpoint / "dist"):
+        if (directory / HF_CONFIG).is_file():
+            return directory
+    raise FileNotFoundError(f"{checkpoint}: not a megatron_rpg checkpoint (no {HF_CONFIG})")
+
+
 def load_mcore(model_chunks: list[Any], checkpoint: str | Path) -> None:
+    """The policy's weights (a training checkpoint's other state, optimizer and reference, is
+    left unread)."""
     from megatron.core import dist_checkpointing
 
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / HF_CONFIG).is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a megatron_rpg checkpoint (no {HF_CONFIG})")
+    checkpoint = model_checkpoint(checkpoint)
     state = {
         _key(i, len(model_chunks)): chunk.sharded_state_dict()
         for i, chunk in enumerate(model_chunks)
@@ -108,8 +121,5 @@ def load_mcore(model_chunks: list[Any], checkpoint: str | Path) -> None:
 
 
 def read_hf_config(checkpoint: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint) / HF_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a megatron_rpg checkpoint (no {HF_CONFIG})")
-    config: dict[str, Any] = json.loads(path.read_text())
+    config: dict[str, Any] = json.loads((model_checkpoint(checkpoint) / HF_CONFIG).read_text())
     return config

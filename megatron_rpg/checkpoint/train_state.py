@@ -72,8 +72,11 @@ def save_train_checkpoint(
     config_yaml: str,
     keep_last: int,
     checksums: bool = True,
+    model_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Collective. `state_dicts` from sharded_state(..., is_loading=False)."""
+    """Collective. `state_dicts` from sharded_state(..., is_loading=False). `model_files` (the
+    HF config and tokenizer files) are written beside the weights in dist/, which makes dist/ a
+    model checkpoint that `megatron-rpg eval --ckpt` and `convert mcore-to-hf` read."""
     from megatron.core import dist_checkpointing
 
     out = checkpoint_dir(run_dir, step)
@@ -93,6 +96,8 @@ def save_train_checkpoint(
     if rank == 0:
         (staging / "state.json").write_text(json.dumps(train_state, indent=2, sort_keys=True))
         (staging / "config.yaml").write_text(config_yaml)
+        for name, content in (model_files or {}).items():
+            (staging / "dist" / name).write_bytes(content)
         (staging / "manifest.json").write_text(json.dumps(_manifest(staging, checksums),
                                                           indent=2))  # fmt: skip
         for path in staging.rglob("*"):

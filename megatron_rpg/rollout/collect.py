@@ -94,7 +94,7 @@ def collect_groups(
         need = settings.prompts - len(kept)
         problems = task.batch(seed, position, need)
         position += need
-        prompts = [tokenizer.encode(task.prompt(p)) for p in problems]
+        prompts = [tokenizer.encode_prompt(task.prompt(p)) for p in problems]
         params = SamplingParams(
             **{**settings.params.__dict__, "seed": round_seed(seed, step, rounds)}
         )

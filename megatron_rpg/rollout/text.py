@@ -1,5 +1,6 @@
 """Text in, text out over any rollout engine (evaluation): prompts are encoded with the model's
-tokenizer, k responses sampled per prompt, decoded.
+tokenizer (`encode_prompt`: its chat template when on, as in training), k responses sampled per
+prompt, decoded.
 
     generate = TextGenerator(engine, tokenizer, SamplingParams(max_tokens=8192, seed=0))
     responses = generate(["Solve ..."], k=32)          # [[32 strings]]
@@ -29,6 +30,6 @@ class TextGenerator:
         self.params = dataclasses.replace(params, stop_token_ids=stop)
 
     def __call__(self, prompts: list[str], k: int) -> list[list[str]]:
-        encoded = [self.tokenizer.encode(p) for p in prompts]
+        encoded = [self.tokenizer.encode_prompt(p) for p in prompts]
         groups = self.engine.generate(encoded, dataclasses.replace(self.params, n=k))
         return [[self.tokenizer.decode(r.token_ids) for r in group] for group in groups]

@@ -1,0 +1,129 @@
+"""GGUF import: a llama.cpp GGUF file -> a Hugging Face checkpoint directory, dequantized.
+
+    gguf_to_hf("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-hf", dtype="float32")
+
+then `megatron-rpg convert hf-to-mcore --hf smollm2-hf ...` as for any HF model. The file is
+checked before anything is dequantized: its architecture must be one our models build (GGUF
+writes Mistral as `llama`) and every tensor's type one that `gguf` dequantizes here (the float
+types, the legacy Q4/Q5/Q8 blocks and the K-quants); anything else is refused by name.
+transformers then dequantizes each block to fp32 (w = d * q + m per block of 32 or 256 weights,
+as llama.cpp does), undoes llama.cpp's Q/K row permutation and maps the names; we write the
+state dict with safetensors (`save_pretrained` refuses GGUF-quantized models) and the config
+without its `quantization_config`, and carry the tokenizer and its chat template.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_rpg.checkpoint.hf import write_hf_checkpoint
+
+# GGUF's general.architecture -> the HF model_type our models are built from
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+QUANTIZATION_TYPES = frozenset({
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+})  # fmt: skip
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inspect_gguf(path: str | Path) -> dict[str, Any]:
+    """Architecture, tensor count and quantization types of a GGUF file (metadata only); raises
+    ValueError naming what is not supported."""
+    try:
+        import gguf
+    except ImportError:
+        raise RuntimeError("GGUF import needs the gguf package (the gguf extra)") from None
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as err:  # bad magic, truncated header
+        raise ValueError(f"{path}: not a readable GGUF file ({err})") from None
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise ValueError(f"{path}: no general.architecture in the GGUF metadata")
+    architecture = str(field.contents())
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"{path}: general.architecture={architecture!r} is not supported "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    unsupported = sorted(set(types) - QUANTIZATION_TYPES)
+    if unsupported:
+        example = next(t.name for t in reader.tensors if t.tensor_type.name == unsupported[0])
+        raise ValueError(
+            f"{path}: tensor type(s) {', '.join(unsupported)} (e.g. {example!r}) cannot be "
+            f"dequantized here (supported: {', '.join(sorted(QUANTIZATION_TYPES))})"
+        )
+    return {"architecture": architecture, "tensors": len(reader.tensors), "types": types}
+
+
+def load_gguf(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
+    """The dequantized transformers model (eval mode) and its tokenizer: the reference that the
+    conversion is checked against."""
+    import transformers
+
+    path = Path(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: one of {', '.join(DTYPES)}")
+    inspect_gguf(path)
+    source = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(**source, dtype=DTYPES[dtype])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(**source)
+    return model.eval(), tokenizer
+
+
+def hf_config_of(model: Any, dtype: str) -> dict[str, Any]:
+    """The model's config as a plain HF config.json: no quantization_config, no source path."""
+    config = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    config["dtype"] = dtype
+    config["architectures"] = [type(model).__name__]
+    return config
+
+
+def gguf_to_hf(gguf_file: str | Path, out: str | Path, dtype: str = "float32",
+               force: bool = False, verify: bool = False) -> float | None:  # fmt: skip
+    """Write `out` (atomically; an existing one only with force) from `gguf_file`. With verify,
+    returns the max |logits difference| between `out` and the GGUF-loaded model (raises beyond
+    the tolerance of convert.verify_logits)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    model, tokenizer = load_gguf(gguf_file, dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = hf_config_of(model, dtype)
+    state = model.state_dict()
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # the embedding, as HF checkpoints store tied models
+    with tempfile.TemporaryDirectory(prefix=".gguf-tokenizer-", dir=out.parent) as tok:
+        tokenizer.save_pretrained(tok)  # tokenizer.json, tokenizer_config.json, chat_template
+        model.generation_config.to_json_file(Path(tok) / "generation_config.json")
+        write_hf_checkpoint(out, state.items(), config, tokenizer_from=tok, force=force)
+    return logits_difference(model, out) if verify else None
+
+
+def logits_difference(reference: Any, hf_dir: Path) -> float:
+    import transformers
+
+    from megatron_rpg.checkpoint.convert import VERIFY_TOLERANCE
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=reference.dtype)
+    prompt = torch.arange(48).remainder(reference.config.vocab_size).reshape(2, 24)
+    with torch.no_grad():
+        difference = (model(prompt).logits - reference(prompt).logits).abs().max().item()
+    tolerance = VERIFY_TOLERANCE.get(reference.dtype, 0.1)
+    if not difference <= tolerance:
+        raise ValueError(f"verify: logits of {hf_dir} differ from the GGUF model's by "
+                         f"{difference:.3g} (tolerance {tolerance})")  # fmt: skip
+    return difference
