@@ -46,7 +46,7 @@ from megatron_rpg.manifest import write_manifest
 from megatron_rpg.metrics import MetricsLog, check_logging
 from megatron_rpg.models import ModelArch, ReferenceModel, build_model_chunks
 from megatron_rpg.models.builder import resolve_dtype, unwrap
-from megatron_rpg.parallel import initialize_model_parallel
+from megatron_rpg.parallel import every_core, initialize_model_parallel
 from megatron_rpg.progress import Progress
 from megatron_rpg.rewards import exact_match
 from megatron_rpg.rewards.sandbox import GraderPool
@@ -233,7 +233,8 @@ class Trainer:
         failure: Exception | None = None
         if self.rank == 0:
             try:
-                payload = [(cast(Any, self.engine).generate(prompts, params), None)]
+                with every_core():  # the other ranks wait in the broadcast below
+                    payload = [(cast(Any, self.engine).generate(prompts, params), None)]
             except Exception as err:
                 failure, payload = err, [(None, f"{type(err).__name__}: {err}")]
         dist.broadcast_object_list(payload, src=0)

@@ -149,3 +149,21 @@ def test_layouts_do_not_leak_process_groups_or_their_threads(pool2):
     ):
         assert created > 5 and remaining == 1  # only the default group is left
         assert threads_after == threads_before
+
+
+def test_every_core_lends_the_machine_and_gives_it_back():
+    import os
+
+    import torch
+
+    from megatron_rpg.parallel import every_core
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(RuntimeError, match="inside"), every_core():
+            assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(previous)

@@ -7,13 +7,14 @@ from megatron_rpg.parallel.distributed import (
     initialize_model_parallel,
 )
 from megatron_rpg.parallel.seeding import seed_everything
-from megatron_rpg.parallel.spawn import RankError, RankPool, run_on_ranks
+from megatron_rpg.parallel.spawn import RankError, RankPool, every_core, run_on_ranks
 
 __all__ = [
     "ParallelLayout",
     "RankError",
     "RankPool",
     "destroy_model_parallel",
+    "every_core",
     "init_process_group",
     "initialize_model_parallel",
     "run_on_ranks",

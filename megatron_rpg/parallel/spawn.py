@@ -13,17 +13,31 @@ the next case may use another layout.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pickle
 import queue
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+
+@contextlib.contextmanager
+def every_core() -> Iterator[None]:
+    """Torch threads on every core this process may run on, for work that one rank does while
+    the others wait in a collective (which blocks without computing): spawned ranks run with
+    one thread each so that together they do not oversubscribe the machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class RankError(RuntimeError):
