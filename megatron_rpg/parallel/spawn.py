@@ -27,11 +27,17 @@ import torch
 import torch.multiprocessing as mp
 
 
+def threads_per_rank(world_size: int) -> int:
+    """Ranks on one machine share its cores: each gets an equal share (at least one thread), so
+    that together they do not oversubscribe it and a single rank uses them all."""
+    return max(1, len(os.sched_getaffinity(0)) // world_size)
+
+
 @contextlib.contextmanager
 def every_core() -> Iterator[None]:
     """Torch threads on every core this process may run on, for work that one rank does while
     the others wait in a collective (which blocks without computing): spawned ranks run with
-    one thread each so that together they do not oversubscribe the machine."""
+    their share of the cores (threads_per_rank)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     try:
@@ -66,7 +72,7 @@ def _worker(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    torch.set_num_threads(1)  # ranks share the machine's cores; more threads oversubscribe
+    torch.set_num_threads(threads_per_rank(world_size))
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
