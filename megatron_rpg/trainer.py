@@ -34,8 +34,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_rpg.checkpoint import train_state
-from megatron_rpg.checkpoint.hf import TOKENIZER_FILES
-from megatron_rpg.checkpoint.mcore import HF_CONFIG, load_mcore
+from megatron_rpg.checkpoint.mcore import load_mcore, model_files
 from megatron_rpg.config import ConfigError, RunConfig, config_to_dict
 from megatron_rpg.data import ArithmeticTask, MathDataset
 from megatron_rpg.forward_backward import LogprobOptions, forward_backward
@@ -525,18 +524,8 @@ class Trainer:
             yaml.safe_dump(config_to_dict(c), sort_keys=False),
             c.checkpoint.keep_last,
             c.checkpoint.verify_checksums,
-            self._model_files(),
+            model_files(self.hf_config, self.tokenizer.path),
         )
-
-    def _model_files(self) -> dict[str, bytes]:
-        """What makes a checkpoint's weights a model: the HF config and the tokenizer files."""
-        files = {HF_CONFIG: json.dumps(self.hf_config, indent=2, sort_keys=True).encode()}
-        path = Path(self.tokenizer.path)
-        sources = [path / n for n in TOKENIZER_FILES] if path.is_dir() else [path]
-        for source in sources:
-            if source.is_file():
-                files["tokenizer.model" if source == path else source.name] = source.read_bytes()
-        return files
 
     def _resume(self) -> bool:
         directory = train_state.latest_valid(self.run_dir)

@@ -157,7 +157,11 @@ def test_every_core_lends_the_machine_and_gives_it_back():
     import torch
 
     from megatron_rpg.parallel import every_core
+    from megatron_rpg.parallel.spawn import threads_per_rank
 
+    cores = len(os.sched_getaffinity(0))
+    assert (threads_per_rank(1), threads_per_rank(cores), threads_per_rank(4 * cores)) == (
+        cores, 1, 1)  # fmt: skip
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -31,13 +31,27 @@ T = TypeVar("T")
 VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1}  # max |logit difference|
 
 
+def verify_prompt(vocab_size: int) -> torch.Tensor:
+    """The fixed [2, 24] prompt that conversions are verified on."""
+    return torch.arange(48).remainder(vocab_size).reshape(2, 24)
+
+
+def check_difference(difference: float, dtype: torch.dtype, what: str) -> float:
+    """`difference` (max |logits difference|) if within the dtype's tolerance, else ValueError."""
+    tolerance = VERIFY_TOLERANCE.get(dtype, 0.1)
+    if not difference <= tolerance:
+        raise ValueError(f"verify: logits differ {what} by {difference:.3g} "
+                         f"(tolerance {tolerance})")  # fmt: skip
+    return difference
+
+
 def verify_logits(chunks: list[Any], arch: ModelArch, hf_dir: str | Path) -> float | None:
     """Compare our model's logits with the transformers model in `hf_dir` on a fixed prompt.
     Collective; the last stage's ranks compare and raise if they differ beyond the tolerance.
     Returns the max |difference| there (None elsewhere). Needs transformers."""
     from megatron_rpg.forward_backward import full_logits
 
-    prompt = torch.arange(48).remainder(arch.vocab_size).reshape(2, 24)
+    prompt = verify_prompt(arch.vocab_size)
     ours = full_logits(chunks, prompt, arch.vocab_size)
     if ours is None:
         return None
@@ -51,13 +65,8 @@ def verify_logits(chunks: list[Any], arch: ModelArch, hf_dir: str | Path) -> flo
     with torch.no_grad():
         theirs = reference(prompt).logits
     difference = (ours.float() - theirs).abs().max().item()
-    tolerance = VERIFY_TOLERANCE.get(chunks[0].config.params_dtype, 0.1)
-    if not difference <= tolerance:
-        raise ValueError(
-            f"verify: logits differ from the transformers model in {hf_dir} by {difference:.3g} "
-            f"(tolerance {tolerance})"
-        )
-    return difference
+    what = f"from the transformers model in {hf_dir}"
+    return check_difference(difference, chunks[0].config.params_dtype, what)
 
 
 def _report(difference: float | None) -> None:

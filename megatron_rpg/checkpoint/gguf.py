@@ -22,8 +22,7 @@ import torch
 
 from megatron_rpg.checkpoint.hf import write_hf_checkpoint
 
-# GGUF's general.architecture -> the HF model_type our models are built from
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3"})  # GGUF's general.architecture
 QUANTIZATION_TYPES = frozenset({
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
@@ -31,9 +30,9 @@ QUANTIZATION_TYPES = frozenset({
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def inspect_gguf(path: str | Path) -> dict[str, Any]:
-    """Architecture, tensor count and quantization types of a GGUF file (metadata only); raises
-    ValueError naming what is not supported."""
+def check_gguf(path: str | Path) -> None:
+    """Read the metadata only; raise ValueError naming an unsupported architecture or tensor
+    type."""
     try:
         import gguf
     except ImportError:
@@ -54,17 +53,13 @@ def inspect_gguf(path: str | Path) -> dict[str, Any]:
             f"{path}: general.architecture={architecture!r} is not supported "
             f"(supported: {', '.join(sorted(ARCHITECTURES))})"
         )
-    types: dict[str, int] = {}
-    for tensor in reader.tensors:
-        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
-    unsupported = sorted(set(types) - QUANTIZATION_TYPES)
+    unsupported = sorted({t.tensor_type.name for t in reader.tensors} - QUANTIZATION_TYPES)
     if unsupported:
         example = next(t.name for t in reader.tensors if t.tensor_type.name == unsupported[0])
         raise ValueError(
             f"{path}: tensor type(s) {', '.join(unsupported)} (e.g. {example!r}) cannot be "
             f"dequantized here (supported: {', '.join(sorted(QUANTIZATION_TYPES))})"
         )
-    return {"architecture": architecture, "tensors": len(reader.tensors), "types": types}
 
 
 def load_gguf(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
@@ -75,7 +70,7 @@ def load_gguf(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     path = Path(path)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: one of {', '.join(DTYPES)}")
-    inspect_gguf(path)
+    check_gguf(path)
     source = dict(pretrained_model_name_or_path=str(path.parent), gguf_file=path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(**source, dtype=DTYPES[dtype])
     tokenizer = transformers.AutoTokenizer.from_pretrained(**source)
@@ -116,14 +111,10 @@ def gguf_to_hf(gguf_file: str | Path, out: str | Path, dtype: str = "float32",
 def logits_difference(reference: Any, hf_dir: Path) -> float:
     import transformers
 
-    from megatron_rpg.checkpoint.convert import VERIFY_TOLERANCE
+    from megatron_rpg.checkpoint.convert import check_difference, verify_prompt
 
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=reference.dtype)
-    prompt = torch.arange(48).remainder(reference.config.vocab_size).reshape(2, 24)
+    prompt = verify_prompt(reference.config.vocab_size)
     with torch.no_grad():
         difference = (model(prompt).logits - reference(prompt).logits).abs().max().item()
-    tolerance = VERIFY_TOLERANCE.get(reference.dtype, 0.1)
-    if not difference <= tolerance:
-        raise ValueError(f"verify: logits of {hf_dir} differ from the GGUF model's by "
-                         f"{difference:.3g} (tolerance {tolerance})")  # fmt: skip
-    return difference
+    return check_difference(difference, reference.dtype, f"between {hf_dir} and the GGUF model")

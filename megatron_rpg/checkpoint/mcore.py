@@ -83,16 +83,25 @@ def save_mcore(
         raise
     dist.barrier()
     if dist.get_rank() == 0:
-        (staging / HF_CONFIG).write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-        for name in TOKENIZER_FILES if tokenizer_from is not None else ():
-            source = Path(tokenizer_from) / name  # type: ignore[arg-type]
-            if source.is_file():
-                shutil.copy2(source, staging / name)
+        for name, content in model_files(hf_config, tokenizer_from).items():
+            (staging / name).write_bytes(content)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
     dist.barrier()
     return out
+
+
+def model_files(hf_config: dict[str, Any], tokenizer: str | Path | None) -> dict[str, bytes]:
+    """What makes saved weights a model, by file name: the HF config, and the tokenizer files
+    of `tokenizer` (a directory, or a sentencepiece model file)."""
+    files = {HF_CONFIG: json.dumps(hf_config, indent=2, sort_keys=True).encode()}
+    path = Path(tokenizer) if tokenizer is not None else None
+    if path is not None and path.is_file():
+        files["tokenizer.model"] = path.read_bytes()
+    elif path is not None:
+        files.update({n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()})
+    return files
 
 
 def model_checkpoint(checkpoint: str | Path) -> Path:

@@ -39,7 +39,7 @@ def every_core() -> Iterator[None]:
     the others wait in a collective (which blocks without computing): spawned ranks run with
     their share of the cores (threads_per_rank)."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(threads_per_rank(1))
     try:
         yield
     finally:
