@@ -97,7 +97,13 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
 
     import torch
 
-    from megatron_rpg.evaluation import evaluate, load_benchmark, to_markdown
+    from megatron_rpg.evaluation import (
+        benchmark_name,
+        compare_to_markdown,
+        evaluate,
+        load_benchmark,
+        to_markdown,
+    )
     from megatron_rpg.rewards.sandbox import GraderPool
     from megatron_rpg.rollout import EmbeddedEngine, SamplingParams
     from megatron_rpg.rollout.text import TextGenerator
@@ -114,8 +120,8 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
             raise ConfigError("--ckpt", args.ckpt, "--hf with --engine vllm (mcore-to-hf first)")
         from megatron_rpg.rollout.vllm_engine import VLLMEngine
 
-        engine = VLLMEngine(source, args.tensor_parallel, gpu_memory_utilization=0.9,
-                            seed=args.seed, load_format="auto")  # fmt: skip
+        engine = VLLMEngine(source, args.tensor_parallel, dtype=args.dtype, seed=args.seed,
+                            gpu_memory_utilization=0.9, load_format="auto")  # fmt: skip
     elif args.hf:
         from megatron_rpg.checkpoint import HFCheckpoint
 
@@ -140,22 +146,35 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
                             max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
     generate = TextGenerator(engine, load_tokenizer(source, args.chat_template), params)
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
-    benchmarks = {n: load_benchmark(n, args.data_dir)[: args.limit or None] for n in names}
+    benchmarks = {benchmark_name(n): load_benchmark(n, args.data_dir)[: args.limit or None]
+                  for n in names}  # fmt: skip
     with GraderPool(workers=args.grader_workers, timeout_s=args.grader_timeout) as pool:
-        results = evaluate(benchmarks, generate, args.k, pool)
+        results = evaluate(
+            benchmarks, generate, args.k, pool, args.answer_extraction, args.prompt_template
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = to_markdown(results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(table)
+    if args.baseline:
+        baseline = json.loads((Path(args.baseline) / "results.json").read_text())
+        comparison = compare_to_markdown(baseline, results)
+        (out / "comparison.md").write_text(comparison)
+        table += f"\nagainst {args.baseline}:\n\n{comparison}"
+    if args.manifest:
+        from megatron_rpg.manifest import record_evaluation
+
+        record_evaluation(args.manifest, out.name, {"source": str(source), "results": results})
     return table
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from megatron_rpg.parallel import RankError, run_on_ranks
+    from megatron_rpg.parallel import RankError, RankPool
 
     try:
-        (table,) = run_on_ranks(1, _evaluate_on_rank, args)
+        with RankPool(1, timeout_s=args.timeout_minutes * 60.0) as pool:
+            (table,) = pool.run(_evaluate_on_rank, args)
     except RankError as err:
         last = err.remote_traceback.strip().splitlines()[-1]
         sys.stderr.write(f"megatron-rpg eval: {last}\n")
@@ -247,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--benchmarks",
         default="aime24,aime25,amc23,math500,gsm8k",
-        help=f"comma-separated, of {','.join(BENCHMARKS)}",
+        help=f"comma-separated, of {','.join(BENCHMARKS)} or .jsonl files (problem, answer)",
     )
     evaluation.add_argument("--k", type=int, default=32, help="samples per problem")
     evaluation.add_argument("--out", required=True, help="directory for results.json/.md")
@@ -262,6 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
                             help="prompts as the chat template's user turn, as data.chat_template "
                             "in training (auto: when the tokenizer has one)")  # fmt: skip
+    evaluation.add_argument("--answer-extraction", choices=["strict", "last_number"],
+                            default="strict", help="last_number: a response stating no answer "
+                            "is read by its last number (as data.answer_extraction)")  # fmt: skip
+    evaluation.add_argument("--prompt-template", choices=["dapo", "plain"], default="dapo",
+                            help="as data.prompt_template")  # fmt: skip
+    evaluation.add_argument("--baseline", help="an earlier --out: also write comparison.md, "
+                            "before/after with intervals")  # fmt: skip
+    evaluation.add_argument("--manifest", help="a run's manifest.json: record the results "
+                            "there under evaluations/<name of --out>")  # fmt: skip
+    evaluation.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                            help="vLLM's weights (--engine vllm)")  # fmt: skip
+    evaluation.add_argument("--timeout-minutes", type=float, default=24 * 60.0,
+                            help="give up on an evaluation running longer")  # fmt: skip
     evaluation.add_argument("--grader-workers", type=int, default=2)
     evaluation.add_argument("--grader-timeout", type=float, default=10.0)
     evaluation.set_defaults(func=_eval)

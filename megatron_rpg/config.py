@@ -185,7 +185,10 @@ class AlgorithmConfig(_Section):
 @dataclass
 class DataConfig(_Section):
     """task 'arithmetic': the embedded synthetic task (data/arithmetic.py; max_operand,
-    operators); 'math': prompts and answers from the JSON lines file train_path. chat_template:
+    operators); 'math': prompts and answers from the JSON lines file train_path, graded by
+    math-verify on the Answer: line or last \\boxed{} (answer_extraction 'strict'), or else the
+    last number of the response ('last_number', for models that state no answer); prompt_template
+    'dapo' asks for that Answer: line, 'plain' is the problem alone. chat_template:
     prompts as the user's turn of the tokenizer's chat template ('auto': when it has one), in
     training, SFT and evaluation alike."""
 
@@ -195,6 +198,8 @@ class DataConfig(_Section):
     train_path: str = ""
     prompt_key: str = "problem"
     answer_key: str = "answer"
+    answer_extraction: Literal["strict", "last_number"] = "strict"
+    prompt_template: Literal["dapo", "plain"] = "dapo"
     prompts_per_step: int = 8
     max_prompt_tokens: int = 512
     chat_template: Literal["auto", "on", "off"] = "auto"
@@ -305,9 +310,10 @@ class RunConfig(_Section):
         _check("eval_limit", self.eval_limit, self.eval_limit >= 0, ">= 0")
         from megatron_rpg.evaluation import BENCHMARKS  # here: evaluation imports the rewards
 
-        unknown = [b for b in self.eval_benchmarks.split(",") if b and b not in BENCHMARKS]
+        unknown = [b for b in self.eval_benchmarks.split(",")
+                   if b and b not in BENCHMARKS and not b.endswith(".jsonl")]  # fmt: skip
         _check("eval_benchmarks", self.eval_benchmarks, not unknown,
-               f"comma-separated names of {sorted(BENCHMARKS)}")  # fmt: skip
+               f"comma-separated names of {sorted(BENCHMARKS)} or .jsonl files")  # fmt: skip
         _check("algorithm.overlong_buffer", self.algorithm.overlong_buffer,
                self.algorithm.overlong_buffer < self.rollout.max_tokens,
                f"< rollout.max_tokens ({self.rollout.max_tokens})")  # fmt: skip

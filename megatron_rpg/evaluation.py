@@ -26,8 +26,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_rpg.data import PROMPT_TEMPLATE, read_records
+from megatron_rpg.data import PROMPT_TEMPLATES, read_records
 from megatron_rpg.rewards.extract import extract_answer
+from megatron_rpg.rewards.math import MATH_GRADERS
 from megatron_rpg.rewards.sandbox import GraderPool
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -62,14 +63,24 @@ BENCHMARKS = {
 Generate = Callable[[list[str], int], list[list[str]]]
 
 
+def benchmark_name(name: str) -> str:
+    """A shipped benchmark's name, or a JSON lines file's stem."""
+    return name if name in BENCHMARKS else Path(name).stem
+
+
 def load_benchmark(name: str, data_dir: str | Path = DATA_DIR) -> list[dict[str, str]]:
-    """The benchmark's problems; a bad line is named by file, line number and field."""
-    if name not in BENCHMARKS:
-        raise ValueError(f"benchmark {name!r} is not one of {sorted(BENCHMARKS)}")
-    path = Path(data_dir) / BENCHMARKS[name]
+    """The problems of a shipped benchmark, or of a JSON lines file with `problem` and `answer`
+    (a task's held-out split); a bad line is named by file, line number and field."""
+    if name in BENCHMARKS:
+        path = Path(data_dir) / BENCHMARKS[name]
+    elif name.endswith(".jsonl"):
+        path = Path(name)
+    else:
+        raise ValueError(f"benchmark {name!r} is not one of {sorted(BENCHMARKS)} "
+                         f"or a .jsonl file")  # fmt: skip
     if not path.is_file():
         raise FileNotFoundError(f"benchmark {name}: no file {path}")
-    return read_records(path, {"id": "id", "problem": "problem", "answer": "answer"})
+    return read_records(path, {"problem": "problem", "answer": "answer"})
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -100,20 +111,29 @@ def bootstrap_interval(values: Sequence[float], samples: int = 1000, seed: int =
     return low, high
 
 
-def score_benchmark(problems: list[dict[str, str]], responses: list[list[str]], k: int,
-                    pool: GraderPool) -> dict[str, Any]:  # fmt: skip
+def score_benchmark(
+    problems: list[dict[str, str]],
+    responses: list[list[str]],
+    k: int,
+    pool: GraderPool,
+    answer_extraction: str = "strict",
+) -> dict[str, Any]:
+    """Grade k responses per problem; answer_extraction 'last_number' reads a response that
+    states no answer by its last number (rewards/extract.py)."""
     if len(responses) != len(problems) or any(len(r) != k for r in responses):
         raise ValueError(f"need {k} responses for each of the {len(problems)} problems")
     items = [(text, p["answer"]) for p, texts in zip(problems, responses, strict=True)
              for text in texts]  # fmt: skip
-    scores, stats = pool.grade("math", items)
+    scores, stats = pool.grade(MATH_GRADERS[answer_extraction], items)
+    last_number = answer_extraction == "last_number"
     per_problem: dict[str, list[float]] = {"mean": [], "pass": [], "maj": []}
     for i, texts in enumerate(responses):
         mine = scores[i * k : (i + 1) * k]
         correct = int(sum(mine))
         per_problem["mean"].append(correct / k)
         per_problem["pass"].append(pass_at_k(k, correct, k))
-        per_problem["maj"].append(majority_correct([extract_answer(t) for t in texts], mine))
+        answers = [extract_answer(t, last_number) for t in texts]
+        per_problem["maj"].append(majority_correct(answers, mine))
     out: dict[str, Any] = {"problems": len(problems), "k": k, "grading": stats}
     for name, values in per_problem.items():
         out[f"{name}@{k}"] = sum(values) / len(values)
@@ -122,11 +142,15 @@ def score_benchmark(problems: list[dict[str, str]], responses: list[list[str]], 
 
 
 def evaluate(benchmarks: dict[str, list[dict[str, str]]], generate: Generate, k: int,
-             pool: GraderPool) -> dict[str, Any]:  # fmt: skip
+             pool: GraderPool, answer_extraction: str = "strict",
+             prompt_template: str = "dapo") -> dict[str, Any]:  # fmt: skip
+    """Each benchmark's problems in `prompt_template` (data/math.py), k samples each, graded."""
     results = {}
     for name, problems in benchmarks.items():
-        prompts = [PROMPT_TEMPLATE.format(problem=p["problem"]) for p in problems]
-        results[name] = score_benchmark(problems, generate(prompts, k), k, pool)
+        prompts = [PROMPT_TEMPLATES[prompt_template].format(problem=p["problem"])
+                   for p in problems]  # fmt: skip
+        results[name] = score_benchmark(problems, generate(prompts, k), k, pool,
+                                        answer_extraction)  # fmt: skip
     return results
 
 
@@ -141,3 +165,22 @@ def to_markdown(results: dict[str, Any]) -> str:
         "\n".join(lines)
         + f"\n\nk = {next(iter(results.values()))['k']}; 95% bootstrap intervals.\n"
     )
+
+
+def compare_to_markdown(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Before/after table of the benchmarks in both: each metric with its interval, the change,
+    and whether the two 95% intervals are disjoint (a rise or fall the resampling cannot undo)."""
+    lines = ["| benchmark | metric | before | after | change | intervals disjoint |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in (n for n in after if n in before):
+        b, a = before[name], after[name]
+        if a["k"] != b["k"] or a["problems"] != b["problems"]:
+            raise ValueError(f"{name}: before has k={b['k']} on {b['problems']} problems, "
+                             f"after k={a['k']} on {a['problems']}")  # fmt: skip
+        for metric in (f"{m}@{a['k']}" for m in ("mean", "pass", "maj")):
+            (bl, bh), (al, ah) = b[f"{metric}_ci95"], a[f"{metric}_ci95"]
+            disjoint = "yes" if al > bh or ah < bl else "no"
+            lines.append(f"| {name} | {metric} | {b[metric]:.4f} [{bl:.3f}, {bh:.3f}] | "
+                         f"{a[metric]:.4f} [{al:.3f}, {ah:.3f}] | {a[metric] - b[metric]:+.4f} "
+                         f"| {disjoint} |")  # fmt: skip
+    return "\n".join(lines) + "\n"

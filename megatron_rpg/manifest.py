@@ -68,3 +68,16 @@ def write_manifest(
     path: str | Path, config: dict[str, Any], files: Iterable[str | Path] = ()
 ) -> None:
     Path(path).write_text(json.dumps(manifest(config, files), indent=2, sort_keys=True))
+
+
+def record_evaluation(path: str | Path, name: str, results: dict[str, Any]) -> None:
+    """Add an evaluation's results to a run's manifest under evaluations/<name> (written to a
+    temporary file and renamed: the manifest is never left half written)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest {path}")
+    data = json.loads(path.read_text())
+    data.setdefault("evaluations", {})[name] = results
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2, sort_keys=True))
+    partial.replace(path)

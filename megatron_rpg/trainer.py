@@ -92,7 +92,9 @@ class Trainer:
         self.task: Any = (
             ArithmeticTask(c.data.max_operand, c.data.operators)
             if c.data.task == "arithmetic"
-            else MathDataset(c.data.train_path, c.data.prompt_key, c.data.answer_key)
+            else MathDataset(
+                c.data.train_path, c.data.prompt_key, c.data.answer_key, c.data.answer_extraction
+            )
         )
         self.tokenizer = self._tokenizer()
         if self.tokenizer.vocab_size > self.arch.vocab_size:
@@ -293,8 +295,8 @@ class Trainer:
         names = [n for n in c.eval_benchmarks.split(",") if n]
         if not names:
             return {}
-        from megatron_rpg.data import PROMPT_TEMPLATE
-        from megatron_rpg.evaluation import load_benchmark, score_benchmark
+        from megatron_rpg.data import PROMPT_TEMPLATES
+        from megatron_rpg.evaluation import benchmark_name, load_benchmark, score_benchmark
         from megatron_rpg.rollout.text import TextGenerator
 
         params = SamplingParams(temperature=c.rollout.temperature, top_p=c.rollout.top_p,
@@ -303,14 +305,18 @@ class Trainer:
         k, out = c.eval_k, {}
         for name in names:
             problems = load_benchmark(name)[: c.eval_limit or None]
-            texts = generate([PROMPT_TEMPLATE.format(problem=p["problem"]) for p in problems], k)
+            template = PROMPT_TEMPLATES[c.data.prompt_template]
+            texts = generate([template.format(problem=p["problem"]) for p in problems], k)
             if self.rank != 0:
                 continue
             if self.grader_pool is None:
                 self.grader_pool = GraderPool()
-            result = score_benchmark(problems, texts, k, self.grader_pool)
+            result = score_benchmark(problems, texts, k, self.grader_pool,
+                                     c.data.answer_extraction)  # fmt: skip
             for metric in ("mean", "pass", "maj"):
-                out[f"eval/{name}/{metric}@{k}"] = result[f"{metric}@{k}"]
+                key = f"eval/{benchmark_name(name)}/{metric}@{k}"
+                out[key] = result[f"{metric}@{k}"]
+                out[f"{key}_low"], out[f"{key}_high"] = result[f"{metric}@{k}_ci95"]
         return out
 
     # ---------------------------------------------------------------------------- update

@@ -18,9 +18,18 @@ def embedded_engine(hf_config):
 
 
 def colocated_engine(hf_config, model_dir, tensor_parallel):
+    """The engine; the trainer sharing its process keeps its torch threads (vLLM's CPU worker
+    sets one for serving)."""
+    import torch
+
     from megatron_rpg.rollout.vllm_engine import VLLMEngine
 
-    return VLLMEngine(model_dir, tensor_parallel, dtype="float32", kv_cache_gb=0.25)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # more than one, whatever this rank's share of the cores
+    engine = VLLMEngine(model_dir, tensor_parallel, dtype="float32", kv_cache_gb=0.25)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(threads)
+    return engine
 
 
 def server_engine(hf_config, url):

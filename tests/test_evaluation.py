@@ -4,12 +4,14 @@
 import itertools
 import json
 import random
+import re
 
 import pytest
 
+from megatron_rpg.data import PROMPT_TEMPLATE
 from megatron_rpg.evaluation import (
     BENCHMARKS,
-    PROMPT_TEMPLATE,
+    benchmark_name,
     bootstrap_interval,
     evaluate,
     load_benchmark,
@@ -107,6 +109,27 @@ def test_bad_benchmark_lines_are_named(tmp_path):
         load_benchmark("aime24", tmp_path)
     with pytest.raises(ValueError, match="is not one of"):
         load_benchmark("aime99", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no file"):
+        load_benchmark(str(tmp_path / "absent.jsonl"))
+
+
+def test_a_jsonl_file_is_a_benchmark_named_by_its_stem_graded_by_last_number(tmp_path, pool):
+    """A task's held-out split as a benchmark; a model that states no answer scores by its last
+    number with answer_extraction='last_number' and zero with 'strict'."""
+    path = tmp_path / "heldout.jsonl"
+    problems = [{"problem": f"What is {a} x 7?", "answer": str(7 * a)} for a in range(2, 12)]
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    loaded = {benchmark_name(str(path)): load_benchmark(str(path))}
+    assert list(loaded) == ["heldout"] and loaded["heldout"][3]["answer"] == "35"
+
+    def generate(prompts, k):  # right on even a, off by one on odd a, never an Answer: line
+        values = [7 * a + a % 2 for a in range(2, 12)]
+        return [[f"{v // 7} times 7 is {v}"] * k for v in values]
+
+    strict = evaluate(loaded, generate, 2, pool)["heldout"]
+    flexible = evaluate(loaded, generate, 2, pool, answer_extraction="last_number")["heldout"]
+    assert strict["mean@2"] == 0.0 and strict["maj@2"] == 0.0
+    assert flexible["mean@2"] == flexible["maj@2"] == 0.5
 
 
 def test_eval_command_from_hf_and_from_megatron_checkpoint_agree(tmp_path):
@@ -153,3 +176,51 @@ def test_eval_command_from_hf_and_from_megatron_checkpoint_agree(tmp_path):
     for result in from_hf.values():
         assert 0.0 <= result["mean@2"] <= result["pass@2"] <= 1.0
     assert (tmp_path / "from_hf" / "results.md").read_text().startswith("| benchmark |")
+
+
+def test_multiplication_problems_hold_out_whole_problems_and_state_true_products(tmp_path):
+    from megatron_rpg.data.multiplication import FACTORS, TEMPLATES, main, multiplication_problems
+
+    train, heldout = multiplication_problems(seed=0, heldout=150)
+    assert len(train) + len(heldout) == len(TEMPLATES) * len(FACTORS) ** 2 and len(heldout) == 150
+    assert not {p["problem"] for p in train} & {p["problem"] for p in heldout}
+    for record in heldout[:20]:
+        a, b = map(int, re.findall(r"\d+", record["problem"]))
+        assert int(record["answer"]) == a * b
+    assert multiplication_problems(seed=0)[1] == heldout
+    assert multiplication_problems(seed=1)[1] != heldout
+    main([str(tmp_path), "--heldout", "10"])
+    assert load_benchmark(str(tmp_path / "heldout.jsonl")) == multiplication_problems(0, 10)[1]
+    with pytest.raises(ValueError, match="heldout=0"):
+        multiplication_problems(seed=0, heldout=0)
+
+
+def test_before_after_table_and_manifest_record(tmp_path):
+    from megatron_rpg.evaluation import compare_to_markdown
+    from megatron_rpg.manifest import record_evaluation, write_manifest
+
+    def result(mean, low, high):
+        r = {"problems": 150, "k": 4}
+        for m in ("mean", "pass", "maj"):
+            r[f"{m}@4"], r[f"{m}@4_ci95"] = mean, (low, high)
+        return r
+
+    table = compare_to_markdown({"heldout": result(0.2, 0.15, 0.25)},
+                                {"heldout": result(0.4, 0.33, 0.47)})  # fmt: skip
+    assert (
+        "| heldout | mean@4 | 0.2000 [0.150, 0.250] | 0.4000 [0.330, 0.470] | +0.2000 | yes |"
+        in table
+    )
+    overlapping = compare_to_markdown({"heldout": result(0.2, 0.15, 0.25)},
+                                      {"heldout": result(0.24, 0.2, 0.3)})  # fmt: skip
+    assert overlapping.count("| no |") == 3
+    with pytest.raises(ValueError, match="k=4 on 150 problems, after k=4 on 10"):
+        compare_to_markdown({"heldout": result(0.2, 0.1, 0.3)},
+                            {"heldout": {**result(0.2, 0.1, 0.3), "problems": 10}})  # fmt: skip
+    path = tmp_path / "manifest.json"
+    write_manifest(path, {"seed": 3})
+    record_evaluation(path, "eval_after", {"heldout": result(0.4, 0.33, 0.47)})
+    data = json.loads(path.read_text())
+    assert data["seed"] == 3 and data["evaluations"]["eval_after"]["heldout"]["mean@4"] == 0.4
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        record_evaluation(tmp_path / "absent.json", "x", {})

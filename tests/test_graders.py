@@ -79,6 +79,30 @@ def test_extraction_prefers_the_answer_line_and_matches_braces():
     assert extract_answer("no answer here") is None
 
 
+# (response, reference, strict verdict, last-number verdict)
+LAST_NUMBER_CASES = [
+    ("7 x 8 = 56", "56", 0, 1),
+    ("7 x 8 = 56.", "56", 0, 1),
+    ("The boxes hold 1,200 apples in all", "1200", 0, 1),
+    ("-3 degrees, then 4 degrees", "4", 0, 1),
+    ("It is 2.50 dollars", "2.5", 0, 1),
+    ("56 at first, but then 57", "56", 0, 0),  # the last number, not any number
+    ("Answer: 12\nso 13 more", "12", 1, 1),  # a stated answer wins over the last number
+    (r"\boxed{9} and 10", "9", 1, 1),
+    ("no number here", "5", 0, 0),
+]
+
+
+def test_last_number_extraction_reads_responses_that_state_no_answer(pool):
+    items = [(r, a) for r, a, _, _ in LAST_NUMBER_CASES]
+    strict, _ = pool.grade("math", items)
+    last_number, _ = pool.grade("math_last_number", items)
+    assert strict == [float(c[2]) for c in LAST_NUMBER_CASES]
+    assert last_number == [float(c[3]) for c in LAST_NUMBER_CASES]
+    assert extract_answer("x 3 y 1,024", last_number=True) == "1024"
+    assert extract_answer("Answer: 7\n8", last_number=True) == "7"
+
+
 def test_exact_grader_in_the_sandbox(pool):
     scores, _ = pool.grade("exact", [("12", "12"), (" 12 ", "12"), ("1 2", "12")])
     assert scores == [1.0, 1.0, 0.0]

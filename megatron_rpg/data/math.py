@@ -7,22 +7,27 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rpg.data.records import read_records, take
+from megatron_rpg.rewards.math import MATH_GRADERS
 
 PROMPT_TEMPLATE = (
     "Solve the following math problem step by step. The last line of your response should be of "
     "the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
     "{problem}"
 )
+# data.prompt_template -> the text around a problem ("plain": the problem alone, for a chat model
+# whose own style of answer the grader reads with answer_extraction='last_number')
+PROMPT_TEMPLATES = {"dapo": PROMPT_TEMPLATE, "plain": "{problem}"}
 
 
 class MathDataset:
-    grader = "math"
-
-    def __init__(self, path: str | Path, prompt_key: str = "problem", answer_key: str = "answer"):
+    def __init__(self, path: str | Path, prompt_key: str = "problem", answer_key: str = "answer",
+                 answer_extraction: str = "strict", prompt_template: str = "dapo"):  # fmt: skip
         self.problems = read_records(path, {"problem": prompt_key, "answer": answer_key})
+        self.grader = MATH_GRADERS[answer_extraction]
+        self.template = PROMPT_TEMPLATES[prompt_template]
 
     def prompt(self, problem: dict[str, str]) -> str:
-        return PROMPT_TEMPLATE.format(problem=problem["problem"])
+        return self.template.format(problem=problem["problem"])
 
     def answer(self, problem: dict[str, str]) -> str:
         return problem["answer"]

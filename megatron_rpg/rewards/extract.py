@@ -3,8 +3,12 @@ r"""Final-answer extraction from a model's response (untrusted text; nothing is 
     extract_answer("... last line\nAnswer: 3/4")           -> "3/4"           (DAPO style)
     extract_answer(r"so \boxed{\frac{1}{2}} it is")     -> r"\frac{1}{2}"   (last \boxed{})
 
+    extract_answer("7 x 8 = 56, so 56 apples.", last_number=True) -> "56"
+
 The DAPO form ("Answer: X" on the last line that has one) wins over \boxed{}; surrounding
-$...$ are removed. Braces are matched by counting, so deep nesting costs one pass and no stack.
+$...$ are removed. With last_number (lm-evaluation-harness's "flexible extract"), a response
+with neither gives its last number (optional sign, thousands commas dropped, decimals). Braces
+are matched by counting, so deep nesting costs one pass and no stack.
 Responses longer than MAX_CHARS are read only at their end (the answer is at the end).
 """
 
@@ -14,6 +18,7 @@ import re
 
 MAX_CHARS = 20_000  # characters read from the end of a response
 ANSWER_LINE = re.compile(r"^\s*\**answer\**\s*[:：]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def extract_boxed(text: str) -> str | None:
@@ -50,7 +55,16 @@ def extract_answer_line(text: str) -> str | None:
     return answer.rstrip(".").strip() or None
 
 
-def extract_answer(text: str) -> str | None:
+def extract_last_number(text: str) -> str | None:
+    numbers = NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def extract_answer(text: str, last_number: bool = False) -> str | None:
     text = text[-MAX_CHARS:]
     answer = extract_answer_line(text)
-    return answer if answer is not None else extract_boxed(text)
+    if answer is None:
+        answer = extract_boxed(text)
+    if answer is None and last_number:
+        answer = extract_last_number(text)
+    return answer

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from megatron_rpg.rewards.extract import extract_answer
 
+# data.answer_extraction -> the sandbox's grader (rewards/sandbox.py GRADERS)
+MATH_GRADERS = {"strict": "math", "last_number": "math_last_number"}
+
 
 def _latex(text: str) -> str:
     text = text.strip()
@@ -17,10 +20,19 @@ def _latex(text: str) -> str:
 
 
 def grade_math(response: str, answer: str) -> float:
-    """1.0 when the response's final answer is equivalent to the reference, else 0.0."""
+    """1.0 when the response's final answer (Answer: line, else last \\boxed{}) is equivalent
+    to the reference, else 0.0."""
+    return _verify(extract_answer(response), answer)
+
+
+def grade_math_last_number(response: str, answer: str) -> float:
+    """grade_math, with the response's last number as its answer when it states none."""
+    return _verify(extract_answer(response, last_number=True), answer)
+
+
+def _verify(predicted: str | None, answer: str) -> float:
     from math_verify import parse, verify
 
-    predicted = extract_answer(response)
     if predicted is None:
         return 0.0
     gold = parse(_latex(answer))

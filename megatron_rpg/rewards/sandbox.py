@@ -27,6 +27,7 @@ from typing import Any
 GRADERS = {
     "exact": "megatron_rpg.rewards.exact:exact_match",
     "math": "megatron_rpg.rewards.math:grade_math",
+    "math_last_number": "megatron_rpg.rewards.math:grade_math_last_number",
 }
 
 

@@ -217,7 +217,11 @@ class VLLMEngine:
             # a prompt prefilled in chunks has its draws rewound with a CUDA-only generator
             # call (gpu_model_runner: "CPU Generator does not use offset") when it is seeded
             options["enable_chunked_prefill"] = False
+        threads = torch.get_num_threads()
         self.llm = LLM(**options)
+        # vLLM's CPU worker drops this process to one torch thread for serving; the trainer
+        # sharing the process keeps the threads it had (parallel/spawn.py threads_per_rank)
+        torch.set_num_threads(threads)
         self._transfer: _Transfer | None = None
         self.asleep = False
 
