@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,28 @@ def check_logging(config: LoggingConfig) -> None:
             raise ConfigError("logging.wandb_project", config.wandb_project, allowed) from None
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A torn last line (its writer died mid-line: a kill, a full
+    disk) is dropped with a warning; any other bad line is an error naming file and line."""
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif number == len(lines):
+            warnings.warn(f"{path}:{number}: dropped a torn last line", stacklevel=2)
+        else:
+            raise ValueError(f"{path}:{number}: not a metrics record (a JSON object with an "
+                             f"integer 'step'): {line[:80]!r}")  # fmt: skip
+    return records
+
+
 class MetricsLog:
     def __init__(self, config: LoggingConfig, run_dir: Path, resume_step: int, run_config: dict):
         check_logging(config)
@@ -44,9 +67,10 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
         if self.path.exists():
-            kept = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-            self.history = [r for r in kept if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            self.history = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        partial = self.path.with_name(self.path.name + ".partial")  # never half rewritten
+        partial.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        partial.replace(self.path)
         self.tensorboard = None
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$(bash scripts/install.sh)
-exec "$venv/bin/megatron-rpg" train --config examples/tiny_cpu.yaml "$@"
+# --overwrite: running the demo again replaces its run in runs/tiny_cpu
+exec "$venv/bin/megatron-rpg" train --config examples/tiny_cpu.yaml --overwrite "$@"

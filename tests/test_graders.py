@@ -103,6 +103,21 @@ def test_last_number_extraction_reads_responses_that_state_no_answer(pool):
     assert extract_answer("Answer: 7\n8", last_number=True) == "7"
 
 
+def test_extraction_is_linear_in_blank_lines():
+    start = time.perf_counter()
+    assert extract_answer("\n" * 19_000 + "Answer: 5\n" + "\n \n" * 300) == "5"
+    assert extract_answer("\n" * 20_000) is None
+    assert time.perf_counter() - start < 0.5  # quadratic: seconds
+
+
+def test_a_worker_dead_before_its_item_scores_zero_and_is_replaced():
+    with GraderPool(workers=1, timeout_s=5.0) as pool:
+        pool.workers[0].process.kill()
+        pool.workers[0].process.join()
+        scores, stats = pool.grade("exact", [("1", "1"), ("2", "2")])
+        assert scores == [0.0, 1.0] and stats["crashes"] == 1
+
+
 def test_exact_grader_in_the_sandbox(pool):
     scores, _ = pool.grade("exact", [("12", "12"), (" 12 ", "12"), ("1 2", "12")])
     assert scores == [1.0, 1.0, 0.0]

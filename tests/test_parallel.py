@@ -171,3 +171,54 @@ def test_every_core_lends_the_machine_and_gives_it_back():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(previous)
+
+
+def work_until_terminated(pid_dir):
+    """Like the trainer: SIGTERM asks for a clean stop (a checkpoint), then the function returns."""
+    import signal
+    import time
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    (Path(pid_dir) / f"rank{dist.get_rank()}").write_text(str(os.getpid()))
+    while not stop:
+        time.sleep(0.05)
+    (Path(pid_dir) / f"stopped{dist.get_rank()}").write_text("")
+    return "stopped"
+
+
+def test_ranks_of_a_killed_parent_stop_cleanly_and_exit(tmp_path):
+    """kill -9 of the process holding the pool (no atexit runs): its ranks get SIGTERM, finish
+    what they do (the trainer: a checkpoint), and exit instead of working on as orphans."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[2])\n"
+        "from megatron_rpg.parallel import RankPool\n"
+        "from test_parallel import work_until_terminated\n"
+        "if __name__ == '__main__':\n"
+        "    with RankPool(2) as pool:\n"
+        "        pool.run(work_until_terminated, sys.argv[1])\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path),
+                               os.path.dirname(__file__)])  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("rank*"))) < 2:
+        assert time.monotonic() < deadline and parent.poll() is None, "ranks did not start"
+        time.sleep(0.2)
+    ranks = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*"))]
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in ranks):
+        assert time.monotonic() < deadline, "orphaned ranks kept running"
+        time.sleep(0.2)
+    assert sorted(p.name for p in tmp_path.glob("stopped*")) == ["stopped0", "stopped1"]

@@ -103,10 +103,24 @@ def test_killed_run_resumes_bit_identically(uninterrupted, tmp_path):
     os.killpg(process.pid, signal.SIGKILL)  # between the checkpoints of steps 2 and 4
     process.wait()
     assert 3 <= len(metrics(run_dir)) < 6
+    with (run_dir / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 9, "reward/me')  # a torn last line (a full disk, a kill mid-write)
     done = train(*TINY, f"logging.run_dir={run_dir}", "--resume")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resume: continuing from" in done.stdout
     assert without_timing(metrics(run_dir)) == without_timing(metrics(whole))
+
+
+def test_a_bad_metrics_line_is_named_and_only_a_torn_last_one_dropped(tmp_path):
+    from megatron_rpg.metrics import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rew')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:3: dropped a torn last line"):
+        assert read_metrics(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record"):
+        read_metrics(path)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path):
@@ -126,6 +140,15 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp
     assert "skipping checkpoint" in done.stdout + done.stderr
     assert "continuing from" in done.stdout and "step_00000004 (step 4)" in done.stdout
     assert without_timing(metrics(run_dir)) == without_timing(metrics(whole))
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    for checkpoint in (run_dir / "checkpoints").glob("step_*"):
+        (checkpoint / "COMPLETE").unlink()
+    refused = train(*TINY, f"logging.run_dir={run_dir}", "--resume")
+    assert refused.returncode != 0
+    assert (
+        "no usable checkpoint" in refused.stderr and "step_00000006: incomplete" in refused.stderr
+    )
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # nothing overwritten
 
 
 def test_incomplete_checkpoint_is_not_used(tmp_path):

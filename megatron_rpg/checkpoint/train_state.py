@@ -10,7 +10,8 @@
 
 A checkpoint is assembled in a hidden temporary directory and renamed when every rank has
 finished; only the newest `keep_last` are kept. `latest_valid()` walks the checkpoints newest
-first and skips (with a warning) one without COMPLETE or whose files do not match their sha256.
+first and skips (with a warning) one without COMPLETE or whose files do not match their sha256;
+when every one fails, it raises rather than start over.
 """
 
 from __future__ import annotations
@@ -136,8 +137,10 @@ def verify(directory: Path) -> str | None:
 
 
 def latest_valid(run_dir: str | Path) -> Path | None:
-    """The newest usable checkpoint (rank 0 checks; the answer is broadcast)."""
-    choice: list[str | None] = [None]
+    """The newest usable checkpoint, None when there is none at all (rank 0 checks; the answer
+    is broadcast). Checkpoints that all fail verify() raise: starting over on them is the
+    user's call, not resume's."""
+    choice: list[Any] = [None, []]
     if dist.get_rank() == 0:
         root = Path(run_dir) / "checkpoints"
         for candidate in sorted(root.glob("step_*"), reverse=True):
@@ -146,8 +149,13 @@ def latest_valid(run_dir: str | Path) -> Path | None:
                 choice[0] = str(candidate)
                 break
             warnings.warn(f"skipping checkpoint {candidate}: {problem}", stacklevel=2)
+            choice[1].append(f"{candidate.name}: {problem}")
     dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
+    directory, problems = choice
+    if directory is None and problems:
+        raise RuntimeError(f"resume: no usable checkpoint in {Path(run_dir) / 'checkpoints'} ("
+                           + "; ".join(problems) + "); move them away to start over")  # fmt: skip
+    return Path(directory) if directory else None
 
 
 def load_train_checkpoint(directory: Path, state_dicts: dict[str, Any]) -> tuple[dict, dict]:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import os
 import pickle
 import queue
+import signal
 import socket
 import traceback
 from collections.abc import Callable, Iterator
@@ -58,13 +60,41 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _terminate_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this rank when the process that spawned it dies without closing the pool
+    (killed): an orphaned rank would go on training and writing into a run directory that the
+    next run may be using. The trainer answers SIGTERM with a checkpoint, then the rank exits."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _next_task(tasks: Any, parent: int) -> Any:
+    """The next task; None (stop) once the parent is gone, so no rank waits for it forever."""
+    while os.getppid() == parent:
+        with contextlib.suppress(queue.Empty):
+            return tasks.get(timeout=1.0)
+    return None
+
+
 def _worker(
-    rank: int, world_size: int, port: int, timeout_s: float, tasks: Any, results: Any
+    rank: int,
+    world_size: int,
+    port: int,
+    timeout_s: float,
+    tasks: Any,
+    results: Any,
+    parent: int,
 ) -> None:
     import torch.distributed as dist
 
     from megatron_rpg.parallel.distributed import destroy_model_parallel
 
+    _terminate_with_parent(parent)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -80,7 +110,7 @@ def _worker(
         world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
     )
-    while (task := tasks.get()) is not None:
+    while (task := _next_task(tasks, parent)) is not None:
         fn, args, kwargs = task
         try:
             # Pickle here: an unpicklable result would otherwise fail silently in the queue's
@@ -108,7 +138,15 @@ class RankPool:
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, self.world_size, port, self.timeout_s, self._tasks[r], self._results),
+                args=(
+                    r,
+                    self.world_size,
+                    port,
+                    self.timeout_s,
+                    self._tasks[r],
+                    self._results,
+                    os.getpid(),
+                ),
                 daemon=False,  # ranks may fork (dist_checkpointing's writers); atexit kills them
             )
             for r in range(self.world_size)

@@ -17,7 +17,10 @@ from __future__ import annotations
 import re
 
 MAX_CHARS = 20_000  # characters read from the end of a response
-ANSWER_LINE = re.compile(r"^\s*\**answer\**\s*[:：]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+# blanks, not \s: \s would also take newlines, and a search from every line start over all the
+# newlines after it is quadratic (20,000 empty lines: seconds)
+ANSWER_LINE = re.compile(r"^[ \t]*\**answer\**[ \t]*[:：][ \t]*(.+?)[ \t\r]*$",
+                         re.IGNORECASE | re.MULTILINE)  # fmt: skip
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 

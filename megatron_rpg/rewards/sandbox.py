@@ -98,13 +98,20 @@ class GraderPool:
         stats: dict[str, Any] = {"timeouts": 0, "crashes": 0, "errors": 0, "first_error": None}
         pending = list(range(len(items)))[::-1]
         while pending or any(w.item is not None for w in self.workers):
-            for worker in self.workers:
+            for index, worker in enumerate(self.workers):
                 if worker.item is None and pending:
-                    worker.item = pending.pop()
-                    response, reference = items[worker.item]
-                    worker.connection.send((grader, str(response), str(reference)))
-                    worker.deadline = time.monotonic() + self.timeout_s
+                    item = pending.pop()
+                    response, reference = items[item]
+                    try:
+                        worker.connection.send((grader, str(response), str(reference)))
+                    except OSError:  # the worker had died (BrokenPipeError): item scores 0
+                        stats["crashes"] += 1
+                        self._replace(index)
+                        continue
+                    worker.item, worker.deadline = item, time.monotonic() + self.timeout_s
             busy = {w.connection: i for i, w in enumerate(self.workers) if w.item is not None}
+            if not busy:  # every send found a dead worker: hand out the next items
+                continue
             timeout = max(0.0, min(self.workers[i].deadline for i in busy.values())
                           - time.monotonic())  # fmt: skip
             for connection in wait(list(busy), timeout=timeout):
