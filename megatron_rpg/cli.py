@@ -330,6 +330,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"convert {args.action} needs --{needed}")
         if args.verify and args.action == "reshard":
             parser.error("--verify compares with the HF side: hf-to-mcore or mcore-to-hf only")
+    if args.command == "eval":
+        refused = [(f"--{name.replace('_', '-')} {getattr(args, name)}", allowed)
+                   for name, ok, allowed in (
+                       ("k", args.k >= 1, ">= 1"), ("limit", args.limit >= 0, ">= 0 (0: all)"),
+                       ("max_tokens", args.max_tokens >= 1, ">= 1"),
+                       ("temperature", 0 <= args.temperature < float("inf"), "finite, >= 0"),
+                       ("benchmarks", any(n.strip() for n in args.benchmarks.split(",")),
+                        "at least one name"),
+                   ) if not ok]  # fmt: skip
+        if refused:
+            parser.error("; ".join(f"{given}: need {allowed}" for given, allowed in refused))
     try:
         return int(args.func(args))
     except ConfigError as err:

@@ -224,3 +224,20 @@ def test_before_after_table_and_manifest_record(tmp_path):
     assert data["seed"] == 3 and data["evaluations"]["eval_after"]["heldout"]["mean@4"] == 0.4
     with pytest.raises(FileNotFoundError, match="no manifest"):
         record_evaluation(tmp_path / "absent.json", "x", {})
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--k", "0"], "--k 0: need >= 1"),
+        (["--limit", "-1"], "--limit -1: need >= 0"),
+        (["--benchmarks", ","], "--benchmarks ,: need at least one name"),
+        (["--temperature", "inf"], "--temperature inf: need finite"),
+    ],
+)
+def test_eval_refuses_bad_flags_by_name(flags, message, capsys):
+    from megatron_rpg.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--hf", "model", "--out", "out", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
