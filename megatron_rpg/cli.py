@@ -67,30 +67,33 @@ def _convert(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     """Validate the config (before any work), then train on tp x pp x dp ranks: directly under
     torchrun / srun (RANK set), else on spawned gloo ranks of this machine."""
+    import contextlib
     import os
 
-    from megatron_rpg.run_dir import claim_run_dir
+    from megatron_rpg.run_dir import claimed_run_dir
     from megatron_rpg.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
     resume = args.resume or cfg.checkpoint.resume
+    claim: Any = contextlib.nullcontext()
     if os.environ.get("RANK", "0") == "0":  # the launcher, or rank 0 under torchrun / srun
-        lock = claim_run_dir(cfg.logging.run_dir, resume, args.overwrite)  # noqa: F841 (held)
-    if "RANK" in os.environ:
-        from megatron_rpg.parallel import init_process_group
+        claim = claimed_run_dir(cfg.logging.run_dir, resume, args.overwrite)
+    with claim:
+        if "RANK" in os.environ:
+            from megatron_rpg.parallel import init_process_group
 
-        init_process_group(cfg.parallel.backend, cfg.parallel.timeout_minutes)
-        run_training(cfg, resume)
-        return 0
-    from megatron_rpg.parallel import RankError, RankPool
+            init_process_group(cfg.parallel.backend, cfg.parallel.timeout_minutes)
+            run_training(cfg, resume)
+            return 0
+        from megatron_rpg.parallel import RankError, RankPool
 
-    world = args.nproc or cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
-    try:
-        with RankPool(world, timeout_s=cfg.parallel.timeout_minutes * 60.0) as pool:
-            pool.run(run_training, cfg, resume)
-    except RankError as err:
-        sys.stderr.write(f"megatron-rpg train: rank {err.rank} failed:\n{err.remote_traceback}")
-        return 1
+        world = args.nproc or cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
+        try:
+            with RankPool(world, timeout_s=cfg.parallel.timeout_minutes * 60.0) as pool:
+                pool.run(run_training, cfg, resume)
+        except RankError as err:
+            sys.stderr.write(f"megatron-rpg train: rank {err.rank} failed:\n{err.remote_traceback}")
+            return 1
     return 0
 
 

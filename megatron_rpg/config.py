@@ -210,6 +210,8 @@ class DataConfig(_Section):
         _check("operators", self.operators, known, "characters of '+-*'")
         _check("prompts_per_step", self.prompts_per_step, self.prompts_per_step >= 1, ">= 1")
         _check("max_prompt_tokens", self.max_prompt_tokens, self.max_prompt_tokens >= 1, ">= 1")
+        _check("train_path", self.train_path, self.task != "math" or bool(self.train_path),
+               "a JSON lines file for task 'math'")  # fmt: skip
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Who may write a run directory: one run at a time, and a new run never over an old one's data.
 
-    lock = claim_run_dir(Path("runs/x"), resume=False, overwrite=False)  # held until it closes
+    with claimed_run_dir("runs/x", resume=False, overwrite=False):   # locked while training
+        ...
 
 A directory that holds a run (metrics.jsonl or checkpoints/) is refused to a fresh run: --resume
 continues that run, --overwrite deletes its metrics and checkpoints first; anything else
@@ -12,10 +13,12 @@ one machine: on a cluster, one launcher per run directory claims it (the node of
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -64,3 +67,19 @@ def claim_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> TextIO:
             else:
                 path.unlink()
     return lock
+
+
+@contextlib.contextmanager
+def claimed_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> Iterator[None]:
+    """claim_run_dir for the body; a directory it created that holds nothing but the lock
+    afterwards (the run failed before writing anything) is removed again."""
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    lock = claim_run_dir(run_dir, resume, overwrite)
+    try:
+        yield
+    finally:
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK]:
+            (run_dir / LOCK).unlink()
+            run_dir.rmdir()
+        lock.close()
