@@ -177,11 +177,10 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from megatron_rpg.parallel import RankError, RankPool
+    from megatron_rpg.parallel import RankError, run_on_ranks
 
     try:
-        with RankPool(1, timeout_s=args.timeout_minutes * 60.0) as pool:
-            (table,) = pool.run(_evaluate_on_rank, args)
+        (table,) = run_on_ranks(1, _evaluate_on_rank, args)
     except RankError as err:
         last = err.remote_traceback.strip().splitlines()[-1]
         sys.stderr.write(f"megatron-rpg eval: {last}\n")
@@ -304,8 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
                             "there under evaluations/<name of --out>")  # fmt: skip
     evaluation.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                             help="vLLM's weights (--engine vllm)")  # fmt: skip
-    evaluation.add_argument("--timeout-minutes", type=float, default=24 * 60.0,
-                            help="give up on an evaluation running longer")  # fmt: skip
     evaluation.add_argument("--grader-workers", type=int, default=2)
     evaluation.add_argument("--grader-timeout", type=float, default=10.0)
     evaluation.set_defaults(func=_eval)

@@ -222,3 +222,25 @@ def test_ranks_of_a_killed_parent_stop_cleanly_and_exit(tmp_path):
         assert time.monotonic() < deadline, "orphaned ranks kept running"
         time.sleep(0.2)
     assert sorted(p.name for p in tmp_path.glob("stopped*")) == ["stopped0", "stopped1"]
+
+
+def sleep_then_answer(seconds):
+    import time
+
+    time.sleep(seconds)
+    return "done"
+
+
+def die_without_a_result():
+    os._exit(9)
+
+
+def test_a_function_may_outlast_the_collective_timeout_and_a_dead_rank_is_named():
+    """timeout_s bounds collectives, not the function (a 30-minute default once killed every
+    training run at 30 minutes); a rank that dies is reported, not waited for."""
+    from megatron_rpg.parallel import RankPool
+
+    with RankPool(1, timeout_s=2) as pool:
+        assert pool.run(sleep_then_answer, 4) == ["done"]
+        with pytest.raises(RankError, match=r"ranks \[0\] died without a result"):
+            pool.run(die_without_a_result)

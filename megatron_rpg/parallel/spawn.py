@@ -4,9 +4,12 @@
         results = pool.run(fn, arg)            # fn(arg) on every rank -> [result_rank0, ...]
         more = pool.run(other_fn)              # many cases on the same ranks
 
-`fn` must be importable by name (a module-level function). If a rank raises, `run` raises
-`RankError` carrying that rank's traceback; ranks left waiting in a collective are killed and the
-pool restarts on the next `run`. After each function, Megatron's parallel state is destroyed so
+`fn` must be importable by name (a module-level function). `run` waits as long as the ranks
+live (`timeout_s` bounds each collective, in the ranks' process group, not the function: a
+training run takes hours). If a rank raises, `run` raises `RankError` carrying that rank's
+traceback; ranks left waiting in a collective with it are killed after `error_grace_s`, a rank
+that dies without a result (out of memory, a signal) is named, and the pool restarts on the
+next `run`. After each function, Megatron's parallel state is destroyed so
 the next case may use another layout.
 """
 
@@ -20,6 +23,7 @@ import pickle
 import queue
 import signal
 import socket
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -61,6 +65,7 @@ def _free_port() -> int:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LIVENESS_POLL_S = 1.0  # how often run() checks that the ranks it waits for are alive
 
 
 def _terminate_with_parent(parent: int) -> None:
@@ -170,24 +175,26 @@ class RankPool:
             q.put((fn, args, kwargs))
         results: dict[int, Any] = {}
         error: RankError | None = None
-        wait = self.timeout_s
+        grace_ends = None  # set when a rank fails: the others get error_grace_s to answer
         while len(results) < self.world_size:
             try:
-                rank, ok, payload = self._results.get(timeout=wait)
+                rank, ok, payload = self._results.get(timeout=LIVENESS_POLL_S)
             except queue.Empty:
-                dead = [r for r, p in enumerate(self._procs) if not p.is_alive()]
+                dead = [r for r, p in enumerate(self._procs)
+                        if not p.is_alive() and r not in results]  # fmt: skip
+                waited_out = grace_ends is not None and time.monotonic() > grace_ends
+                if not dead and not waited_out:
+                    continue  # as long as it takes: a stuck collective times out in the rank
                 self.close(force=True)
                 if error is not None:
                     raise error from None
-                missing = sorted(set(range(self.world_size)) - set(results))
-                raise RankError(
-                    missing[0] if missing else -1,
-                    f"no result within {wait:.0f} s from ranks {missing} (dead: {dead})",
-                ) from None
+                raise RankError(dead[0], f"ranks {dead} died without a result (killed: "
+                                "out of memory, a signal?)") from None  # fmt: skip
             results[rank] = pickle.loads(payload) if ok else payload
             if not ok and error is None:
                 error = RankError(rank, payload)
-                wait = self.error_grace_s  # others may be stuck in a collective with this rank
+                grace_ends = time.monotonic() + self.error_grace_s  # others may be stuck
+                # in a collective with this rank
         if error is not None:
             raise error
         return [results[r] for r in range(self.world_size)]
