@@ -3,7 +3,8 @@
 # convert SmolLM2-135M-Instruct's GGUF to HF and to Megatron, write the word-problem task, train
 # (examples/smollm2_cpu.yaml), then evaluate the base model and the trained one on the held-out
 # problems with the same prompts and sampling, and record both with the before/after table in
-# the run's manifest. Extra arguments are training overrides, e.g. `train_steps=10`.
+# the run's manifest. Extra arguments go to `megatron-rpg train`: overrides (`train_steps=10`),
+# `--overwrite` to replace an earlier run in runs/smollm2_cpu, `--resume` to continue it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=$(bash scripts/install.sh smollm2)
