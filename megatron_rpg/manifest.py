@@ -78,6 +78,14 @@ def record_evaluation(path: str | Path, name: str, results: dict[str, Any]) -> N
         raise FileNotFoundError(f"no manifest {path}")
     data = json.loads(path.read_text())
     data.setdefault("evaluations", {})[name] = results
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary file beside `path` and rename it over `path`: a reader (or a
+    crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2, sort_keys=True))
+    partial.write_text(text)
     partial.replace(path)
+    return path

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rpg.config import ConfigError, LoggingConfig
+from megatron_rpg.manifest import write_text_atomic
 from megatron_rpg.plot import write_curves_png
 
 CURVES = ("reward/mean", "kl/k3", "entropy/mean", "eval/accuracy")
@@ -68,9 +69,7 @@ class MetricsLog:
         self.history: list[dict[str, Any]] = []
         if self.path.exists():
             self.history = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        partial = self.path.with_name(self.path.name + ".partial")  # never half rewritten
-        partial.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        partial.replace(self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         self.tensorboard = None
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -16,6 +16,8 @@ import json
 import random
 from pathlib import Path
 
+from megatron_rpg.manifest import write_text_atomic
+
 FACTORS = range(2, 13)
 TEMPLATES = (
     "Calculate {a} * {b}.",
@@ -46,12 +48,8 @@ def multiplication_problems(seed: int, heldout: int = 150) -> tuple[Records, Rec
 
 def write_jsonl(records: list[dict[str, str]], path: str | Path) -> Path:
     """Write records as JSON lines through a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
-    partial.replace(path)
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def main(argv: list[str] | None = None) -> None:
