@@ -30,12 +30,30 @@ sys.path.insert(0, str(ROOT))
 from megatron_rpg.plot import write_curves_png  # noqa: E402
 
 RPG = ("fkl", "rkl", "ufkl", "urkl")
-VARIANTS = {
-    "grpo": ["algorithm.loss=grpo"],
-    "dapo": ["algorithm.loss=dapo", "loss.beta=0", "algorithm.dynamic_sampling=true"],
+VARIANTS = {  # the baselines as the paper ran them (Tables 5, 7, 8; verl's GRPO and DAPO)
+    "grpo": [
+        "algorithm.loss=grpo",
+        "algorithm.advantage=group_mean_std",
+        "loss.kl_anchor=ref",
+        "algorithm.ref_update_interval=0",
+        "loss.eps_high=0.2",
+        "loss.beta=1e-3",
+        "loss.dual_clip_c=.inf",
+    ],
+    "dapo": [
+        "algorithm.loss=dapo",
+        "loss.beta=0",
+        "algorithm.dynamic_sampling=true",
+        "loss.dual_clip_c=.inf",
+    ],
+    "reinforce_pp_baseline": [
+        "algorithm.loss=reinforce_pp",
+        "loss.beta=0",
+        "algorithm.advantage=group_mean_whitened",
+    ],
     **{f"rpg_{d}": [f"algorithm.loss=rpg_{d}"] for d in RPG},
     **{f"rpg_reinforce_{d}": [f"algorithm.loss=rpg_reinforce_{d}"] for d in RPG},
-}  # RPG-Style Clip (loss.clip=dual) and beta from tiny_cpu.yaml for all but DAPO
+}  # RPG: RPG-Style Clip (loss.clip=dual) and beta from tiny_cpu.yaml
 
 
 def run(variant: str, seed: int, steps: int, extra: list[str], out: Path) -> Path:

@@ -1,21 +1,30 @@
-"""One RL step of the tiny embedded run, phase by phase, side by side with this machine's matmul
-speed measured in the same run:
+"""One RL step, phase by phase, with what this machine allows measured in the same run:
 
   time per phase (rollout, log-probs, update, sync), median over steps; training tokens/s;
   achieved FLOP/s of the update (6 N tokens / update time, N = parameters in matmuls) as a
-  ratio of a plain fp32 matmul's FLOP/s (2048 x 2048 x 2048, best of 5).
+  ratio of a plain fp32 matmul's FLOP/s (2048 x 2048 x 2048, best of 5);
+  the update's forward/backward on one step's batch, length-bucketed micro-batches (ours)
+  against the same micro-batches padded to the batch's width (the naive way);
+  with --trl-python, TRL's GRPOTrainer on the same model, data and settings
+  (benchmarks/trl_grpo_step.py, in the virtualenv that has TRL).
 
-  python benchmarks/train_step.py [--steps 12] [key=value config overrides]
+  python benchmarks/train_step.py [--config examples/tiny_cpu.yaml] [--steps 12] [key=value ...]
+  python benchmarks/train_step.py --config examples/smollm2_cpu.yaml --steps 3 \\
+      --trl-python /path/to/trl-venv/bin/python        # after examples/smollm2_cpu.sh converted
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "tiny_cpu.yaml"
 
 
 def matmul_flops() -> float:
@@ -30,24 +39,87 @@ def matmul_flops() -> float:
     return 2 * 2048**3 / best
 
 
-def measure(steps: int, overrides: list[str], run_dir: str) -> dict:
+def padded_vs_bucketed(trainer: Any) -> dict[str, float]:
+    """Forward/backward of the update on one rollout batch: the trainer's length-bucketed
+    micro-batches, then the same rows in row order padded to the batch's width."""
+    import torch
+
+    from megatron_rpg.forward_backward import forward_backward
+    from megatron_rpg.losses import compute_advantages
+    from megatron_rpg.rl_batch import length_bucketed
+
+    c = trainer.config
+    batch, _ = trainer._rollout()
+    advantages = compute_advantages(c.algorithm.advantage, batch.rewards, batch.group_ids)
+    counts = (float(batch.response_mask.sum()), float(len(batch)))
+    micro = c.optimizer.micro_batch_size
+
+    def padded(index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"tokens": batch.tokens[index], "response_mask": batch.response_mask[index],
+                "rollout_logprobs": batch.rollout_logprobs[index],
+                "advantages": advantages[index]}  # fmt: skip
+
+    def bucketed(index: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**batch.rows(index), "advantages": advantages[index]}
+
+    layouts = {
+        "padded": [padded(rows) for rows in torch.arange(len(batch)).split(micro)],
+        "bucketed": [bucketed(rows) for rows in length_bucketed(batch.lengths(), micro)],
+    }
+    out: dict[str, float] = {"tokens": float(batch.lengths().sum())}
+    for name, micros in layouts.items():
+        for chunk in trainer.policy:
+            chunk.zero_grad_buffer()
+        start = time.perf_counter()
+        forward_backward(trainer.policy, micros, trainer.options, trainer.loss_fn(counts))
+        out[f"{name}_s"] = time.perf_counter() - start
+        out[f"{name}_slots"] = float(sum(m["tokens"].numel() for m in micros))
+    return out
+
+
+def measure(config_path: str, steps: int, overrides: list[str], run_dir: str) -> dict:
     from megatron_rpg.config import load_config
     from megatron_rpg.models.builder import unwrap
     from megatron_rpg.trainer import Trainer
 
-    config = load_config(ROOT / "examples" / "tiny_cpu.yaml", [
-        f"model.hf_config={ROOT / 'examples' / 'tiny_model'}", "sft.steps=30",
-        f"train_steps={steps + 2}", "eval_interval=0", "checkpoint.save_interval=0",
-        f"logging.run_dir={run_dir}", *overrides,
+    tiny = Path(config_path) == TINY
+    base = [f"model.hf_config={ROOT / 'examples' / 'tiny_model'}", "sft.steps=30"] if tiny else []
+    warmup = 2 if tiny else 1
+    config = load_config(config_path, [
+        *base, f"train_steps={steps + warmup + 1}", "eval_interval=0",
+        "checkpoint.save_interval=0", f"logging.run_dir={run_dir}", *overrides,
     ])  # fmt: skip
     trainer = Trainer(config)
     gpt = unwrap(trainer.policy[0])
+    tied = gpt.share_embeddings_and_output_weights  # then the embedding is the output matmul
     matmul_params = sum(p.numel() for n, p in gpt.named_parameters()
-                        if "word_embeddings" not in n and p.dim() == 2)  # fmt: skip
-    history = [trainer.train_step() for _ in range(steps + 2)][2:]  # 2 warm-up steps
-    tokens = config.data.prompts_per_step * config.rollout.n  # sequences per step
-    return {"history": history, "matmul_params": matmul_params, "sequences": tokens,
-            "matmul_flops": matmul_flops()}  # fmt: skip
+                        if p.dim() == 2 and (tied or "word_embeddings" not in n))  # fmt: skip
+    history = [trainer.train_step() for _ in range(steps + warmup)][warmup:]
+    update = padded_vs_bucketed(trainer)
+    trainer.close()
+    sequences = config.data.prompts_per_step * config.rollout.n
+    return {"history": history, "matmul_params": matmul_params, "sequences": sequences,
+            "matmul_flops": matmul_flops(), "update": update}  # fmt: skip
+
+
+def trl_step(python: str, config_path: str, steps: int) -> dict[str, float]:
+    """TRL's GRPOTrainer on the same model, data and settings, in its own virtualenv."""
+    from megatron_rpg.config import load_config
+
+    c = load_config(config_path)
+    command = [
+        python, str(ROOT / "benchmarks" / "trl_grpo_step.py"), "--model", c.model.hf_config,
+        "--data", c.data.train_path, "--steps", str(steps),
+        "--prompts", str(c.data.prompts_per_step), "--n", str(c.rollout.n),
+        "--max-tokens", str(c.rollout.max_tokens), "--lr", str(c.optimizer.lr),
+        "--micro-batch-size", str(c.optimizer.micro_batch_size),
+        "--beta", str(c.loss.beta), "--seed", str(c.seed),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"TRL step failed:\n{done.stderr[-3000:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main() -> None:
@@ -56,11 +128,13 @@ def main() -> None:
     from megatron_rpg.parallel import run_on_ranks
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(TINY))
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--trl-python", help="python of a virtualenv with trl installed")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as run_dir:
-        (r,) = run_on_ranks(1, measure, args.steps, args.overrides, run_dir)
+        (r,) = run_on_ranks(1, measure, args.config, args.steps, args.overrides, run_dir)
     history = r["history"]
 
     def median(key: str) -> float:
@@ -70,17 +144,28 @@ def main() -> None:
     trained_tokens = median("throughput/tokens_per_s") * step_s  # prompt + response per step
     update_s = median("time/update")
     achieved = 6 * r["matmul_params"] * trained_tokens / update_s
-    print(f"tiny model: {r['matmul_params']:,} matmul parameters; {r['sequences']} sequences "
-          f"per step, ~{trained_tokens:.0f} tokens; median of {len(history)} steps")  # fmt: skip
+    print(f"{Path(args.config).name}: {r['matmul_params']:,} matmul parameters; "
+          f"{r['sequences']} sequences per step, ~{trained_tokens:.0f} tokens; median of "
+          f"{len(history)} steps")  # fmt: skip
     for phase in ("rollout", "logprobs", "update", "sync"):
         seconds = median(f"time/{phase}")
-        print(f"  {phase:<9} {seconds * 1e3:8.1f} ms  ({seconds / step_s:5.1%} of the step)")
-    print(f"  step      {step_s * 1e3:8.1f} ms   training tokens/s {trained_tokens / step_s:,.0f}")
+        print(f"  {phase:<9} {seconds:9.3f} s  ({seconds / step_s:5.1%} of the step)")
+    ours = trained_tokens / step_s
+    print(f"  step      {step_s:9.3f} s   training tokens/s {ours:,.1f}")
     peak = r["matmul_flops"]
-    print(
-        f"update: {achieved / 1e9:.2f} GFLOP/s achieved vs {peak / 1e9:.1f} GFLOP/s fp32 "
-        f"matmul = {achieved / peak:.3f} of this machine's measured matmul rate"
-    )
+    print(f"update: {achieved / 1e9:.2f} GFLOP/s achieved vs {peak / 1e9:.1f} GFLOP/s fp32 "
+          f"matmul = {achieved / peak:.3f} of this machine's measured matmul rate")  # fmt: skip
+    u = r["update"]
+    print(f"update forward/backward on one batch ({u['tokens']:.0f} tokens): padded "
+          f"{u['padded_s']:.2f} s ({u['padded_slots']:.0f} token slots), length-bucketed "
+          f"{u['bucketed_s']:.2f} s ({u['bucketed_slots']:.0f}): "
+          f"{u['padded_s'] / u['bucketed_s']:.2f}x faster")  # fmt: skip
+    if args.trl_python:
+        trl = trl_step(args.trl_python, args.config, args.steps)
+        print(f"TRL {trl['version']} GRPOTrainer, same model/data/settings: step "
+              f"{trl['step_s']:.3f} s (generation {trl['generation_s']:.3f} s), training "
+              f"tokens/s {trl['tokens_per_s']:,.1f}; ours / TRL = "
+              f"{ours / trl['tokens_per_s']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -57,9 +58,7 @@ def _convert(args: argparse.Namespace) -> int:
         try:
             run_on_ranks(args.tp * args.pp, fn, *fn_args)
         except RankError as err:
-            last = err.remote_traceback.strip().splitlines()[-1]
-            sys.stderr.write(f"megatron-rpg convert: rank {err.rank}: {last}\n")
-            return 1
+            return _rank_failed("convert", err, Path(f"{args.out}.error.log"))
     sys.stdout.write(f"wrote {args.out}\n")
     return 0
 
@@ -69,16 +68,29 @@ def _train(args: argparse.Namespace) -> int:
     torchrun / srun (RANK set), else on spawned gloo ranks of this machine."""
     import contextlib
     import os
+    import signal
 
+    from megatron_rpg.config import check_input_paths
+    from megatron_rpg.resume_check import check_resume
     from megatron_rpg.run_dir import claimed_run_dir
-    from megatron_rpg.trainer import run_training
+    from megatron_rpg.trainer import check_before_ranks, run_training
 
     cfg = load_config(args.config, args.overrides)
+    check_input_paths(cfg)
+    layout = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
+    if args.nproc and args.nproc % layout:
+        raise ConfigError("--nproc", args.nproc, f"a multiple of parallel.tensor_parallel x "
+                          f"pipeline_parallel ({layout})")  # fmt: skip
+    check_before_ranks(cfg, int(os.environ.get("WORLD_SIZE", 0)) or args.nproc or layout)
     resume = args.resume or cfg.checkpoint.resume
     claim: Any = contextlib.nullcontext()
-    if os.environ.get("RANK", "0") == "0":  # the launcher, or rank 0 under torchrun / srun
+    leader = os.environ.get("RANK", "0") == "0"  # the launcher, or rank 0 under torchrun / srun
+    if leader:
         claim = claimed_run_dir(cfg.logging.run_dir, resume, args.overwrite)
     with claim:
+        changes = check_resume(cfg.logging.run_dir, cfg) if resume else []
+        for change in changes if leader else []:
+            print(f"resume: {change}", flush=True)
         if "RANK" in os.environ:
             from megatron_rpg.parallel import init_process_group
 
@@ -87,20 +99,42 @@ def _train(args: argparse.Namespace) -> int:
             return 0
         from megatron_rpg.parallel import RankError, RankPool
 
-        world = args.nproc or cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
         try:
-            with RankPool(world, timeout_s=cfg.parallel.timeout_minutes * 60.0) as pool:
-                pool.run(run_training, cfg, resume)
+            timeout_s = cfg.parallel.timeout_minutes * 60.0
+            with RankPool(args.nproc or layout, timeout_s=timeout_s) as pool:
+                # SIGTERM (kill, a time limit) to this launcher: the ranks checkpoint and return
+                previous = signal.signal(signal.SIGTERM, lambda *_: pool.signal(signal.SIGTERM))
+                try:
+                    pool.run(run_training, cfg, resume)
+                finally:
+                    signal.signal(signal.SIGTERM, previous)
         except RankError as err:
-            sys.stderr.write(f"megatron-rpg train: rank {err.rank} failed:\n{err.remote_traceback}")
-            return 1
+            return _rank_failed("train", err, Path(cfg.logging.run_dir) / "error.log")
     return 0
+
+
+def _rank_failed(command: str, err: Any, log: Path) -> int:
+    """One line for a rank's failure (exit 2 for a refused config, else 1); the full traceback
+    is appended to `log`."""
+    import time
+
+    last = err.remote_traceback.strip().splitlines()[-1]
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as file:
+            file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} rank {err.rank}\n"
+                       f"{err.remote_traceback}\n")  # fmt: skip
+        where = f" (traceback in {log})"
+    except OSError as log_error:  # e.g. the disk is full: the terminal is the only place left
+        sys.stderr.write(err.remote_traceback)
+        where = f" (the traceback above: {log} not writable, {log_error.strerror})"
+    sys.stderr.write(f"megatron-rpg {command}: rank {err.rank}: {last}{where}\n")
+    return 2 if last.startswith(f"{ConfigError.__module__}.ConfigError") else 1
 
 
 def _evaluate_on_rank(args: argparse.Namespace) -> str:
     """Build the engine from --hf or --ckpt, generate, grade; write JSON + Markdown; the table."""
     import json
-    from pathlib import Path
 
     import torch
 
@@ -182,9 +216,7 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         (table,) = run_on_ranks(1, _evaluate_on_rank, args)
     except RankError as err:
-        last = err.remote_traceback.strip().splitlines()[-1]
-        sys.stderr.write(f"megatron-rpg eval: {last}\n")
-        return 1
+        return _rank_failed("eval", err, Path(args.out) / "error.log")
     sys.stdout.write(table)
     sys.stdout.write(f"wrote {args.out}/results.json and results.md\n")
     return 0
@@ -211,6 +243,17 @@ def _launch(args: argparse.Namespace) -> int:
     return subprocess.run(command).returncode
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a rank count, a parallel size)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: need an integer >= 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-rpg",
@@ -234,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--hf", help="HF model directory (hf-to-mcore)")
     convert.add_argument("--ckpt", help="Megatron checkpoint directory (mcore-to-hf, reshard)")
     convert.add_argument("--out", required=True, help="output directory (must not exist)")
-    convert.add_argument("--tp", type=int, default=1, help="tensor parallel size of the run")
-    convert.add_argument("--pp", type=int, default=1, help="pipeline parallel size of the run")
+    convert.add_argument("--tp", type=_positive_int, default=1, help="tensor parallel size")
+    convert.add_argument("--pp", type=_positive_int, default=1, help="pipeline parallel size")
     convert.add_argument("--force", action="store_true", help="replace an existing --out")
     convert.add_argument(
         "--verify",
@@ -259,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--nproc",
-        type=int,
+        type=_positive_int,
         default=0,
         help="ranks to spawn without torchrun (default: tp x pp; more adds DP)",
     )
@@ -288,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--max-tokens", type=int, default=8192)
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--engine", choices=["embedded", "vllm"], default="embedded")
-    evaluation.add_argument("--tensor-parallel", type=int, default=1, help="vLLM's TP")
+    evaluation.add_argument("--tensor-parallel", type=_positive_int, default=1, help="vLLM's TP")
     evaluation.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
                             help="prompts as the chat template's user turn, as data.chat_template "
                             "in training (auto: when the tokenizer has one)")  # fmt: skip
@@ -303,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "there under evaluations/<name of --out>")  # fmt: skip
     evaluation.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                             help="vLLM's weights (--engine vllm)")  # fmt: skip
-    evaluation.add_argument("--grader-workers", type=int, default=2)
+    evaluation.add_argument("--grader-workers", type=_positive_int, default=2)
     evaluation.add_argument("--grader-timeout", type=float, default=10.0)
     evaluation.set_defaults(func=_eval)
 
@@ -312,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_argument("--config", required=True)
     launch.add_argument("overrides", nargs="*", help="key=value, e.g. parallel.pipeline_parallel=8")
-    launch.add_argument("--nodes", type=int, required=True)
-    launch.add_argument("--gpus-per-node", type=int, default=8)
+    launch.add_argument("--nodes", type=_positive_int, required=True)
+    launch.add_argument("--gpus-per-node", type=_positive_int, default=8)
     launch.add_argument("--gpu-memory-gb", type=float, default=80.0, help="80 for H100 80GB")
     launch.add_argument("--dry-run", action="store_true", help="check and print only")
     launch.add_argument("--script", help="batch script to submit with sbatch (slurm/*.sh)")

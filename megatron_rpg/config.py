@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+UNBOUNDED = {"infinity": True}  # field metadata: a float field that may be .inf
+
 
 class ConfigError(ValueError):
     """A config value is unknown or invalid; `key` is its dotted path (e.g. `loss.beta`)."""
@@ -134,11 +136,11 @@ class LossConfig(_Section):
     clip: Literal["none", "dual", "truncate"] = "dual"
     eps_low: float = 0.2
     eps_high: float = 0.28
-    dual_clip_c: float = 10.0
+    dual_clip_c: float = field(default=10.0, metadata=UNBOUNDED)
     agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     kl_anchor: Literal["old", "ref"] = "old"
     rollout_is: Literal["none", "token", "sequence"] = "none"
-    rollout_is_cap: float = 2.0
+    rollout_is_cap: float = field(default=2.0, metadata=UNBOUNDED)
 
     def validate(self) -> None:
         _check("beta", self.beta, self.beta >= 0 and math.isfinite(self.beta), "finite, >= 0")
@@ -151,10 +153,12 @@ class LossConfig(_Section):
 @dataclass
 class AlgorithmConfig(_Section):
     loss: str = "rpg_reinforce_urkl"  # a name from megatron_rpg.losses.LOSSES
-    advantage: Literal["group_mean", "group_mean_std", "batch_mean", "reinforce_pp"] = "group_mean"
+    advantage: Literal[
+        "group_mean", "group_mean_std", "batch_mean", "group_mean_whitened", "reinforce_pp"
+    ] = "group_mean"
     kl_in_reward: float = 0.0  # REINFORCE++: coefficient of the per-token KL in the reward
     ppo_epochs: int = 1
-    ref_update_interval: int = 1  # iterative reference update every K steps (spec section 6)
+    ref_update_interval: int = 1  # reference update every K steps (spec section 6); 0: never
     ref_update_kl_target: float = 0.0  # 0: off; else update when the moving-average KL exceeds it
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample
     dynamic_sampling_max_rounds: int = 8  # then fill the batch with the dropped groups
@@ -167,9 +171,8 @@ class AlgorithmConfig(_Section):
         _check("loss", self.loss, self.loss in LOSSES, f"one of {sorted(LOSSES)}")
         _check("kl_in_reward", self.kl_in_reward, self.kl_in_reward >= 0, ">= 0")
         _check("ppo_epochs", self.ppo_epochs, self.ppo_epochs >= 1, ">= 1")
-        _check(
-            "ref_update_interval", self.ref_update_interval, self.ref_update_interval >= 1, ">= 1"
-        )
+        _check("ref_update_interval", self.ref_update_interval, self.ref_update_interval >= 0,
+               ">= 0 (0: never)")  # fmt: skip
         _check("dynamic_sampling_max_rounds", self.dynamic_sampling_max_rounds,
                self.dynamic_sampling_max_rounds >= 1, ">= 1")  # fmt: skip
         _check("overlong_buffer", self.overlong_buffer, self.overlong_buffer >= 0, ">= 0")
@@ -319,6 +322,15 @@ class RunConfig(_Section):
         _check("algorithm.overlong_buffer", self.algorithm.overlong_buffer,
                self.algorithm.overlong_buffer < self.rollout.max_tokens,
                f"< rollout.max_tokens ({self.rollout.max_tokens})")  # fmt: skip
+        if self.loss.kl_anchor == "old":  # the anchor is pi_old: no reference model to steer
+            a = self.algorithm
+            for key, value, default in (("ref_update_interval", a.ref_update_interval, 1),
+                                        ("ref_update_kl_target", a.ref_update_kl_target, 0.0),
+                                        ("kl_in_reward", a.kl_in_reward, 0.0)):  # fmt: skip
+                _check(f"algorithm.{key}", value, value == default,
+                       f"{default} with loss.kl_anchor 'old' (the KL is to pi_old, renewed every "
+                       "step: this knob would do nothing); loss.kl_anchor=ref for a reference "
+                       "model")  # fmt: skip
         sequences = self.data.prompts_per_step * self.rollout.n
         _check("optimizer.mini_batch_size", self.optimizer.mini_batch_size,
                sequences % self.optimizer.mini_batch_size == 0,
@@ -332,7 +344,9 @@ def _validate_fields(obj: Any) -> None:
     """Type-check a dataclass built in code (the loader coerces; this only checks)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        _coerce(f.name, getattr(obj, f.name), hints[f.name])
+        value = _coerce(f.name, getattr(obj, f.name), hints[f.name])
+        if isinstance(value, float) and not f.metadata.get("infinity"):
+            _check(f.name, value, math.isfinite(value), "a finite number")
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -418,8 +432,34 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(key, raw, "a key path that does not pass through a value")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(key, raw, f"a YAML value ({_one_line(err)})") from None
     return tree
+
+
+def _one_line(err: yaml.YAMLError) -> str:
+    """A YAML error as 'problem at line L, column C' (PyYAML's own message spans lines)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -436,16 +476,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a RunConfig from a YAML file (or the defaults) and apply `key=value` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
         try:
-            loaded = yaml.safe_load(text)
+            text = Path(path).read_text()
+        except OSError as err:
+            allowed = f"a readable YAML file ({err.strerror})"
+            raise ConfigError("--config", str(path), allowed) from None
+        try:
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
-            raise ConfigError(str(path), "<unparsable YAML>", f"valid YAML ({err})") from None
+            allowed = f"valid YAML ({_one_line(err)})"
+            raise ConfigError(str(path), "<unparsable YAML>", allowed) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(str(path), loaded, "a YAML mapping at the top level")
         data = loaded or {}
     data = _merge(data, parse_overrides(overrides or []))
     return _build(RunConfig, data)
+
+
+def check_input_paths(cfg: RunConfig) -> None:
+    """Refuse, by key, a file or directory the run reads that does not exist (the launcher calls
+    this before starting any rank)."""
+    inputs = {
+        "model.hf_config": cfg.model.hf_config,
+        "model.checkpoint": cfg.model.checkpoint,
+        "model.tokenizer": cfg.model.tokenizer,
+        "data.train_path": cfg.data.train_path,
+    }
+    for key, path in inputs.items():
+        if path and not Path(path).exists():
+            raise ConfigError(key, path, "an existing path")
+    for benchmark in cfg.eval_benchmarks.split(","):
+        if benchmark.endswith(".jsonl") and not Path(benchmark).is_file():
+            raise ConfigError("eval_benchmarks", benchmark, "an existing .jsonl file")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """Megatron's pipeline schedule over micro-batches, producing per-token log-probs and entropies
 on the last pipeline stage, either returned (forward only) or fed to a loss (training).
 
-A micro-batch is a dict with "tokens" [b, s] (prompt + response, right-padded to a common s) plus
-whatever the loss reads. Log-probs are of the next token, [b, s-1]:
+A micro-batch is a dict with "tokens" [b, s] (prompt + response, right-padded) plus whatever the
+loss reads. Micro-batches may differ in shape (length-bucketed: each only as wide as its longest
+sequence): the schedule runs once per shape, gradients accumulating, and the gradient
+finalization (data-parallel all-reduce, tied embeddings across stages) runs once, after the
+last. Log-probs are of the next token, [b, s-1]:
 
     logprobs[:, i] = log p(tokens[:, i+1] | tokens[:, :i+1])      (at temperature T)
 
@@ -137,18 +140,41 @@ def forward_backward(
     last pipeline stage. Training: per micro-batch the metrics of loss_fn there ({"logprobs",
     "entropy"} with token_loss_fn). [] elsewhere. Gradients accumulate in the chunks' (DDP)
     gradient buffers; the caller steps the optimizer."""
+    if not micro_batches:
+        raise ValueError("forward_backward needs at least one micro-batch")
+    if loss_fn is not None and token_loss_fn is not None:
+        raise ValueError("give loss_fn or token_loss_fn, not both")
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, mb in enumerate(micro_batches):
+        by_shape.setdefault(tuple(mb["tokens"].shape), []).append(i)
+    config = unwrap(model_chunks[0]).config
+    finalize = config.finalize_model_grads_func
+    results: list[dict[str, Any]] = [{} for _ in micro_batches]
+    try:
+        for n, indices in enumerate(by_shape.values()):
+            config.finalize_model_grads_func = finalize if n == len(by_shape) - 1 else None
+            outputs = _schedule(model_chunks, [micro_batches[i] for i in indices], options,
+                                loss_fn, token_loss_fn)  # fmt: skip
+            for i, out in zip(indices, outputs, strict=False):  # [] off the last stage
+                results[i] = out
+    finally:
+        config.finalize_model_grads_func = finalize
+    return results if unwrap(model_chunks[-1]).post_process else []
+
+
+def _schedule(
+    model_chunks: list[nn.Module],
+    micro_batches: list[Batch],
+    options: LogprobOptions,
+    loss_fn: LossFn | None,
+    token_loss_fn: TokenLossFn | None,
+) -> list[dict[str, Any]]:
+    """One run of Megatron's schedule over micro-batches of one shape."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    if not micro_batches:
-        raise ValueError("forward_backward needs at least one micro-batch")
-    shapes = {tuple(mb["tokens"].shape) for mb in micro_batches}
-    if len(shapes) != 1:
-        raise ValueError(f"micro-batches must share one [batch, seq] shape; got {sorted(shapes)}")
-    micro_size, seq_length = shapes.pop()
+    micro_size, seq_length = micro_batches[0]["tokens"].shape
     scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
-    if loss_fn is not None and token_loss_fn is not None:
-        raise ValueError("give loss_fn or token_loss_fn, not both")
     separable = token_loss_fn is not None and options.fused
 
     def loss_func(batch: Batch, output: Tensor) -> tuple[Tensor, dict[str, Any]]:

@@ -3,14 +3,15 @@
 Results are fp32 (fp64 for fp64 inputs).
 
 Logits are sharded on the last dim over the tensor-parallel group `group`: rank r holds vocabulary
-entries [r*V_local, (r+1)*V_local). With x = logits / temperature, per token:
+entries [r*V_local, (r+1)*V_local). `group` omitted: Megatron's TP group when model parallelism
+is initialized, else the logits are the whole vocabulary. With x = logits / temperature:
 
     lse        = log sum_v exp(x_v)                      (online over the TP shards)
     log p(y)   = x_y - lse
     entropy    = lse - E_p[x]
     d log p(y) / dx_v = ([v = y] - p_v) / T,    d entropy / dx_v = -p_v (x_v - E_p[x]) / T
 
-Collectives per chunk of tokens, on `group` (none when group is None or of size 1):
+Collectives per chunk of tokens, on `group` (none when it is None or of size 1):
 all-reduce MAX of the row max, then one all-reduce SUM of the stacked [sum of exps, target logit,
 sum of exp * x]. Tokens are processed in chunks of `chunk_size` (default: auto_chunk_size, about
 64 MiB of fp32 logits), so the extra memory is a few
@@ -47,6 +48,20 @@ def auto_chunk_size(local_vocab: int) -> int:
 
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup | None
+
+
+def _default_group(group: ProcessGroup) -> ProcessGroup:
+    """`group`, else Megatron's tensor-parallel group when model parallelism is initialized (a
+    TP shard of logits is never read as the whole vocabulary), else None: the whole vocabulary."""
+    if group is not None:
+        return group
+    try:
+        from megatron.core import parallel_state
+    except ImportError:
+        return None
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
 
 
 def _world(group: ProcessGroup) -> tuple[int, int]:
@@ -362,7 +377,7 @@ def fused_logprobs_loss(
         token_loss,
         temperature,
         chunk_size or auto_chunk_size(weight.shape[0]),
-        group,
+        _default_group(group),
         vocab_size,
     )
     return loss, logprobs.reshape(targets.shape), entropy.reshape(targets.shape)
@@ -388,7 +403,7 @@ def vocab_parallel_logprobs_and_entropy(
         _flatten(targets, False),
         temperature,
         chunk_size or auto_chunk_size(logits.shape[-1]),
-        group,
+        _default_group(group),
         vocab_size,
     )
     return logprobs.reshape(targets.shape), entropy.reshape(targets.shape)
@@ -418,7 +433,7 @@ def vocab_parallel_entropy(
     _check(logits, None, temperature, chunk_size)
     chunk = chunk_size or auto_chunk_size(logits.shape[-1])
     _, entropy = _VocabParallelLogprobs.apply(
-        _flatten(logits, True), None, temperature, chunk, group, vocab_size
+        _flatten(logits, True), None, temperature, chunk, _default_group(group), vocab_size
     )
     return entropy.reshape(logits.shape[:-1])
 
@@ -442,7 +457,7 @@ def fused_logprobs(
         _flatten(targets, False),
         temperature,
         chunk_size or auto_chunk_size(weight.shape[0]),
-        group,
+        _default_group(group),
         vocab_size,
     )
     return logprobs.reshape(targets.shape), entropy.reshape(targets.shape)

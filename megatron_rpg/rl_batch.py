@@ -1,4 +1,5 @@
-"""Rollout results -> the tensors of one RL step, and their split into micro-batches.
+"""Rollout results -> the tensors of one RL step, and their split into length-bucketed
+micro-batches.
 
 Layout (forward_backward.py's convention): tokens [B, S] hold prompt + response, right-padded;
 log-prob position i predicts token i+1, so a response of R tokens after a prompt of P tokens
@@ -30,10 +31,18 @@ class RolloutBatch:
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
-    def rows(self, index: Tensor | slice) -> dict[str, Tensor]:
-        """Selected sequences as a micro-batch dict (the keys losses and forward_backward read)."""
-        return {"tokens": self.tokens[index], "response_mask": self.response_mask[index],
-                "rollout_logprobs": self.rollout_logprobs[index]}  # fmt: skip
+    def lengths(self) -> Tensor:
+        """[B] prompt + response tokens of each sequence (its width without padding)."""
+        return self.prompt_lengths + self.response_lengths
+
+    def rows(self, index: Tensor) -> dict[str, Tensor]:
+        """Selected sequences as a micro-batch dict (the keys losses and forward_backward read),
+        only as wide as the longest of them: columns of padding alone are dropped (causal
+        attention: no token depends on the padding after it)."""
+        width = int(self.lengths()[index].max())
+        return {"tokens": self.tokens[index, :width],
+                "response_mask": self.response_mask[index, : width - 1],
+                "rollout_logprobs": self.rollout_logprobs[index, : width - 1]}  # fmt: skip
 
 
 def build_batch(
@@ -64,3 +73,13 @@ def build_batch(
         response_lengths=torch.tensor([len(r.token_ids) for _, _, r, _ in rows]),
         truncated=torch.tensor([r.finish_reason == "length" for _, _, r, _ in rows]),
     )  # fmt: skip
+
+
+def length_bucketed(
+    lengths: Tensor, micro_batch_size: int, dp_rank: int = 0, data_parallel: int = 1
+) -> list[Tensor]:
+    """Row indices of this data-parallel rank's micro-batches for one mini-batch of sequences
+    with `lengths`: longest first, dealt round-robin to the DP ranks (each gets a like share of
+    long and short), then cut into micro-batches of neighbouring lengths."""
+    order = torch.argsort(lengths, descending=True, stable=True)[dp_rank::data_parallel]
+    return list(order.split(micro_batch_size))

@@ -35,8 +35,8 @@ import yaml
 
 from megatron_rpg.checkpoint import train_state
 from megatron_rpg.checkpoint.mcore import load_mcore, model_files
-from megatron_rpg.config import ConfigError, RunConfig, config_to_dict
-from megatron_rpg.data import ArithmeticTask, MathDataset
+from megatron_rpg.config import ConfigError, RunConfig, config_to_dict, save_config
+from megatron_rpg.data import build_task
 from megatron_rpg.forward_backward import LogprobOptions, forward_backward
 from megatron_rpg.losses import compute_advantages, policy_loss
 from megatron_rpg.losses.advantages import reinforce_pp_returns, whiten
@@ -49,7 +49,7 @@ from megatron_rpg.parallel import every_core, initialize_model_parallel
 from megatron_rpg.progress import Progress
 from megatron_rpg.rewards import exact_match
 from megatron_rpg.rewards.sandbox import GraderPool
-from megatron_rpg.rl_batch import RolloutBatch, build_batch
+from megatron_rpg.rl_batch import RolloutBatch, build_batch, length_bucketed
 from megatron_rpg.rollout import Response, SamplingParams, sync_weights
 from megatron_rpg.rollout.build import build_engine
 from megatron_rpg.rollout.collect import CollectSettings, collect_groups
@@ -58,8 +58,8 @@ from megatron_rpg.rollout.protocol import EngineError
 from megatron_rpg.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 Batch = dict[str, torch.Tensor]
-KL_AVERAGE_DECAY = 0.9
-EVAL_PROBLEMS = 256  # moving average of the step KL for the reference update trigger
+KL_AVERAGE_DECAY = 0.9  # moving average of the step KL for the reference update trigger
+EVAL_PROBLEMS = 256  # the greedy evaluation's problems: the task's first ones
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
@@ -70,6 +70,13 @@ def read_hf_config(path: str) -> dict[str, Any]:
         raise ConfigError("model.hf_config", path, "a config.json file or a directory holding one")
     config: dict[str, Any] = json.loads(file.read_text())
     return config
+
+
+def check_before_ranks(config: RunConfig, world_size: int) -> None:
+    """What a launcher checks before it starts `world_size` ranks: the model's config and where
+    the rollout engine runs (ConfigError naming the key)."""
+    arch = ModelArch.from_hf(read_hf_config(config.model.hf_config))
+    rollout_placement(config.rollout, arch, world_size)
 
 
 class Trainer:
@@ -89,13 +96,7 @@ class Trainer:
             )
         self.rank = dist.get_rank()
         self.run_dir = Path(c.logging.run_dir)
-        self.task: Any = (
-            ArithmeticTask(c.data.max_operand, c.data.operators)
-            if c.data.task == "arithmetic"
-            else MathDataset(
-                c.data.train_path, c.data.prompt_key, c.data.answer_key, c.data.answer_extraction
-            )
-        )
+        self.task: Any = build_task(c.data)
         self.tokenizer = self._tokenizer()
         if self.tokenizer.vocab_size > self.arch.vocab_size:
             raise ConfigError(
@@ -127,12 +128,12 @@ class Trainer:
             from megatron_rpg.sft import supervised_warmup
 
             supervised_warmup(self)
+            if self.reference is not None:  # regularize toward the warmed-up model, not the
+                self.reference.update_reference(self.policy)  # random one it started from
         self.log = None
         if self.rank == 0:
             self.log = MetricsLog(c.logging, self.run_dir, self.step, config_to_dict(c))
-            (self.run_dir / "config.yaml").write_text(
-                yaml.safe_dump(config_to_dict(c), sort_keys=False)
-            )
+            save_config(c, self.run_dir / "config.yaml")
             paths = [Path(p) for p in (c.model.hf_config, c.data.train_path) if p]
             paths = [p / "config.json" if p.is_dir() else p for p in paths]
             write_manifest(self.run_dir / "manifest.json", config_to_dict(c),
@@ -216,6 +217,8 @@ class Trainer:
             end_wd=o.weight_decay,
             wd_incr_steps=max(steps, 1),
             wd_incr_style="constant",
+            override_opt_param_scheduler=True,  # on resume the config's values apply
+            use_checkpoint_opt_param_scheduler=False,
         )
 
     # ---------------------------------------------------------------------------- rollout
@@ -264,6 +267,7 @@ class Trainer:
                                   stop_token_ids=(self.tokenizer.eos_id,)),
             dynamic_sampling=a.dynamic_sampling, max_rounds=a.dynamic_sampling_max_rounds,
             overlong_buffer=a.overlong_buffer, overlong_penalty=a.overlong_penalty,
+            max_prompt_tokens=c.data.max_prompt_tokens,
         )  # fmt: skip
         groups, metrics, self.data_position = collect_groups(
             self.task, self.tokenizer, self.generate, self.grade_everywhere, settings,
@@ -271,6 +275,8 @@ class Trainer:
         )  # fmt: skip
         batch = build_batch([g.prompt for g in groups], [g.responses for g in groups],
                             [g.rewards for g in groups], self.tokenizer.pad_id)  # fmt: skip
+        fillers = torch.tensor([g.filler for g in groups for _ in g.responses])
+        batch.response_mask[fillers] = False  # no part in the loss or its token mean
         metrics["time/rollout"] = time.perf_counter() - start
         return batch, metrics
 
@@ -322,17 +328,19 @@ class Trainer:
     # ---------------------------------------------------------------------------- update
 
     def _micro_batches(self, batch: RolloutBatch, advantages: torch.Tensor) -> list[list[Batch]]:
-        """This rank's micro-batches, per mini-batch: mini-batch rows split over DP ranks."""
+        """This rank's micro-batches, per mini-batch, length-bucketed (rl_batch.length_bucketed)
+        and each trimmed to its longest sequence; the loss is a sum over tokens with the
+        mini-batch's counts, so the grouping leaves it unchanged."""
         o, layout = self.config.optimizer, self.layout
         device = next(self.policy[0].parameters()).device
+        lengths = batch.lengths()
         minis = []
         for start in range(0, len(batch), o.mini_batch_size):
-            rows = torch.arange(start, start + o.mini_batch_size)[
-                layout.dp_rank :: layout.data_parallel
-            ]
             micros = []
-            for m in range(0, len(rows), o.micro_batch_size):
-                index = rows[m : m + o.micro_batch_size]
+            for rows in length_bucketed(lengths[start : start + o.mini_batch_size],
+                                        o.micro_batch_size, layout.dp_rank,
+                                        layout.data_parallel):  # fmt: skip
+                index = start + rows
                 micro = batch.rows(index)
                 micro["advantages"] = advantages[index]
                 micros.append({k: v.to(device) for k, v in micro.items()})
@@ -352,18 +360,24 @@ class Trainer:
 
         if not micros or "old_logprobs" not in micros[0]:
             return  # not the last pipeline stage: the loss is not computed here
-        returns = torch.cat([
-            reinforce_pp_returns(m["advantages"], m["response_mask"], m["old_logprobs"],
-                                 m.get("ref_logprobs", m["old_logprobs"]),
-                                 self.config.algorithm.kl_in_reward)
-            for m in micros
-        ])  # fmt: skip
-        masks = torch.cat([m["response_mask"] for m in micros])
+        returns = torch.cat(
+            [
+                reinforce_pp_returns(
+                    m["advantages"],
+                    m["response_mask"],
+                    m["old_logprobs"],
+                    m.get("ref_logprobs", m["old_logprobs"]),
+                    self.config.algorithm.kl_in_reward,
+                ).reshape(-1)
+                for m in micros
+            ]
+        )  # flattened: the micro-batches differ in width
+        masks = torch.cat([m["response_mask"].reshape(-1) for m in micros])
         whitened = whiten(returns, masks, parallel_state.get_data_parallel_group()).split(
-            [len(m["response_mask"]) for m in micros]
+            [m["response_mask"].numel() for m in micros]
         )
         for micro, advantages in zip(micros, whitened, strict=True):
-            micro["advantages"] = advantages
+            micro["advantages"] = advantages.reshape(micro["response_mask"].shape)
 
     def loss_fn(self, counts: tuple[float, float]) -> Any:
         """The micro-batch loss share: the configured loss with the mini-batch's global counts."""
@@ -430,7 +444,8 @@ class Trainer:
         token_level = c.algorithm.advantage == "reinforce_pp"  # needs log-probs: set below
         advantages = batch.rewards
         if not token_level:
-            advantages = compute_advantages(c.algorithm.advantage, batch.rewards, batch.group_ids)
+            advantages = compute_advantages(c.algorithm.advantage, batch.rewards, batch.group_ids,
+                                            response_mask=batch.response_mask)  # fmt: skip
         minis = self._micro_batches(batch, advantages)
         self._mini_counts = []
         for start_row in range(0, len(batch), c.optimizer.mini_batch_size):
@@ -500,7 +515,7 @@ class Trainer:
         self.kl_average = KL_AVERAGE_DECAY * self.kl_average + (1 - KL_AVERAGE_DECAY) * kl
         if self.reference is None:
             return  # kl_anchor 'old': the anchor is pi_old, updated every step by construction
-        due = self.step % a.ref_update_interval == 0
+        due = a.ref_update_interval > 0 and self.step % a.ref_update_interval == 0
         drifted = a.ref_update_kl_target > 0 and self.kl_average > a.ref_update_kl_target
         if due or drifted:
             self.reference.update_reference(self.policy)
@@ -549,6 +564,9 @@ class Trainer:
                     {k.removeprefix("reference."): v for k, v in loaded[key].items()}
                 )
         self.optimizer.load_state_dict(loaded["optimizer"])
+        # the saved param groups carry the saved LR: a changed optimizer.lr applies from here
+        for group in self.optimizer.param_groups:
+            group["max_lr"] = group["min_lr"] = self.config.optimizer.lr
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.data_position = state["data_position"]
@@ -595,10 +613,11 @@ class Trainer:
                 tok_s=metrics["throughput/tokens_per_s"],
             )
             interval = c.checkpoint.save_interval
+            saved = None
             if (interval and self.step % interval == 0) or self.step == c.train_steps:
-                self.save_checkpoint()
-            elif self._stop_requested():
-                path = self.save_checkpoint()
+                saved = self.save_checkpoint()
+            if self.step < c.train_steps and self._stop_requested():
+                path = saved or self.save_checkpoint()
                 if self.rank == 0:
                     print(f"stopping on a signal: checkpoint {path} (step {self.step})", flush=True)
                 break

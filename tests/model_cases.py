@@ -163,6 +163,62 @@ def reference_update(name, weights):
     }  # fmt: skip
 
 
+def padded_and_bucketed(name, weights, tp, pp):
+    """One loss over 8 sequences of lengths 3..16, its gradients two ways: micro-batches in row
+    order padded to the batch's width, and length-bucketed (rl_batch.length_bucketed), each
+    trimmed to its longest sequence. Per parameter, max |difference| / max |padded gradient|."""
+    from megatron_rpg.forward_backward import LogprobOptions, forward_backward
+    from megatron_rpg.models import load_full_state_dict
+    from megatron_rpg.rl_batch import RolloutBatch, length_bucketed
+
+    layout, arch, chunks = _setup(CONFIGS[name], tp, pp)
+    for chunk in chunks:
+        load_full_state_dict(chunk, weights)
+    ddp = wrap_ddp(chunks)
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([16, 5, 9, 12, 3, 16, 7, 10])
+    count, width = len(lengths), int(lengths.max())
+    columns = torch.arange(width)
+    tokens = torch.randint(1, arch.vocab_size, (count, width), generator=g)
+    tokens[columns >= lengths[:, None]] = 0  # right padding
+    mask = (columns[:-1] >= 1) & (columns[:-1] < lengths[:, None] - 1)  # a 2-token prompt
+    upstream = torch.randn(2, count, width - 1, generator=g) * mask  # d loss / d (lp, entropy)
+    batch = RolloutBatch(tokens, mask, torch.zeros(count, width - 1), torch.zeros(count),
+                         torch.arange(count), torch.full((count,), 2), lengths - 2,
+                         torch.zeros(count, dtype=torch.bool))  # fmt: skip
+    options = LogprobOptions(vocab_size=arch.vocab_size)
+
+    def loss_fn(lp, ent, micro):
+        return (micro["upstream"][0] * lp + micro["upstream"][1] * ent).sum(), {}
+
+    def gradients(micros):
+        for chunk in ddp:
+            chunk.zero_grad_buffer()
+        forward_backward(ddp, micros, options, loss_fn)
+        return [p.main_grad.clone() for chunk in ddp for p in chunk.parameters()]
+
+    mine = torch.arange(count)[layout.dp_rank :: layout.data_parallel]
+    padded = [{"tokens": tokens[rows], "upstream": upstream[:, rows]} for rows in mine.split(2)]
+    bucketed = []
+    for rows in length_bucketed(lengths, 2, layout.dp_rank, layout.data_parallel):
+        micro = batch.rows(rows)
+        micro["upstream"] = upstream[:, rows, : micro["tokens"].shape[1] - 1]
+        bucketed.append(micro)
+    reference, trimmed = gradients(padded), gradients(bucketed)
+    return {
+        "relative": max(
+            float((a - b).abs().max() / a.abs().max().clamp(min=1e-30))
+            for a, b in zip(reference, trimmed, strict=True)
+        ),
+        "largest": min(float(a.abs().max()) for a in reference),
+        "widths": sorted({m["tokens"].shape[1] for m in bucketed}, reverse=True),
+        "columns": (
+            sum(m["tokens"].numel() for m in padded),
+            sum(m["tokens"].numel() for m in bucketed),
+        ),
+    }
+
+
 def loading_errors(name, weights):
     """Each bad input, caught: (exception type, message)."""
     from megatron_rpg.forward_backward import LogprobOptions, forward_backward
@@ -177,9 +233,7 @@ def loading_errors(name, weights):
             chunk, dict(weights, **{"decoder.final_layernorm.weight": torch.ones(65)})
         ),
         "micro_batches": lambda: forward_backward(
-            [chunk],
-            [{"tokens": torch.zeros(2, 8).long()}, {"tokens": torch.zeros(2, 9).long()}],
-            LogprobOptions(vocab_size=arch.vocab_size),
+            [chunk], [], LogprobOptions(vocab_size=arch.vocab_size)
         ),
     }
     out = {}

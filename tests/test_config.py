@@ -64,6 +64,18 @@ def test_saved_config_reproduces_the_run(tmp_path):
         (["train_steps=0"], "train_steps", ">= 1"),
         (["loss=3"], "loss", "a mapping of LossConfig fields"),
         (["loss.beta"], "loss.beta", "key=value"),
+        (["optimizer.lr=.inf"], "optimizer.lr", "a finite number"),
+        (["algorithm.kl_in_reward=0.05"], "algorithm.kl_in_reward", "0.0 with loss.kl_anchor"),
+        (["algorithm.ref_update_interval=4"], "algorithm.ref_update_interval", "1 with loss.kl_"),
+        (["algorithm.ref_update_kl_target=0.1"], "algorithm.ref_update_kl_target", "kl_anchor=ref"),
+        (
+            ["algorithm.ref_update_interval=-1", "loss.kl_anchor=ref"],
+            "algorithm.ref_update_interval",
+            ">= 0 (0: never)",
+        ),
+        (["rollout.temperature=.inf"], "rollout.temperature", "a finite number"),
+        (["loss.beta=-.inf"], "loss.beta", "a finite number"),
+        (["loss.beta=[1"], "loss.beta", "a YAML value (expected ',' or ']'"),
     ],
 )
 def test_bad_values_are_rejected_with_key_value_and_allowed(overrides, key, allowed):
@@ -85,8 +97,18 @@ def test_bad_yaml_files(tmp_path):
     with pytest.raises(ConfigError, match="a YAML mapping at the top level"):
         load_config(tmp_path / "list.yaml")
     (tmp_path / "broken.yaml").write_text("loss: {beta: [\n")
-    with pytest.raises(ConfigError, match="valid YAML"):
+    with pytest.raises(ConfigError, match="valid YAML") as info:
         load_config(tmp_path / "broken.yaml")
+    assert "\n" not in str(info.value)  # one line, with the place
+    assert "line 2, column 1" in str(info.value)
+    (tmp_path / "twice.yaml").write_text("loss:\n  beta: 0.1\n  clip: none\n  beta: 0.2\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'beta' at line 4, column 3"):
+        load_config(tmp_path / "twice.yaml")  # PyYAML alone keeps the last one silently
+    (tmp_path / "sections.yaml").write_text("loss:\n  beta: 0.1\nseed: 1\nloss:\n  clip: none\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'loss' at line 4"):
+        load_config(tmp_path / "sections.yaml")
+    with pytest.raises(ConfigError, match=r"'--config': got '.*missing.yaml'.*No such file"):
+        load_config(tmp_path / "missing.yaml")
 
 
 def test_cli_prints_resolved_config_and_names_bad_keys():

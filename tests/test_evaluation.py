@@ -195,6 +195,21 @@ def test_multiplication_problems_hold_out_whole_problems_and_state_true_products
         multiplication_problems(seed=0, heldout=0)
 
 
+@pytest.mark.parametrize("template", ["plain", "dapo"])
+def test_training_prompts_are_the_evaluation_prompts(tmp_path, template):
+    """The task built from the config uses data.prompt_template, as evaluate() does (training
+    once used the DAPO prompt whatever the config said)."""
+    from megatron_rpg.config import DataConfig
+    from megatron_rpg.data import PROMPT_TEMPLATES, build_task
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"problem": "What is 6 x 7?", "answer": "42"}\n')
+    task = build_task(DataConfig(task="math", train_path=str(path), prompt_template=template))
+    problem = task.problems[0]
+    assert task.prompt(problem) == PROMPT_TEMPLATES[template].format(problem="What is 6 x 7?")
+    assert (task.prompt(problem) == "What is 6 x 7?") == (template == "plain")
+
+
 def test_before_after_table_and_manifest_record(tmp_path):
     from megatron_rpg.evaluation import compare_to_markdown
     from megatron_rpg.manifest import record_evaluation, write_manifest

@@ -127,6 +127,25 @@ def test_padded_vocabulary_entries_are_excluded(pool4, real_vocab):
     check_against_reference(results, 0.9, 1e-12, real_vocab)
 
 
+def omitted_group_under_megatron_tp2(temperature):
+    """Megatron's TP2 initialized, the group omitted: the logits are still read as a shard."""
+    import torch.distributed as dist
+
+    from megatron_rpg.config import ParallelConfig
+    from megatron_rpg.parallel import initialize_model_parallel
+
+    initialize_model_parallel(ParallelConfig(tensor_parallel=2), seed=0)
+    hidden, weight, targets, _ = problem()
+    shard = weight.chunk(2)[dist.get_rank()]
+    return vocab_parallel_logprobs(hidden @ shard.t(), targets, temperature)
+
+
+def test_an_omitted_group_is_megatrons_tp_group_when_initialized(pool2):
+    want_lp = reference(*problem(), 0.9)[0]
+    for lp in pool2.run(omitted_group_under_megatron_tp2, 0.9):  # was off by up to 13 nats
+        torch.testing.assert_close(lp, want_lp, atol=1e-12, rtol=0)
+
+
 def test_single_process_without_group_equals_full_vocabulary():
     hidden, weight, targets, upstream = problem()
     logits = (hidden @ weight.t()).requires_grad_()

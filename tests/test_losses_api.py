@@ -83,6 +83,25 @@ def test_group_advantages():
     torch.testing.assert_close(compute_advantages("batch_mean", rewards), rewards - 4 / 6)
 
 
+def test_reinforce_pp_baseline_whitens_group_advantages_over_tokens():
+    """group_mean_whitened against verl's recipe written out: the group-mean advantage broadcast
+    to every response token, then whitened over all valid tokens of the batch."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    groups = torch.tensor([7, 7, 7, 3, 3, 3])
+    mask = torch.arange(5)[None] < torch.tensor([1, 5, 3, 2, 4, 2])[:, None]
+    got = compute_advantages("group_mean_whitened", rewards, groups, response_mask=mask)
+    tokens = compute_advantages("group_mean", rewards, groups)[:, None].expand(-1, 5)[mask]
+    mean, std = tokens.mean(), tokens.std(unbiased=False)
+    want = (compute_advantages("group_mean", rewards, groups) - mean) / (std + 1e-6)
+    torch.testing.assert_close(got, want)
+    whitened_tokens = got[:, None].expand(-1, 5)[mask]
+    assert (
+        abs(whitened_tokens.mean()) < 1e-6 and abs(whitened_tokens.std(unbiased=False) - 1) < 1e-5
+    )
+    with pytest.raises(ValueError, match="needs group_ids and response_mask"):
+        compute_advantages("group_mean_whitened", rewards, groups)
+
+
 def test_group_advantages_need_two_responses_per_prompt():
     with pytest.raises(ValueError, match=r"rollout.n >= 2"):
         compute_advantages("group_mean", torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0, 1]))
@@ -220,3 +239,20 @@ def test_extreme_inputs_give_finite_loss_and_gradient(
     assert torch.isfinite(lp.grad).all()
     assert torch.equal(lp.grad[~mask], torch.zeros_like(lp.grad[~mask]))
     assert all(torch.isfinite(v).all() for v in metrics.values())
+
+
+@pytest.mark.parametrize("gap", [-90.0, -103.5, -110.0, -300.0])  # w = exp(gap): 0 below ~-103
+@pytest.mark.parametrize("anchor", ["old", "ref"])
+@pytest.mark.parametrize(("name", "clip"), VALID_CLIPS)
+def test_every_surrogate_is_finite_where_the_ratio_underflows(name, clip, anchor, gap):
+    """fp32 log-probs with lp - lp_old = gap: C_KL / w was 0 / 0 there and the mini-batch was
+    skipped as non-finite; the quotient is now taken in log space."""
+    lp = torch.tensor([[-0.5, -2.0, -40.0]], dtype=torch.float32).requires_grad_()
+    old = lp.detach() - gap
+    config = LossConfig(beta=0.1 if LOSSES[name].has_kl else 0.0, clip=clip, kl_anchor=anchor)
+    loss, _ = policy_loss(
+        name, lp, old, torch.full((1,), 0.7, dtype=lp.dtype), torch.ones_like(lp, dtype=torch.bool),
+        ref_logprobs=lp.detach() - 1.0 if anchor == "ref" else None, config=config,
+    )  # fmt: skip
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(lp.grad).all(), (loss, lp.grad)

@@ -174,7 +174,8 @@ def test_every_core_lends_the_machine_and_gives_it_back():
 
 
 def work_until_terminated(pid_dir):
-    """Like the trainer: SIGTERM asks for a clean stop (a checkpoint), then the function returns."""
+    """Like the trainer: SIGTERM asks for a clean stop (a checkpoint), then the function returns;
+    a rank that is killed instead writes nothing more."""
     import signal
     import time
     from pathlib import Path
@@ -190,9 +191,9 @@ def work_until_terminated(pid_dir):
     return "stopped"
 
 
-def test_ranks_of_a_killed_parent_stop_cleanly_and_exit(tmp_path):
-    """kill -9 of the process holding the pool (no atexit runs): its ranks get SIGTERM, finish
-    what they do (the trainer: a checkpoint), and exit instead of working on as orphans."""
+def test_ranks_of_a_killed_parent_die_with_it(tmp_path):
+    """kill -9 of the process holding the pool (no atexit runs, its run-directory lock is gone):
+    its ranks die at once instead of writing on as orphans beside the next run."""
     import signal
     import subprocess
     import sys
@@ -217,11 +218,11 @@ def test_ranks_of_a_killed_parent_stop_cleanly_and_exit(tmp_path):
     ranks = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*"))]
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 5
     while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in ranks):
         assert time.monotonic() < deadline, "orphaned ranks kept running"
-        time.sleep(0.2)
-    assert sorted(p.name for p in tmp_path.glob("stopped*")) == ["stopped0", "stopped1"]
+        time.sleep(0.1)
+    assert not list(tmp_path.glob("stopped*"))  # killed, not asked to stop
 
 
 def sleep_then_answer(seconds):

@@ -2,6 +2,7 @@
 ranks, exact resume after a kill, a corrupt checkpoint skipped, a non-finite step skipped, bad
 configs refused before any work."""
 
+import contextlib
 import json
 import os
 import signal
@@ -111,6 +112,63 @@ def test_killed_run_resumes_bit_identically(uninterrupted, tmp_path):
     assert without_timing(metrics(run_dir)) == without_timing(metrics(whole))
 
 
+def spawned_ranks(launcher_pid):
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        children = psutil.Process(launcher_pid).children()
+        return [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+    return []
+
+
+def alive(process):
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_kill_anywhere_resumes_bit_identically(uninterrupted, tmp_path):
+    """The launcher or a rank, SIGKILL or SIGTERM, at random points of a run that checkpoints
+    every step: no process outlives its launcher, a second writer is refused while one runs, and
+    after the resumes the metrics are the uninterrupted run's."""
+    import random
+
+    whole, _ = uninterrupted
+    run_dir = tmp_path / "killed_anywhere"
+    args = [*TINY, "checkpoint.save_interval=1", f"logging.run_dir={run_dir}"]
+    rng = random.Random(0)
+    kills = [("launcher", signal.SIGKILL), ("rank", signal.SIGTERM),
+             ("launcher", signal.SIGTERM), ("rank", signal.SIGKILL)]  # fmt: skip
+    for attempt, (target, signum) in enumerate(kills):
+        process = train(*args, *(["--resume"] if attempt else []), popen=True)
+        deadline = time.monotonic() + rng.uniform(4.0, 16.0)
+        ranks = []
+        while attempt == 0 and not ranks and process.poll() is None:
+            ranks = spawned_ranks(process.pid)
+            time.sleep(0.05)
+        if attempt == 0:  # the run is starting up: a second one is refused
+            second = train(*args, "--resume")
+            assert second.returncode == 2 and "no other run is writing" in second.stderr
+        while time.monotonic() < deadline and process.poll() is None:
+            ranks = spawned_ranks(process.pid) or ranks
+            time.sleep(0.05)
+        if process.poll() is None:
+            victim = process.pid if target == "launcher" or not ranks else rng.choice(ranks).pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signum)
+        process.communicate(timeout=300)
+        gone = time.monotonic() + 10
+        while any(alive(r) for r in ranks):
+            assert time.monotonic() < gone, f"ranks outlived their launcher ({target}, {signum})"
+            time.sleep(0.1)
+    done = train(*args, "--resume")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert without_timing(metrics(run_dir)) == without_timing(metrics(whole))
+
+
 def test_a_bad_metrics_line_is_named_and_only_a_torn_last_one_dropped(tmp_path):
     from megatron_rpg.metrics import read_metrics
 
@@ -151,6 +209,50 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # nothing overwritten
 
 
+def test_resume_applies_allowed_changes_and_refuses_the_rest(uninterrupted, tmp_path):
+    import shutil
+
+    whole, _ = uninterrupted
+    run_dir = tmp_path / "extended"
+    shutil.copytree(whole, run_dir)
+    before = (run_dir / "metrics.jsonl").read_text()
+    refused = train(*TINY, f"logging.run_dir={run_dir}", "parallel.tensor_parallel=2", "--resume")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "'parallel.tensor_parallel': got 2; allowed: 1 as saved in" in refused.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    done = train(*TINY, f"logging.run_dir={run_dir}", "train_steps=8", "optimizer.lr=1e-3",
+                 "--resume")  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resume: train_steps: 6 -> 8 (applied)" in done.stdout
+    assert "resume: optimizer.lr: 0.0003 -> 0.001 (applied)" in done.stdout
+    records = metrics(run_dir)
+    assert without_timing(records[:6]) == without_timing(metrics(whole))
+    assert [r["step"] for r in records[6:]] == [7, 8]
+    assert records[5]["lr"] == pytest.approx(3e-4) and records[6]["lr"] == pytest.approx(1e-3)
+
+
+def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], capture_output=True
+    ).returncode == 0  # fmt: skip
+    if not mounted:
+        pytest.skip("needs root to mount a 6 MiB tmpfs: a real full disk")
+    try:
+        run_dir = small / "run"  # room for the step-2 checkpoint (4.2 MiB), not for step 4's
+        done = train(*TINY, f"logging.run_dir={run_dir}")
+        assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+        last = done.stderr.strip().splitlines()[-1]
+        assert f"checkpoint {run_dir}/checkpoints/step_00000004 not written: No space left" in last
+        assert "earlier checkpoints are intact" in last and "error.log" in last
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000002"]
+        assert verify(run_dir / "checkpoints" / "step_00000002") is None
+        assert "CheckpointWriteError" in (run_dir / "error.log").read_text()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 def test_incomplete_checkpoint_is_not_used(tmp_path):
     checkpoint = tmp_path / "step_00000002"
     checkpoint.mkdir()
@@ -178,13 +280,18 @@ def test_non_finite_step_is_skipped_not_applied(pool2, tmp_path):
         ("eval_benchmarks=aime23", "eval_benchmarks"),
         ("rollout.engine_nodes=1", "rollout.engine_nodes"),
         ("model.hf_config=/nonexistent", "model.hf_config"),
+        ("data.train_path=/nonexistent.jsonl", "data.train_path"),
+        ("optimizer.lr=.inf", "'optimizer.lr': got inf; allowed: a finite number"),
+        ("loss.beta=[1", "'loss.beta': got '[1'; allowed: a YAML value"),
+        ("parallel.tensor_parallel=2 --nproc=3", "'--nproc': got 3; allowed: a multiple of"),
+        ("--config=/nonexistent.yaml", "'--config': got '/nonexistent.yaml'"),
     ],
 )
 def test_bad_config_stops_before_any_work(tmp_path, override, message):
     run_dir = tmp_path / "never"
-    done = train(*TINY, f"logging.run_dir={run_dir}", override)
-    assert done.returncode != 0
-    assert message in done.stderr
+    done = train(*TINY, f"logging.run_dir={run_dir}", *override.split())
+    assert done.returncode == 2
+    assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert not run_dir.exists()
 
 
@@ -254,7 +361,7 @@ def test_math_task_trains_with_sandboxed_grading(pool2, tmp_path):
     common = ["--benchmarks", "gsm8k", "--k", "2", "--limit", "2", "--max-tokens", "8"]
     for args in (
         ["eval", "--ckpt", step, *common, "--out", tmp_path / "from_step"],
-        ["convert", "mcore-to-hf", "--ckpt", step, "--out", tmp_path / "hf"],
+        ["convert", "mcore-to-hf", "--ckpt", step / "dist", "--out", tmp_path / "hf"],  # quickstart
         ["eval", "--hf", tmp_path / "hf", *common, "--out", tmp_path / "from_hf"],
     ):
         done = subprocess.run([sys.executable, "-m", "megatron_rpg.cli", *map(str, args)],
@@ -275,6 +382,7 @@ def test_reinforce_pp_whitens_over_the_step_in_any_layout(pool2, tmp_path):
         "algorithm.loss=reinforce_pp",
         "algorithm.advantage=reinforce_pp",
         "loss.beta=0",
+        "loss.kl_anchor=ref",
         "algorithm.kl_in_reward=0.05",
     ]
     runs = {}
@@ -284,6 +392,7 @@ def test_reinforce_pp_whitens_over_the_step_in_any_layout(pool2, tmp_path):
         runs[name] = pool2.run(short_run, str(CONFIG), overrides)[0]
     tp2, dp2 = runs["tp2"][0], runs["dp2"][0]
     assert tp2["reward/mean"] == dp2["reward/mean"] and 0 < tp2["reward/mean"] < 1
+    assert tp2["kl/k3"] < 1e-2  # the reference is the warmed-up policy (was 2.88: the random one)
     assert abs(tp2["loss"] - dp2["loss"]) < 1e-5
     # the warm-up's float summation order differs between the layouts; whitening per rank instead
     # of over the step would change the gradient by percents

@@ -16,6 +16,7 @@ when every one fails, it raises rather than start over.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -26,12 +27,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rpg.checkpoint.hf import fsync
 from megatron_rpg.checkpoint.mcore import in_process_write_results
 from megatron_rpg.manifest import git_revision, sha256, versions
 
 MARKER = "COMPLETE"
+FULL_BELOW_BYTES = 2**20  # a failed write with less free space than this: the disk is full
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -78,10 +81,42 @@ def save_train_checkpoint(
     """Collective. `state_dicts` from sharded_state(..., is_loading=False). `model_files` (the
     HF config and tokenizer files) are written beside the weights in dist/, which makes dist/ a
     model checkpoint that `megatron-rpg eval --ckpt` and `convert mcore-to-hf` read."""
-    from megatron.core import dist_checkpointing
-
     out = checkpoint_dir(run_dir, step)
     staging = out.parent / f".{out.name}.tmp"
+    try:
+        _write_staging(staging, step, state_dicts, train_state, config_yaml, checksums,
+                       model_files)  # fmt: skip
+    except (Exception, CheckpointException) as err:  # DCP's is a BaseException
+        free = shutil.disk_usage(out.parent).free if out.parent.is_dir() else 0
+        shutil.rmtree(staging, ignore_errors=True)
+        # a full disk reaches us as OSError, or as a torch writer's "unexpected pos" in DCP's
+        detail = str(err).strip().splitlines()[-1].strip() if str(err).strip() else repr(err)
+        full = free < FULL_BELOW_BYTES or f"[Errno {errno.ENOSPC}]" in str(err)
+        cause = f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free; {detail})"
+        raise CheckpointWriteError(
+            f"checkpoint {out} not written: {cause if full else detail}; the partial copy is "
+            f"removed, the earlier checkpoints are intact"
+        ) from err
+    if dist.get_rank() == 0:
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+        _prune(out.parent, keep_last)
+    dist.barrier()
+    return out
+
+
+class CheckpointWriteError(OSError):
+    """A training checkpoint could not be written (full disk, I/O error); names the path."""
+
+
+def _write_staging(
+    staging: Path, step: int, state_dicts: dict[str, Any], train_state: dict[str, Any],
+    config_yaml: str, checksums: bool, model_files: dict[str, bytes] | None,
+) -> None:  # fmt: skip
+    """Collective: every file of the checkpoint into `staging`, fsynced, COMPLETE last."""
+    from megatron.core import dist_checkpointing
+
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -105,12 +140,7 @@ def save_train_checkpoint(
             if path.is_file():
                 fsync(path)
         (staging / MARKER).write_text(str(step))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-        _prune(out.parent, keep_last)
     dist.barrier()
-    return out
 
 
 def _prune(directory: Path, keep_last: int) -> None:

@@ -1,8 +1,24 @@
 """Data sets of prompts with verifiable answers."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from megatron_rpg.data.arithmetic import ArithmeticTask, Problem
 from megatron_rpg.data.math import PROMPT_TEMPLATE, PROMPT_TEMPLATES, MathDataset
 from megatron_rpg.data.records import read_records, take
+
+if TYPE_CHECKING:
+    from megatron_rpg.config import DataConfig
+
+
+def build_task(data: DataConfig) -> ArithmeticTask | MathDataset:
+    """The training task that `data` describes (data.task: arithmetic or math)."""
+    if data.task == "arithmetic":
+        return ArithmeticTask(data.max_operand, data.operators)
+    return MathDataset(data.train_path, data.prompt_key, data.answer_key,
+                       data.answer_extraction, data.prompt_template)  # fmt: skip
+
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -10,6 +26,7 @@ __all__ = [
     "ArithmeticTask",
     "MathDataset",
     "Problem",
+    "build_task",
     "read_records",
     "take",
 ]

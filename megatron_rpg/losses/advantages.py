@@ -5,6 +5,9 @@ Sequence rewards R_i, [batch]; `group_ids` [batch] says which prompt each respon
     group_mean:      A_i = R_i - mean_{j in g(i)} R_j                      (RPG default)
     group_mean_std:  A_i = (R_i - mean_g R) / (std_g R + eps)              (GRPO; unbiased std)
     batch_mean:      A_i = R_i - mean_j R_j
+    group_mean_whitened:  A_i = R_i - mean_g R, then whitened over the batch's response tokens
+                     (each sequence weighted by its token count, as verl's masked whitening of
+                     the broadcast advantage): REINFORCE++-Baseline, the paper's Tables 5, 7, 8
     reinforce_pp:    token rewards r_t = -beta*(lp_old_t - lp_ref_t), plus R_i at the last valid
                      token; returns G_t = sum_{s>=t} r_s; whitened over all valid tokens of the
                      batch: A_t = (G_t - mean G) / (std G + eps)            (REINFORCE++)
@@ -15,7 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-ESTIMATORS: tuple[str, ...] = ("group_mean", "group_mean_std", "batch_mean", "reinforce_pp")
+ESTIMATORS: tuple[str, ...] = (
+    "group_mean", "group_mean_std", "batch_mean", "group_mean_whitened", "reinforce_pp",
+)  # fmt: skip
 
 
 def _group_index(group_ids: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
@@ -56,6 +61,18 @@ def group_mean_std_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1
 
 def batch_mean_advantages(rewards: Tensor) -> Tensor:
     return rewards - rewards.mean()
+
+
+def group_mean_whitened_advantages(
+    rewards: Tensor, group_ids: Tensor, token_counts: Tensor, eps: float = 1e-6
+) -> Tensor:
+    """Group-mean advantages whitened with the token-weighted mean and (population) std."""
+    centred = group_mean_advantages(rewards, group_ids)
+    weights = token_counts.to(centred.dtype)
+    total = weights.sum().clamp(min=1.0)
+    mean = (weights * centred).sum() / total
+    std = ((weights * (centred - mean).square()).sum() / total).sqrt()
+    return (centred - mean) / (std + eps)
 
 
 def reinforce_pp_returns(
@@ -121,6 +138,10 @@ def compute_advantages(
         return group_mean_std_advantages(rewards, group_ids)
     if estimator == "batch_mean":
         return batch_mean_advantages(rewards)
+    if estimator == "group_mean_whitened":
+        if group_ids is None or response_mask is None:
+            raise ValueError(f"advantage estimator {estimator!r} needs group_ids and response_mask")
+        return group_mean_whitened_advantages(rewards, group_ids, response_mask.sum(dim=-1))
     if estimator == "reinforce_pp":
         if response_mask is None or old_logprobs is None or ref_logprobs is None:
             raise ValueError(

@@ -5,9 +5,12 @@ clip='dual' (dual_clip_c = inf gives the single clip of the published GRPO / DAP
 
     grpo:               PPO + beta*k3(pi_ref/pi_theta), no importance weight on the KL (as
                         published; its expected KL gradient is E_old[(1 - 1/r) grad lp], which is
-                        not the gradient of -beta*UKL(pi_theta || pi_ref)).
+                        not the gradient of -beta*UKL(pi_theta || pi_ref)). log r is clamped to
+                        [-20, 20] inside k3, as verl's low_var_kl (where the paper's baselines
+                        ran): exp(-log r) is past fp32's range below log r ~ -88.
     grpo_kl_corrected:  PPO + beta*w*k3(pi_ref/pi_theta), whose expected gradient is
-                        E_old[w log r grad lp], the urkl gradient.
+                        E_old[w log r grad lp], the urkl gradient; w*k3 is written as
+                        exp(log w - log r) - w*(1 - log r), finite where w underflows.
     dapo, ppo_clip, reinforce_pp:  PPO alone. DAPO's other parts (dynamic sampling, overlong
                         shaping) live in the trainer and rewards; REINFORCE++'s KL is in its
                         advantages (megatron_rpg.losses.advantages.reinforce_pp_advantages).
@@ -38,15 +41,20 @@ def _with_kl(surrogate: Surrogate, kl: Tensor) -> Surrogate:
     return Surrogate(surrogate.loss + kl, surrogate.clipped)
 
 
+K3_LOG_RATIO_BOUND = 20.0  # verl's clamp of log r in its k3 ("low_var_kl")
+
+
 @register_loss("grpo", has_kl=True, clip_modes=("none", "dual"))
 def grpo(terms: TokenTerms, config: LossConfig) -> Surrogate:
-    return _with_kl(ppo_surrogate(terms, config), config.beta * k3(terms.log_ref_ratio))
+    log_r = terms.log_ref_ratio.clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
+    return _with_kl(ppo_surrogate(terms, config), config.beta * k3(log_r))
 
 
 @register_loss("grpo_kl_corrected", has_kl=True, clip_modes=("none", "dual"))
 def grpo_kl_corrected(terms: TokenTerms, config: LossConfig) -> Surrogate:
-    w = torch.exp(terms.log_ratio)
-    return _with_kl(ppo_surrogate(terms, config), config.beta * w * k3(terms.log_ref_ratio))
+    log_w, log_r = terms.log_ratio, terms.log_ref_ratio
+    weighted_k3 = torch.exp(log_w - log_r) - torch.exp(log_w) * (1.0 - log_r)  # w * k3(log r)
+    return _with_kl(ppo_surrogate(terms, config), config.beta * weighted_k3)
 
 
 for _name in ("dapo", "ppo_clip", "reinforce_pp"):

@@ -52,13 +52,15 @@ def rpg_reinforce_clip(
     ratio: Tensor,
     advantages: Tensor,
     kl_weight: Tensor,
+    kl_weight_over_w: Tensor,
     eps_low: float,
     eps_high: float,
     dual_clip_c: float,
 ) -> ClippedLoss:
     """RPG-REINFORCE with RPG-Style Clip, Algorithm 2 as written (spec section 4).
 
-    A_R = A, C_KL = kl_weight (no gradient), A' = A_R + C_KL/w, l = -lp, psi = A'*l. Per token:
+    A_R = A, C_KL = kl_weight (no gradient), A' = A_R + C_KL/w (C_KL/w = kl_weight_over_w, computed
+    without dividing by a w that may underflow), l = -lp, psi = A'*l. Per token:
 
         psi >= 0:  w < 1+eps_high:  psi*SG(w)                                (gradient through l)
                    else:            (A_R*(1+eps_high) + C_KL)*SG(l)          (no gradient)
@@ -73,8 +75,8 @@ def rpg_reinforce_clip(
     c_kl = kl_weight.detach()
     nll = -logprobs
     nll_const = nll.detach()
-    psi = (advantages + c_kl / w) * nll
-    with_grad = psi * w
+    psi = (advantages + kl_weight_over_w.detach()) * nll
+    with_grad = (advantages * w + c_kl) * nll  # psi * SG(w), without the product 0 * inf
     upper_value = (advantages * (1.0 + eps_high) + c_kl) * nll_const
     lower_value = (advantages * (1.0 - eps_low) + c_kl) * nll_const
     dual_value = (advantages * dual_clip_c + c_kl) * nll_const

@@ -48,6 +48,8 @@ class Divergence:
         written with the constants that make its value the divergence, not only its gradient).
     kl_weight(log_w, log_r, log_rho): C_KL of spec section 2/4, the KL part of the REINFORCE weight,
         defined by  beta * grad(estimate) = -C_KL * grad(lp);  Weight = w*A + C_KL.
+    kl_weight_over_w(log_w, log_r, log_rho): C_KL / w, written without the division: w = exp(log_w)
+        is 0 in fp32 below log_w ~ -103 and C_KL with it, where the quotient is still finite.
     folds_into_advantage: Algorithm 1 folds the KL into the regularized advantage
         A_hat = A + C_KL / w (urkl, rkl); for fkl/ufkl A_hat = A and the KL term stays outside
         the clip.
@@ -57,10 +59,16 @@ class Divergence:
     description: str
     estimate: _DivergenceTerm
     kl_weight_unscaled: _DivergenceTerm
+    kl_weight_over_w_unscaled: _DivergenceTerm
     folds_into_advantage: bool
 
     def kl_weight(self, beta: float, log_w: Tensor, log_r: Tensor, log_rho: Tensor) -> Tensor:
         return beta * self.kl_weight_unscaled(log_w, log_r, log_rho)
+
+    def kl_weight_over_w(
+        self, beta: float, log_w: Tensor, log_r: Tensor, log_rho: Tensor
+    ) -> Tensor:
+        return beta * self.kl_weight_over_w_unscaled(log_w, log_r, log_rho)
 
 
 # UKL(pi_ref || pi_theta) = E_old[rho*(-log r) + (w - rho)];   C_KL = beta*(rho - w)
@@ -71,6 +79,7 @@ UFKL = Divergence(
         torch.exp(log_w) - torch.exp(log_rho) * log_r - torch.exp(log_rho)
     ),
     kl_weight_unscaled=lambda log_w, log_r, log_rho: torch.exp(log_rho) - torch.exp(log_w),
+    kl_weight_over_w_unscaled=lambda log_w, log_r, log_rho: torch.exp(log_rho - log_w) - 1.0,
     folds_into_advantage=False,
 )
 
@@ -82,6 +91,7 @@ URKL = Divergence(
         torch.exp(log_w) * log_r - torch.exp(log_w) + torch.exp(log_rho)
     ),
     kl_weight_unscaled=lambda log_w, log_r, log_rho: -torch.exp(log_w) * log_r,
+    kl_weight_over_w_unscaled=lambda log_w, log_r, log_rho: -log_r,
     folds_into_advantage=True,
 )
 
@@ -91,6 +101,7 @@ FKL = Divergence(
     description="forward KL, KL(pi_ref || pi_theta)",
     estimate=lambda log_w, log_r, log_rho: -torch.exp(log_rho) * log_r,
     kl_weight_unscaled=lambda log_w, log_r, log_rho: torch.exp(log_rho),
+    kl_weight_over_w_unscaled=lambda log_w, log_r, log_rho: torch.exp(log_rho - log_w),
     folds_into_advantage=False,
 )
 
@@ -100,6 +111,7 @@ RKL = Divergence(
     description="reverse KL, KL(pi_theta || pi_ref)",
     estimate=lambda log_w, log_r, log_rho: torch.exp(log_w) * log_r,
     kl_weight_unscaled=lambda log_w, log_r, log_rho: -torch.exp(log_w) * (log_r + 1.0),
+    kl_weight_over_w_unscaled=lambda log_w, log_r, log_rho: -(log_r + 1.0),
     folds_into_advantage=True,
 )
 

@@ -40,8 +40,7 @@ def rpg_loss(divergence: Divergence, terms: TokenTerms, config: LossConfig) -> S
     if config.clip == "none":
         return Surrogate(-w * adv + kl_term)
     if divergence.folds_into_advantage:
-        c_kl = divergence.kl_weight(config.beta, log_w, log_r, log_rho)
-        adv_hat = (adv + c_kl / w).detach()
+        adv_hat = (adv + divergence.kl_weight_over_w(config.beta, log_w, log_r, log_rho)).detach()
         clipped = ppo_dual_clip(w, adv_hat, config.eps_low, config.eps_high, config.dual_clip_c)
         return Surrogate(clipped.loss, clipped)
     clipped = ppo_dual_clip(w, adv, config.eps_low, config.eps_high, config.dual_clip_c)
@@ -58,9 +57,9 @@ def rpg_reinforce_loss(divergence: Divergence, terms: TokenTerms, config: LossCo
     w = torch.exp(log_w)
     if config.clip == "dual":
         c_kl = divergence.kl_weight(config.beta, log_w, log_r, log_rho)
-        clipped = rpg_reinforce_clip(
-            terms.logprobs, w, adv, c_kl, config.eps_low, config.eps_high, config.dual_clip_c
-        )
+        c_kl_over_w = divergence.kl_weight_over_w(config.beta, log_w, log_r, log_rho)
+        clipped = rpg_reinforce_clip(terms.logprobs, w, adv, c_kl, c_kl_over_w, config.eps_low,
+                                     config.eps_high, config.dual_clip_c)  # fmt: skip
         return Surrogate(clipped.loss, clipped)
     if config.clip == "truncate":
         log_w_bar = log_w.clamp(math.log1p(-config.eps_low), math.log1p(config.eps_high))

@@ -14,12 +14,22 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 _applied = False
+
+
+def _quiet_expected_warnings() -> None:
+    """Megatron warns at import that Transformer Engine and Apex are missing (never installed
+    on CPUs) and that cuda_graph_scope 'full' is deprecated (no CUDA graphs on CPUs): nine lines
+    on every rank's stderr that tell a CPU user nothing."""
+    for message in (r"(Transformer Engine and )?Apex (are|is) not installed",
+                    r"full scope is deprecated"):  # fmt: skip
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 def apply() -> bool:
@@ -35,6 +45,7 @@ def apply() -> bool:
         _patch_tied_embedding_sync()
         _patch_sequence_parallel_norm()
         _patch_missing_psutil()
+        _quiet_expected_warnings()
         _applied = True
     return True
 

@@ -68,14 +68,16 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LIVENESS_POLL_S = 1.0  # how often run() checks that the ranks it waits for are alive
 
 
-def _terminate_with_parent(parent: int) -> None:
-    """Linux: SIGTERM this rank when the process that spawned it dies without closing the pool
-    (killed): an orphaned rank would go on training and writing into a run directory that the
-    next run may be using. The trainer answers SIGTERM with a checkpoint, then the rank exits."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this rank when the process that spawned it dies (killed, crashed): the
+    parent holds the run directory's lock, and a rank outliving it would go on writing into a
+    directory that the next run may already be using. A half-written checkpoint is never used
+    (no COMPLETE marker) and a torn metrics line is dropped on resume. To stop ranks gracefully
+    (a checkpoint first), signal the parent: `RankPool.signal` forwards it."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before prctl
-        os.kill(os.getpid(), signal.SIGTERM)
+        os._exit(1)
 
 
 def _next_task(tasks: Any, parent: int) -> Any:
@@ -99,7 +101,7 @@ def _worker(
 
     from megatron_rpg.parallel.distributed import destroy_model_parallel
 
-    _terminate_with_parent(parent)
+    _die_with_parent(parent)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -198,6 +200,13 @@ class RankPool:
         if error is not None:
             raise error
         return [results[r] for r in range(self.world_size)]
+
+    def signal(self, signum: int) -> None:
+        """Send `signum` to every live rank (SIGTERM: the trainer checkpoints and returns)."""
+        for p in self._procs:
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signum)
 
     def close(self, force: bool = False) -> None:
         """Stop the ranks: politely (finish, leave the group) or, with force, at once."""

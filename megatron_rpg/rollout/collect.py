@@ -6,15 +6,17 @@ same on every rank, so every rank runs this loop in lockstep and ends with the s
     groups, metrics, position = collect_groups(task, tokenizer, generate, grade, settings,
                                                seed=..., position=...)
 
-With dynamic sampling, a group whose rewards are all equal has zero advantage under every
-group baseline; it is dropped and further prompts are drawn, for up to `max_rounds` rounds;
-then the batch is filled with dropped groups.
+With dynamic sampling, a group whose task scores are all equal (all right or all wrong, as
+DAPO's filter on accuracy; the overlong shaping may still differ) carries no signal: it is
+dropped and further prompts are drawn, for up to `max_rounds` rounds; then the batch is filled
+with dropped groups marked `filler`, which keep the batch's shape but take no part in the loss
+(the trainer masks their tokens out of the token mean).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from megatron_rpg.rewards import overlong_penalty
@@ -32,13 +34,16 @@ class CollectSettings:
     max_rounds: int = 1
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    max_prompt_tokens: int | None = None  # longer prompts are skipped (and counted)
 
 
 @dataclass
 class Group:
     prompt: list[int]
     responses: list[Response]
-    rewards: list[float]
+    rewards: list[float]  # scores plus the overlong shaping
+    scores: list[float]  # the task's grades
+    filler: bool = False  # dynamic sampling ran out of rounds: no part in the loss
 
 
 def round_seed(seed: int, step: int, round_: int) -> int:
@@ -53,8 +58,8 @@ def grade_groups(
     tokenizer: Any,
     grade: Grade,
     settings: CollectSettings,
-) -> list[list[float]]:
-    """Task reward plus DAPO overlong shaping, per response."""
+) -> list[tuple[list[float], list[float]]]:
+    """Per group: (task scores, rewards = scores plus DAPO overlong shaping), per response."""
     items = [
         (tokenizer.decode(r.token_ids), task.answer(problem))
         for problem, group in zip(problems, groups, strict=True)
@@ -62,16 +67,43 @@ def grade_groups(
     ]
     scores = iter(grade(items))
     limit = settings.params.max_tokens
-    return [
-        [
-            next(scores)
-            + overlong_penalty(
-                len(r.token_ids), limit, settings.overlong_buffer, settings.overlong_penalty
-            )
-            for r in group
-        ]
-        for group in groups
-    ]
+    out = []
+    for group in groups:
+        group_scores = [next(scores) for _ in group]
+        shaping = [overlong_penalty(len(r.token_ids), limit, settings.overlong_buffer,
+                                    settings.overlong_penalty) for r in group]  # fmt: skip
+        out.append((group_scores, [s + p for s, p in zip(group_scores, shaping, strict=True)]))
+    return out
+
+
+SKIPPED_PER_PROMPT_LIMIT = 100  # then no prompt of the task fits: a config error, not bad luck
+
+
+def draw_prompts(
+    task: Any, tokenizer: Any, seed: int, position: int, count: int, max_tokens: int | None
+) -> tuple[list[Any], list[list[int]], int, int]:
+    """`count` problems whose encoded prompts have at most `max_tokens` tokens, in the task's
+    order from `position` (longer ones are skipped, as verl's filter_overlong_prompts): the
+    problems, their prompts, the position after them and how many were skipped."""
+    problems: list[Any] = []
+    prompts: list[list[int]] = []
+    skipped = 0
+    while len(problems) < count:
+        batch = task.batch(seed, position, count - len(problems))
+        position += len(batch)
+        for problem in batch:
+            prompt = tokenizer.encode_prompt(task.prompt(problem))
+            if max_tokens is not None and len(prompt) > max_tokens:
+                skipped += 1
+                continue
+            problems.append(problem)
+            prompts.append(prompt)
+        if skipped > SKIPPED_PER_PROMPT_LIMIT * count:
+            from megatron_rpg.config import ConfigError
+
+            allowed = f"a length that some prompts fit ({skipped} in a row were longer)"
+            raise ConfigError("data.max_prompt_tokens", max_tokens, allowed)
+    return problems, prompts, position, skipped
 
 
 def collect_groups(
@@ -89,27 +121,30 @@ def collect_groups(
     kept: list[Group] = []
     dropped: list[Group] = []
     sampled: list[float] = []
-    rounds = 0
+    rounds = skipped = 0
     while len(kept) < settings.prompts and rounds < max(settings.max_rounds, 1):
         need = settings.prompts - len(kept)
-        problems = task.batch(seed, position, need)
-        position += need
-        prompts = [tokenizer.encode_prompt(task.prompt(p)) for p in problems]
+        problems, prompts, position, too_long = draw_prompts(
+            task, tokenizer, seed, position, need, settings.max_prompt_tokens
+        )
+        skipped += too_long
         params = SamplingParams(
             **{**settings.params.__dict__, "seed": round_seed(seed, step, rounds)}
         )
         responses = generate(prompts, params)
-        rewards = grade_groups(problems, responses, task, tokenizer, grade, settings)
-        for prompt, group, group_rewards in zip(prompts, responses, rewards, strict=True):
-            sampled.extend(group_rewards)
-            uniform = len(set(group_rewards)) == 1
+        graded = grade_groups(problems, responses, task, tokenizer, grade, settings)
+        for prompt, group, (scores, rewards) in zip(prompts, responses, graded, strict=True):
+            sampled.extend(rewards)
+            uniform = len(set(scores)) == 1
             target = dropped if settings.dynamic_sampling and uniform else kept
-            target.append(Group(prompt, group, group_rewards))
+            target.append(Group(prompt, group, rewards, scores))
         rounds += 1
-    kept += dropped[: settings.prompts - len(kept)]
+    fillers = [replace(g, filler=True) for g in dropped[: settings.prompts - len(kept)]]
     metrics = {
         "reward/sampled_mean": sum(sampled) / len(sampled),
         "dynamic/rounds": float(rounds),
         "dynamic/dropped_groups": float(len(dropped)),
+        "dynamic/filler_groups": float(len(fillers)),
+        "data/skipped_long_prompts": float(skipped),
     }
-    return kept, metrics, position
+    return kept + fillers, metrics, position

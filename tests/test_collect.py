@@ -1,0 +1,92 @@
+"""DAPO dynamic sampling in the rollout loop, without ranks: groups are kept on the spread of
+their task scores (not of the shaped rewards), and filler groups are marked."""
+
+from megatron_rpg.rollout.collect import CollectSettings, collect_groups
+from megatron_rpg.rollout.protocol import Response, SamplingParams
+
+
+class Task:
+    """Below 100, odd problems are always answered right, even ones never; from 100 on, half the
+    samples of every group are right."""
+
+    def batch(self, seed, position, count):
+        return list(range(position, position + count))
+
+    def prompt(self, problem):
+        return str(problem)
+
+    def answer(self, problem):
+        return "1" if problem % 2 or problem >= 100 else "0"
+
+
+class Tokenizer:
+    def encode_prompt(self, text):
+        return [int(text)]
+
+    def decode(self, token_ids):
+        return "1" if token_ids[0] % 2 else "9"  # odd first token: answers "1"
+
+
+def generate(prompts, params):
+    """n responses per prompt; lengths differ inside every group (1, 2, 3 ... tokens)."""
+    out = []
+    for (problem,) in prompts:
+        first = [problem] * params.n if problem < 100 else [1, 2] * (params.n // 2)
+        out.append([Response([first[i]] + [0] * i, [0.0] * (i + 1), "stop")
+                    for i in range(params.n)])  # fmt: skip
+    return out
+
+
+def grade(items):
+    return [float(text == answer) for text, answer in items]
+
+
+def settings(prompts, max_rounds, overlong_buffer=3):
+    params = SamplingParams(n=4, max_tokens=4)
+    return CollectSettings(prompts=prompts, params=params, dynamic_sampling=True,
+                           max_rounds=max_rounds, overlong_buffer=overlong_buffer)  # fmt: skip
+
+
+def test_groups_are_filtered_on_accuracy_not_on_the_shaped_reward():
+    """Problems 0..99 give all-right or all-wrong groups whose overlong shaping differs by
+    length: they carry no signal and are dropped (they used to pass the filter)."""
+    groups, metrics, position = collect_groups(
+        Task(), Tokenizer(), generate, grade, settings(2, 8), seed=0, step=0, position=98
+    )
+    assert [g.prompt for g in groups] == [[100], [101]]
+    assert all(len(set(g.scores)) > 1 and not g.filler for g in groups)
+    assert metrics["dynamic/dropped_groups"] == 2  # 98 (all wrong) and 99 (all right)
+    assert metrics["dynamic/filler_groups"] == 0 and position == 102
+
+
+def test_a_step_out_of_rounds_marks_its_filler_groups():
+    groups, metrics, _ = collect_groups(Task(), Tokenizer(), generate, grade, settings(3, 2),
+                                        seed=0, step=0, position=0)  # fmt: skip
+    assert len(groups) == 3 and all(g.filler for g in groups)
+    assert metrics["dynamic/rounds"] == 2 and metrics["dynamic/filler_groups"] == 3
+    # the shaped rewards of the all-wrong problem 0 differ (lengths 1..4, buffer 3): no signal
+    assert len(set(groups[0].scores)) == 1 and len(set(groups[0].rewards)) > 1
+
+
+class LongPrompts(Tokenizer):
+    """Problems divisible by 3 encode to 10 tokens, the others to 1."""
+
+    def encode_prompt(self, text):
+        return [int(text)] * (10 if int(text) % 3 == 0 else 1)
+
+
+def test_prompts_over_max_prompt_tokens_are_skipped_and_counted():
+    import pytest
+
+    from megatron_rpg.config import ConfigError
+
+    limited = CollectSettings(prompts=4, params=SamplingParams(n=2, max_tokens=4),
+                              max_prompt_tokens=5)  # fmt: skip
+    groups, metrics, position = collect_groups(Task(), LongPrompts(), generate, grade, limited,
+                                               seed=0, step=0, position=0)  # fmt: skip
+    assert [g.prompt[0] for g in groups] == [1, 2, 4, 5]  # 0 and 3 skipped
+    assert metrics["data/skipped_long_prompts"] == 2 and position == 6
+    with pytest.raises(ConfigError, match=r"data\.max_prompt_tokens"):
+        collect_groups(Task(), LongPrompts(), generate, grade,
+                       CollectSettings(prompts=2, params=limited.params, max_prompt_tokens=0),
+                       seed=0, step=0, position=0)  # fmt: skip
