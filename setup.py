@@ -14,6 +14,7 @@ setup(
         "torch>=2.6",
         "megatron-core>=0.16.1,<0.20",
         "numpy",
+        "matplotlib",  # curves.png and the benchmarks' figures (Agg, no display)
         "pyyaml",
         "psutil",  # without it megatron's dist_checkpointing.save hangs (docs/install.md)
         "safetensors",

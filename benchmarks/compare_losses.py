@@ -1,18 +1,22 @@
-"""Compare GRPO, DAPO and the RPG variants on the embedded task, over seeds.
+"""Compare GRPO, DAPO, REINFORCE++-Baseline and the RPG variants over seeds.
 
-Each (variant, seed) is a full `megatron-rpg train` run of examples/tiny_cpu.yaml with the
-variant's overrides, in OUT/runs/<variant>/seed<S>/ (metrics.jsonl, manifest.json with the
-resolved config, versions, git revision and file hashes, config.yaml to rerun it exactly:
-`megatron-rpg train --config OUT/runs/<variant>/seed<S>/config.yaml`). Then:
+Each (variant, seed) is a full `megatron-rpg train` run of --config (default examples/
+tiny_cpu.yaml, the embedded task) with the variant's overrides, in OUT/runs/<variant>/seed<S>/
+(metrics.jsonl, manifest.json with the resolved config, versions, git revision and file hashes,
+config.yaml to rerun it exactly: `megatron-rpg train --config OUT/runs/<variant>/seed<S>/
+config.yaml`). Then:
 
-  OUT/table.md     final reward (mean over the last 10% of steps; mean +- std over seeds), steps
-                   until the 20-step moving average of the reward reaches 0.8, KL (k3) and
-                   entropy over the last 10% of steps
+  OUT/table.md     final accuracy (every response graded in a step, mean over the last quarter
+                   of the steps; mean over seeds with a 95% t-interval across seeds), steps until
+                   the moving average (a quarter of the steps) reaches --threshold, KL (k3) and
+                   entropy over the last quarter
   OUT/results.json the same numbers per run
-  OUT/curves.png   mean reward over seeds per variant (one panel each, in table order)
+  OUT/curves.png   accuracy, KL and entropy per step, variants overlaid: mean over seeds, band
+                   from the lowest to the highest seed
 
   python benchmarks/compare_losses.py --out runs/compare [--steps 300 --seeds 1,2,3]
-      [--variants grpo,dapo,...] [--set key=value ...]
+      [--config examples/smollm2_cpu.yaml] [--variants grpo,dapo,...] [--threshold 0.8]
+      [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -56,85 +60,134 @@ VARIANTS = {  # the baselines as the paper ran them (Tables 5, 7, 8; verl's GRPO
 }  # RPG: RPG-Style Clip (loss.clip=dual) and beta from tiny_cpu.yaml
 
 
-def run(variant: str, seed: int, steps: int, extra: list[str], out: Path) -> Path:
+TINY = ROOT / "examples" / "tiny_cpu.yaml"
+ACCURACY = "reward/sampled_accuracy"
+CURVES = (ACCURACY, "kl/k3", "entropy/mean")
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def run(variant: str, seed: int, steps: int, config: Path, extra: list[str], out: Path) -> Path:
     run_dir = out / "runs" / variant / f"seed{seed}"
+    tiny = [f"model.hf_config={ROOT / 'examples' / 'tiny_model'}"] if config == TINY else []
     command = [
-        sys.executable, "-m", "megatron_rpg.cli", "train", "--config",
-        str(ROOT / "examples" / "tiny_cpu.yaml"), f"seed={seed}", f"train_steps={steps}",
-        f"logging.run_dir={run_dir}", "checkpoint.save_interval=0", "eval_interval=0",
-        f"model.hf_config={ROOT / 'examples' / 'tiny_model'}", *VARIANTS[variant], *extra,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "megatron_rpg.cli",
+        "train",
+        "--config",
+        str(config),
+        f"seed={seed}",
+        f"train_steps={steps}",
+        f"logging.run_dir={run_dir}",
+        "checkpoint.save_interval=0",
+        "eval_interval=0",
+        *tiny,
+        *VARIANTS[variant],
+        *extra,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{variant} seed {seed} failed:\n{done.stderr[-3000:]}")
     return run_dir
 
 
-def summarize(run_dir: Path) -> dict[str, float | None]:
+def summarize(run_dir: Path, threshold: float) -> dict[str, float | None]:
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    tail = records[-max(1, len(records) // 10) :]
-    rewards = [r["reward/mean"] for r in records]
-    reached = None
-    for i in range(len(rewards)):
-        window = rewards[max(0, i - 19) : i + 1]
-        if len(window) == 20 and sum(window) / 20 >= 0.8:
-            reached = records[i]["step"]
-            break
-    mean = lambda key: sum(r.get(key, 0.0) for r in tail) / len(tail)  # noqa: E731
-    return {"final_reward": mean("reward/mean"), "steps_to_0.8": reached,
-            "kl": mean("kl/k3"), "entropy": mean("entropy/mean")}  # fmt: skip
+    window = max(1, len(records) // 4)
+    tail = records[-window:]
+    accuracy = [r[ACCURACY] for r in records]
+    reached = next(
+        (
+            records[i]["step"]
+            for i in range(window - 1, len(records))
+            if statistics.fmean(accuracy[i - window + 1 : i + 1]) >= threshold
+        ),
+        None,
+    )
+    mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in tail)  # noqa: E731
+    return {
+        "final_accuracy": mean(ACCURACY),
+        "steps_to_threshold": reached,
+        "kl": mean("kl/k3"),
+        "entropy": mean("entropy/mean"),
+    }
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """95% t-interval of the mean across seeds (0 width for one seed)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    half = T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return statistics.fmean(values) - half, statistics.fmean(values) + half
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--config", type=Path, default=TINY)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides")
     args = parser.parse_args()
     out = Path(args.out)
+    config = args.config.resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
     results: dict[str, dict[int, dict]] = {}
-    curves = {}
+    panels: dict[str, dict[str, list[tuple[float, ...]]]] = {key: {} for key in CURVES}
     for variant in variants:
         results[variant] = {}
         per_seed = []
         for seed in seeds:
-            run_dir = run(variant, seed, args.steps, args.set, out)
-            results[variant][seed] = summarize(run_dir)
+            run_dir = run(variant, seed, args.steps, config, args.set, out)
+            results[variant][seed] = summarize(run_dir, args.threshold)
             lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-            per_seed.append([json.loads(x)["reward/mean"] for x in lines])
+            per_seed.append([json.loads(x) for x in lines])
             print(f"{variant} seed {seed}: {results[variant][seed]}", flush=True)
-        curves[variant] = [
-            (i + 1, statistics.fmean(v)) for i, v in enumerate(zip(*per_seed, strict=True))
-        ]
+        for key in CURVES:
+            panels[key][variant] = [
+                (i + 1, statistics.fmean(v), min(v), max(v))
+                for i, v in enumerate(zip(*([r[key] for r in s] for s in per_seed), strict=True))
+            ]
     rows = [
-        "| variant | final reward | steps to 0.8 | KL (k3) | entropy |",
+        f"| variant | final accuracy (95% interval) | steps to {args.threshold} | KL (k3) "
+        "| entropy |",
         "|---|---|---|---|---|",
     ]
     for variant, by_seed in results.items():
-        finals = [r["final_reward"] for r in by_seed.values()]
-        spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
-        reached = [r["steps_to_0.8"] for r in by_seed.values()]
-        steps = (f"{statistics.fmean([s for s in reached if s is not None]):.0f} "
-                 f"({sum(s is not None for s in reached)}/{len(reached)} seeds)"
-                 if any(s is not None for s in reached) else "not reached")  # fmt: skip
+        finals = [r["final_accuracy"] for r in by_seed.values()]
+        low, high = interval(finals)
+        reached = [r["steps_to_threshold"] for r in by_seed.values()]
+        steps = (
+            f"{statistics.fmean([s for s in reached if s is not None]):.0f} "
+            f"({sum(s is not None for s in reached)}/{len(reached)} seeds)"
+            if any(s is not None for s in reached)
+            else "not reached"
+        )
         kl = statistics.fmean(r["kl"] for r in by_seed.values())
         entropy = statistics.fmean(r["entropy"] for r in by_seed.values())
-        rows.append(f"| {variant} | {statistics.fmean(finals):.3f} +- {spread:.3f} | {steps} "
-                    f"| {kl:.2e} | {entropy:.3f} |")  # fmt: skip
-    note = (f"{len(seeds)} seeds ({args.seeds}), {args.steps} steps each; "
-            "examples/tiny_cpu.yaml with the variant's overrides.")  # fmt: skip
+        rows.append(
+            f"| {variant} | {statistics.fmean(finals):.3f} ({low:.3f}, {high:.3f}) "
+            f"| {steps} | {kl:.2e} | {entropy:.3f} |"
+        )
+    note = (
+        f"{len(seeds)} seeds ({args.seeds}), {args.steps} steps each; {config.name} with the "
+        f"variant's overrides{' and ' + ' '.join(args.set) if args.set else ''}."
+    )
     table = "\n".join(rows) + f"\n\n{note}\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_curves_png(out / "curves.png", curves)
+    write_curves_png(
+        out / "curves.png",
+        panels,
+        title=f"{config.name}: mean over seeds, band = lowest to highest seed",
+    )
     print(table)
 
 

@@ -24,12 +24,19 @@ import torch
 
 def hf_config(args: argparse.Namespace) -> dict:
     return dict(
-        model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden,
-        intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
-        num_attention_heads=16, num_key_value_heads=8, rms_norm_eps=1e-5,
-        max_position_embeddings=4096, tie_word_embeddings=False, hidden_act="silu",
+        model_type="llama",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        hidden_act="silu",
         architectures=["LlamaForCausalLM"],
-    )  # fmt: skip
+    )
 
 
 def synthetic_checkpoint(args: argparse.Namespace, out: Path) -> int:
@@ -39,12 +46,15 @@ def synthetic_checkpoint(args: argparse.Namespace, out: Path) -> int:
 
     arch = ModelArch.from_hf(hf_config(args))
     h, f, v, d = args.hidden, arch.ffn_hidden_size, args.vocab, arch.head_dim
-    shapes = {"self_attn.q_proj.weight": (arch.num_attention_heads * d, h),
-              "self_attn.k_proj.weight": (arch.num_query_groups * d, h),
-              "self_attn.v_proj.weight": (arch.num_query_groups * d, h),
-              "self_attn.o_proj.weight": (h, arch.num_attention_heads * d),
-              "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
-              "mlp.down_proj.weight": (h, f)}  # fmt: skip
+    shapes = {
+        "self_attn.q_proj.weight": (arch.num_attention_heads * d, h),
+        "self_attn.k_proj.weight": (arch.num_query_groups * d, h),
+        "self_attn.v_proj.weight": (arch.num_query_groups * d, h),
+        "self_attn.o_proj.weight": (h, arch.num_attention_heads * d),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
+    }
 
     def shape(name: str) -> tuple[int, ...]:
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -114,8 +124,13 @@ def timed_conversion(src: str, out: str) -> dict:
     copies = [p.detach().clone() for p in chunks[0].parameters()]
     copy_s = time.perf_counter() - start
     copied = sum(c.numel() * c.element_size() for c in copies)
-    return {"convert_s": convert_s, "stream_s": stream_s, "copy_s": copy_s,
-            "streamed": streamed, "copied": copied}  # fmt: skip
+    return {
+        "convert_s": convert_s,
+        "stream_s": stream_s,
+        "copy_s": copy_s,
+        "streamed": streamed,
+        "copied": copied,
+    }
 
 
 def main() -> None:
@@ -132,18 +147,28 @@ def main() -> None:
         gb = nbytes / 1e9
         plain_s, base_s = safetensors_alone(work / "hf", work / "copy")
         (r,) = run_on_ranks(1, timed_conversion, str(work / "hf"), str(work / "mcore"))
-        print(f"checkpoint: {gb:.2f} GB fp32 (hidden {args.hidden}, {args.layers} layers, "
-              f"vocab {args.vocab})")  # fmt: skip
-        print(f"(a) safetensors read+write+fsync: {base_s:6.2f} s  {gb / base_s:6.2f} GB/s  "
-              f"(without fsync {plain_s:.2f} s)")  # fmt: skip
-        print(f"(b) hf-to-mcore TP1:              {r['convert_s']:6.2f} s  "
-              f"{gb / r['convert_s']:6.2f} GB/s  ratio to (a): {base_s / r['convert_s']:.2f} "
-              f"(target >= 0.5; {plain_s / r['convert_s']:.2f} without fsync)")  # fmt: skip
-        print(f"(c) export stream:                {r['stream_s']:6.2f} s  "
-              f"{r['streamed'] / 1e9 / r['stream_s']:6.2f} GB/s")  # fmt: skip
-        print(f"(d) plain copy:                   {r['copy_s']:6.2f} s  "
-              f"{r['copied'] / 1e9 / r['copy_s']:6.2f} GB/s  (c)/(d): "
-              f"{(r['streamed'] / r['stream_s']) / (r['copied'] / r['copy_s']):.2f}")  # fmt: skip
+        print(
+            f"checkpoint: {gb:.2f} GB fp32 (hidden {args.hidden}, {args.layers} layers, "
+            f"vocab {args.vocab})"
+        )
+        print(
+            f"(a) safetensors read+write+fsync: {base_s:6.2f} s  {gb / base_s:6.2f} GB/s  "
+            f"(without fsync {plain_s:.2f} s)"
+        )
+        print(
+            f"(b) hf-to-mcore TP1:              {r['convert_s']:6.2f} s  "
+            f"{gb / r['convert_s']:6.2f} GB/s  ratio to (a): {base_s / r['convert_s']:.2f} "
+            f"(target >= 0.5; {plain_s / r['convert_s']:.2f} without fsync)"
+        )
+        print(
+            f"(c) export stream:                {r['stream_s']:6.2f} s  "
+            f"{r['streamed'] / 1e9 / r['stream_s']:6.2f} GB/s"
+        )
+        print(
+            f"(d) plain copy:                   {r['copy_s']:6.2f} s  "
+            f"{r['copied'] / 1e9 / r['copy_s']:6.2f} GB/s  (c)/(d): "
+            f"{(r['streamed'] / r['stream_s']) / (r['copied'] / r['copy_s']):.2f}"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

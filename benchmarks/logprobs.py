@@ -124,8 +124,10 @@ def main() -> None:
         print(json.dumps(memory_worker(args)))
         return
 
-    print(f"tokens={args.tokens} vocab={args.vocab} hidden={args.hidden} dtype={args.dtype} "
-          f"device={args.device}; time: best of {args.repeats} interleaved rounds")  # fmt: skip
+    print(
+        f"tokens={args.tokens} vocab={args.vocab} hidden={args.hidden} dtype={args.dtype} "
+        f"device={args.device}; time: best of {args.repeats} interleaved rounds"
+    )
     memory = {}
     for method in METHODS:
         cmd = [sys.executable, __file__, "--worker", method] + [
@@ -136,18 +138,24 @@ def main() -> None:
     times = timings(args)
     gib, base, base_t = 2**30, memory["naive"], times["naive"]
     base_beyond = base["peak_extra"] - base["grads"]
-    print(f"{'method':9} {'time s':>8} {'x naive':>8} {'peak extra GiB':>15} {'x naive':>8} "
-          f"{'beyond grads GiB':>17} {'x naive':>8}")  # fmt: skip
+    print(
+        f"{'method':9} {'time s':>8} {'x naive':>8} {'peak extra GiB':>15} {'x naive':>8} "
+        f"{'beyond grads GiB':>17} {'x naive':>8}"
+    )
     for method in METHODS:
         m, t = memory[method], times[method]
         beyond = m["peak_extra"] - m["grads"]
-        print(f"{method:9} {t:8.3f} {t / base_t:8.2f} {m['peak_extra'] / gib:15.3f} "
-              f"{m['peak_extra'] / base['peak_extra']:8.3f} {beyond / gib:17.3f} "
-              f"{beyond / base_beyond:8.3f}")  # fmt: skip
+        print(
+            f"{method:9} {t:8.3f} {t / base_t:8.2f} {m['peak_extra'] / gib:15.3f} "
+            f"{m['peak_extra'] / base['peak_extra']:8.3f} {beyond / gib:17.3f} "
+            f"{beyond / base_beyond:8.3f}"
+        )
     fused = memory["fused"]
-    print(f"target (c) fused: peak extra <= 0.10 x naive: "
-          f"{fused['peak_extra'] / base['peak_extra']:.3f}; time <= 1.3 x naive: "
-          f"{times['fused'] / base_t:.2f}")  # fmt: skip
+    print(
+        f"target (c) fused: peak extra <= 0.10 x naive: "
+        f"{fused['peak_extra'] / base['peak_extra']:.3f}; time <= 1.3 x naive: "
+        f"{times['fused'] / base_t:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -57,9 +57,12 @@ def padded_vs_bucketed(trainer: Any) -> dict[str, float]:
     micro = c.optimizer.micro_batch_size
 
     def padded(index: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"tokens": batch.tokens[index], "response_mask": batch.response_mask[index],
-                "rollout_logprobs": batch.rollout_logprobs[index],
-                "advantages": advantages[index]}  # fmt: skip
+        return {
+            "tokens": batch.tokens[index],
+            "response_mask": batch.response_mask[index],
+            "rollout_logprobs": batch.rollout_logprobs[index],
+            "advantages": advantages[index],
+        }
 
     def bucketed(index: torch.Tensor) -> dict[str, torch.Tensor]:
         return {**batch.rows(index), "advantages": advantages[index]}
@@ -89,21 +92,36 @@ def measure(config_path: str, steps: int, overrides: list[str], run_dir: str) ->
     tiny = Path(config_path) == TINY
     base = [f"model.hf_config={ROOT / 'examples' / 'tiny_model'}", "sft.steps=30"] if tiny else []
     warmup = 2 if tiny else 1
-    config = load_config(config_path, [
-        *base, f"train_steps={steps + warmup + 1}", "eval_interval=0",
-        "checkpoint.save_interval=0", f"logging.run_dir={run_dir}", *overrides,
-    ])  # fmt: skip
+    config = load_config(
+        config_path,
+        [
+            *base,
+            f"train_steps={steps + warmup + 1}",
+            "eval_interval=0",
+            "checkpoint.save_interval=0",
+            f"logging.run_dir={run_dir}",
+            *overrides,
+        ],
+    )
     trainer = Trainer(config)
     gpt = unwrap(trainer.policy[0])
     tied = gpt.share_embeddings_and_output_weights  # then the embedding is the output matmul
-    matmul_params = sum(p.numel() for n, p in gpt.named_parameters()
-                        if p.dim() == 2 and (tied or "word_embeddings" not in n))  # fmt: skip
+    matmul_params = sum(
+        p.numel()
+        for n, p in gpt.named_parameters()
+        if p.dim() == 2 and (tied or "word_embeddings" not in n)
+    )
     history = [trainer.train_step() for _ in range(steps + warmup)][warmup:]
     update = padded_vs_bucketed(trainer)
     trainer.close()
     sequences = config.data.prompts_per_step * config.rollout.n
-    return {"history": history, "matmul_params": matmul_params, "sequences": sequences,
-            "matmul_flops": matmul_flops(), "update": update}  # fmt: skip
+    return {
+        "history": history,
+        "matmul_params": matmul_params,
+        "sequences": sequences,
+        "matmul_flops": matmul_flops(),
+        "update": update,
+    }
 
 
 def trl_step(python: str, config_path: str, steps: int) -> dict[str, float]:
@@ -112,13 +130,29 @@ def trl_step(python: str, config_path: str, steps: int) -> dict[str, float]:
 
     c = load_config(config_path)
     command = [
-        python, str(ROOT / "benchmarks" / "trl_grpo_step.py"), "--model", c.model.hf_config,
-        "--data", c.data.train_path, "--steps", str(steps),
-        "--prompts", str(c.data.prompts_per_step), "--n", str(c.rollout.n),
-        "--max-tokens", str(c.rollout.max_tokens), "--lr", str(c.optimizer.lr),
-        "--micro-batch-size", str(c.optimizer.micro_batch_size),
-        "--beta", str(c.loss.beta), "--seed", str(c.seed),
-    ]  # fmt: skip
+        python,
+        str(ROOT / "benchmarks" / "trl_grpo_step.py"),
+        "--model",
+        c.model.hf_config,
+        "--data",
+        c.data.train_path,
+        "--steps",
+        str(steps),
+        "--prompts",
+        str(c.data.prompts_per_step),
+        "--n",
+        str(c.rollout.n),
+        "--max-tokens",
+        str(c.rollout.max_tokens),
+        "--lr",
+        str(c.optimizer.lr),
+        "--micro-batch-size",
+        str(c.optimizer.micro_batch_size),
+        "--beta",
+        str(c.loss.beta),
+        "--seed",
+        str(c.seed),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"TRL step failed:\n{done.stderr[-3000:]}")
@@ -148,28 +182,36 @@ def main() -> None:
     trained_tokens = median("throughput/tokens_per_s") * step_s  # prompt + response per step
     update_s = median("time/update")
     achieved = 6 * r["matmul_params"] * trained_tokens / update_s
-    print(f"{Path(args.config).name}: {r['matmul_params']:,} matmul parameters; "
-          f"{r['sequences']} sequences per step, ~{trained_tokens:.0f} tokens; median of "
-          f"{len(history)} steps")  # fmt: skip
+    print(
+        f"{Path(args.config).name}: {r['matmul_params']:,} matmul parameters; "
+        f"{r['sequences']} sequences per step, ~{trained_tokens:.0f} tokens; median of "
+        f"{len(history)} steps"
+    )
     for phase in ("rollout", "logprobs", "update", "sync"):
         seconds = median(f"time/{phase}")
         print(f"  {phase:<9} {seconds:9.3f} s  ({seconds / step_s:5.1%} of the step)")
     ours = trained_tokens / step_s
     print(f"  step      {step_s:9.3f} s   training tokens/s {ours:,.1f}")
     peak = r["matmul_flops"]
-    print(f"update: {achieved / 1e9:.2f} GFLOP/s achieved vs {peak / 1e9:.1f} GFLOP/s fp32 "
-          f"matmul = {achieved / peak:.3f} of this machine's measured matmul rate")  # fmt: skip
+    print(
+        f"update: {achieved / 1e9:.2f} GFLOP/s achieved vs {peak / 1e9:.1f} GFLOP/s fp32 "
+        f"matmul = {achieved / peak:.3f} of this machine's measured matmul rate"
+    )
     u = r["update"]
-    print(f"update forward/backward on one batch ({u['tokens']:.0f} tokens): padded "
-          f"{u['padded_s']:.2f} s ({u['padded_slots']:.0f} token slots), length-bucketed "
-          f"{u['bucketed_s']:.2f} s ({u['bucketed_slots']:.0f}): "
-          f"{u['padded_s'] / u['bucketed_s']:.2f}x faster")  # fmt: skip
+    print(
+        f"update forward/backward on one batch ({u['tokens']:.0f} tokens): padded "
+        f"{u['padded_s']:.2f} s ({u['padded_slots']:.0f} token slots), length-bucketed "
+        f"{u['bucketed_s']:.2f} s ({u['bucketed_slots']:.0f}): "
+        f"{u['padded_s'] / u['bucketed_s']:.2f}x faster"
+    )
     if args.trl_python:
         trl = trl_step(args.trl_python, args.config, args.steps)
-        print(f"TRL {trl['version']} GRPOTrainer, same model/data/settings: step "
-              f"{trl['step_s']:.3f} s (generation {trl['generation_s']:.3f} s), training "
-              f"tokens/s {trl['tokens_per_s']:,.1f}; ours / TRL = "
-              f"{ours / trl['tokens_per_s']:.2f}x")  # fmt: skip
+        print(
+            f"TRL {trl['version']} GRPOTrainer, same model/data/settings: step "
+            f"{trl['step_s']:.3f} s (generation {trl['generation_s']:.3f} s), training "
+            f"tokens/s {trl['tokens_per_s']:,.1f}; ours / TRL = "
+            f"{ours / trl['tokens_per_s']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

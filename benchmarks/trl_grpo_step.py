@@ -36,26 +36,50 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    options = {"--model": str, "--data": str, "--steps": int, "--prompts": int, "--n": int,
-               "--max-tokens": int, "--lr": float, "--micro-batch-size": int, "--beta": float,
-               "--seed": int}  # fmt: skip
+    options = {
+        "--model": str,
+        "--data": str,
+        "--steps": int,
+        "--prompts": int,
+        "--n": int,
+        "--max-tokens": int,
+        "--lr": float,
+        "--micro-batch-size": int,
+        "--beta": float,
+        "--seed": int,
+    }
     for name, kind in options.items():
         parser.add_argument(name, type=kind, required=True)
     args = parser.parse_args()
     torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line]
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["problem"]}],
-                                  "answer": str(r["answer"])} for r in rows])  # fmt: skip
+    dataset = Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": r["problem"]}], "answer": str(r["answer"])}
+            for r in rows
+        ]
+    )
     completions = args.prompts * args.n
     config = trl.GRPOConfig(
-        output_dir="/tmp/trl_grpo_step", use_cpu=True, bf16=False, fp16=False,
+        output_dir="/tmp/trl_grpo_step",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
         per_device_train_batch_size=args.micro_batch_size,
         gradient_accumulation_steps=completions // args.micro_batch_size,
-        num_generations=args.n, max_completion_length=args.max_tokens, temperature=1.0,
-        learning_rate=args.lr, lr_scheduler_type="constant", beta=args.beta,
-        max_steps=args.steps + 1, logging_steps=1, save_strategy="no", report_to=[],
-        seed=args.seed, dataloader_num_workers=0,
-    )  # fmt: skip
+        num_generations=args.n,
+        max_completion_length=args.max_tokens,
+        temperature=1.0,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        beta=args.beta,
+        max_steps=args.steps + 1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        dataloader_num_workers=0,
+    )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     generation = [0.0]
@@ -77,23 +101,40 @@ def main() -> None:
             self.seen = state.num_input_tokens_seen  # type: ignore[attr-defined]
 
         def on_step_end(self, _args: object, state: object, control: object, **_: object) -> None:
-            steps.append({"step_s": time.perf_counter() - self.start,
-                          "generation_s": generation[0],
-                          "tokens": state.num_input_tokens_seen - self.seen})  # type: ignore[attr-defined]  # fmt: skip
+            steps.append(
+                {
+                    "step_s": time.perf_counter() - self.start,
+                    "generation_s": generation[0],
+                    "tokens": state.num_input_tokens_seen - self.seen,
+                }
+            )  # type: ignore[attr-defined]
 
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=last_number_reward, args=config,
-                              train_dataset=dataset, processing_class=tokenizer,
-                              callbacks=[StepTimes()])  # fmt: skip
+    trainer = trl.GRPOTrainer(
+        model=model,
+        reward_funcs=last_number_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[StepTimes()],
+    )
     trainer.train()
     measured = steps[1:]  # the first step warms up
 
     def median(key: str) -> float:
         return statistics.median(s[key] for s in measured)
 
-    print(json.dumps({"version": trl.__version__, "steps": len(measured),
-                      "step_s": median("step_s"), "generation_s": median("generation_s"),
-                      "tokens": median("tokens"),
-                      "tokens_per_s": median("tokens") / median("step_s")}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "version": trl.__version__,
+                "steps": len(measured),
+                "step_s": median("step_s"),
+                "generation_s": median("generation_s"),
+                "tokens": median("tokens"),
+                "tokens_per_s": median("tokens") / median("step_s"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,14 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from megatron_rpg.config import ConfigError, config_to_dict, load_config
+from megatron_rpg.config import ConfigError, config_yaml, load_config
 
 
 def _config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    sys.stdout.write(config_yaml(cfg))
     return 0
 
 
@@ -35,8 +33,9 @@ def _convert(args: argparse.Namespace) -> int:
             sys.stderr.write(f"megatron-rpg convert: {err}\n")
             return 1
         if difference is not None:
-            sys.stdout.write(f"verify: max |logits difference| vs the GGUF model = "
-                             f"{difference:.3g}\n")  # fmt: skip
+            sys.stdout.write(
+                f"verify: max |logits difference| vs the GGUF model = {difference:.3g}\n"
+            )
         sys.stdout.write(f"wrote {args.out}\n")
         return 0
     actions: dict[str, Callable[[str, str, int, int, bool, bool], None]] = {
@@ -79,8 +78,11 @@ def _train(args: argparse.Namespace) -> int:
     check_input_paths(cfg)
     layout = cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
     if args.nproc and args.nproc % layout:
-        raise ConfigError("--nproc", args.nproc, f"a multiple of parallel.tensor_parallel x "
-                          f"pipeline_parallel ({layout})")  # fmt: skip
+        raise ConfigError(
+            "--nproc",
+            args.nproc,
+            f"a multiple of parallel.tensor_parallel x pipeline_parallel ({layout})",
+        )
     check_before_ranks(cfg, int(os.environ.get("WORLD_SIZE", 0)) or args.nproc or layout)
     resume = args.resume or cfg.checkpoint.resume
     claim: Any = contextlib.nullcontext()
@@ -122,8 +124,10 @@ def _rank_failed(command: str, err: Any, log: Path) -> int:
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("a") as file:
-            file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} rank {err.rank}\n"
-                       f"{err.remote_traceback}\n")  # fmt: skip
+            file.write(
+                f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} rank {err.rank}\n"
+                f"{err.remote_traceback}\n"
+            )
         where = f" (traceback in {log})"
     except OSError as log_error:  # e.g. the disk is full: the terminal is the only place left
         sys.stderr.write(err.remote_traceback)
@@ -161,8 +165,14 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
             raise ConfigError("--ckpt", args.ckpt, "--hf with --engine vllm (mcore-to-hf first)")
         from megatron_rpg.rollout.vllm_engine import VLLMEngine
 
-        engine = VLLMEngine(source, args.tensor_parallel, dtype=args.dtype, seed=args.seed,
-                            gpu_memory_utilization=0.9, load_format="auto")  # fmt: skip
+        engine = VLLMEngine(
+            source,
+            args.tensor_parallel,
+            dtype=args.dtype,
+            seed=args.seed,
+            gpu_memory_utilization=0.9,
+            load_format="auto",
+        )
     elif args.hf:
         from megatron_rpg.checkpoint import HFCheckpoint
 
@@ -170,25 +180,27 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
         engine = EmbeddedEngine(checkpoint.config)
         engine.update_weights((n, checkpoint.get(n).float()) for n in checkpoint.names())
     else:
-        from megatron_rpg.checkpoint.mcore import load_mcore, read_hf_config
+        from megatron_rpg.checkpoint.mcore import checkpoint_hf_config, load_mcore
         from megatron_rpg.config import ParallelConfig
         from megatron_rpg.models import ModelArch, build_model_chunks
         from megatron_rpg.parallel import initialize_model_parallel
         from megatron_rpg.rollout import sync_weights
 
-        hf_config = read_hf_config(source)
+        hf_config = checkpoint_hf_config(source)
         arch = ModelArch.from_hf(hf_config)
         initialize_model_parallel(ParallelConfig(), seed=0)
         chunks = build_model_chunks(arch, ParallelConfig(), torch.float32, initialize=False)
         load_mcore(chunks, source)
         engine = EmbeddedEngine(hf_config)
         sync_weights(chunks, arch, engine)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_tokens, seed=args.seed)  # fmt: skip
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
+    )
     generate = TextGenerator(engine, load_tokenizer(source, args.chat_template), params)
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
-    benchmarks = {benchmark_name(n): load_benchmark(n, args.data_dir)[: args.limit or None]
-                  for n in names}  # fmt: skip
+    benchmarks = {
+        benchmark_name(n): load_benchmark(n, args.data_dir)[: args.limit or None] for n in names
+    }
     with GraderPool(workers=args.grader_workers, timeout_s=args.grader_timeout) as pool:
         results = evaluate(
             benchmarks, generate, args.k, pool, args.answer_extraction, args.prompt_template
@@ -238,8 +250,13 @@ def _launch(args: argparse.Namespace) -> int:
     if not args.script:
         sys.stderr.write("megatron-rpg launch: --script (a slurm/*.sh recipe) to submit\n")
         return 2
-    command = ["sbatch", f"--nodes={args.nodes}", f"--gpus-per-node={args.gpus_per_node}",
-               args.script, *args.overrides]  # fmt: skip
+    command = [
+        "sbatch",
+        f"--nodes={args.nodes}",
+        f"--gpus-per-node={args.gpus_per_node}",
+        args.script,
+        *args.overrides,
+    ]
     return subprocess.run(command).returncode
 
 
@@ -272,8 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("action", choices=["gguf-to-hf", "hf-to-mcore", "mcore-to-hf", "reshard"])
     convert.add_argument("--gguf", help="GGUF file (gguf-to-hf; dequantized to --dtype)")
-    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                         help="gguf-to-hf: dtype of the written weights")  # fmt: skip
+    convert.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="gguf-to-hf: dtype of the written weights",
+    )
     convert.add_argument("--hf", help="HF model directory (hf-to-mcore)")
     convert.add_argument("--ckpt", help="Megatron checkpoint directory (mcore-to-hf, reshard)")
     convert.add_argument("--out", required=True, help="output directory (must not exist)")
@@ -315,8 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = evaluation.add_mutually_exclusive_group(required=True)
     model.add_argument("--hf", help="HF model directory (weights, config, tokenizer)")
-    model.add_argument("--ckpt", help="Megatron checkpoint (megatron-rpg convert, or a training "
-                       "checkpoint run/checkpoints/step_N)")  # fmt: skip
+    model.add_argument(
+        "--ckpt",
+        help="Megatron checkpoint (megatron-rpg convert, or a training "
+        "checkpoint run/checkpoints/step_N)",
+    )
     evaluation.add_argument(
         "--benchmarks",
         default="aime24,aime25,amc23,math500,gsm8k",
@@ -332,20 +356,39 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--engine", choices=["embedded", "vllm"], default="embedded")
     evaluation.add_argument("--tensor-parallel", type=_positive_int, default=1, help="vLLM's TP")
-    evaluation.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
-                            help="prompts as the chat template's user turn, as data.chat_template "
-                            "in training (auto: when the tokenizer has one)")  # fmt: skip
-    evaluation.add_argument("--answer-extraction", choices=["strict", "last_number"],
-                            default="strict", help="last_number: a response stating no answer "
-                            "is read by its last number (as data.answer_extraction)")  # fmt: skip
-    evaluation.add_argument("--prompt-template", choices=["dapo", "plain"], default="dapo",
-                            help="as data.prompt_template")  # fmt: skip
-    evaluation.add_argument("--baseline", help="an earlier --out: also write comparison.md, "
-                            "before/after with intervals")  # fmt: skip
-    evaluation.add_argument("--manifest", help="a run's manifest.json: record the results "
-                            "there under evaluations/<name of --out>")  # fmt: skip
-    evaluation.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                            help="vLLM's weights (--engine vllm)")  # fmt: skip
+    evaluation.add_argument(
+        "--chat-template",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="prompts as the chat template's user turn, as data.chat_template "
+        "in training (auto: when the tokenizer has one)",
+    )
+    evaluation.add_argument(
+        "--answer-extraction",
+        choices=["strict", "last_number"],
+        default="strict",
+        help="last_number: a response stating no answer "
+        "is read by its last number (as data.answer_extraction)",
+    )
+    evaluation.add_argument(
+        "--prompt-template",
+        choices=["dapo", "plain"],
+        default="dapo",
+        help="as data.prompt_template",
+    )
+    evaluation.add_argument(
+        "--baseline", help="an earlier --out: also write comparison.md, before/after with intervals"
+    )
+    evaluation.add_argument(
+        "--manifest",
+        help="a run's manifest.json: record the results there under evaluations/<name of --out>",
+    )
+    evaluation.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="bfloat16",
+        help="vLLM's weights (--engine vllm)",
+    )
     evaluation.add_argument("--grader-workers", type=_positive_int, default=2)
     evaluation.add_argument("--grader-timeout", type=float, default=10.0)
     evaluation.set_defaults(func=_eval)
@@ -374,14 +417,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify and args.action == "reshard":
             parser.error("--verify compares with the HF side: hf-to-mcore or mcore-to-hf only")
     if args.command == "eval":
-        refused = [(f"--{name.replace('_', '-')} {getattr(args, name)}", allowed)
-                   for name, ok, allowed in (
-                       ("k", args.k >= 1, ">= 1"), ("limit", args.limit >= 0, ">= 0 (0: all)"),
-                       ("max_tokens", args.max_tokens >= 1, ">= 1"),
-                       ("temperature", 0 <= args.temperature < float("inf"), "finite, >= 0"),
-                       ("benchmarks", any(n.strip() for n in args.benchmarks.split(",")),
-                        "at least one name"),
-                   ) if not ok]  # fmt: skip
+        refused = [
+            (f"--{name.replace('_', '-')} {getattr(args, name)}", allowed)
+            for name, ok, allowed in (
+                ("k", args.k >= 1, ">= 1"),
+                ("limit", args.limit >= 0, ">= 0 (0: all)"),
+                ("max_tokens", args.max_tokens >= 1, ">= 1"),
+                ("temperature", 0 <= args.temperature < float("inf"), "finite, >= 0"),
+                (
+                    "benchmarks",
+                    any(n.strip() for n in args.benchmarks.split(",")),
+                    "at least one name",
+                ),
+            )
+            if not ok
+        ]
         if refused:
             parser.error("; ".join(f"{given}: need {allowed}" for given, allowed in refused))
     try:

@@ -112,8 +112,12 @@ class RolloutConfig(_Section):
         _check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
         _check("tensor_parallel", self.tensor_parallel, self.tensor_parallel >= 1, ">= 1")
         _check("engine_nodes", self.engine_nodes, self.engine_nodes >= 0, ">= 0")
-        _check("gpu_memory_utilization", self.gpu_memory_utilization,
-               0 < self.gpu_memory_utilization < 1, "in (0, 1)")  # fmt: skip
+        _check(
+            "gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            0 < self.gpu_memory_utilization < 1,
+            "in (0, 1)",
+        )
         _check("kv_cache_gb", self.kv_cache_gb, self.kv_cache_gb > 0, "> 0")
         _check("request_timeout_s", self.request_timeout_s, self.request_timeout_s > 0, "> 0")
         _check("request_retries", self.request_retries, self.request_retries >= 0, ">= 0")
@@ -158,12 +162,16 @@ class AlgorithmConfig(_Section):
     ] = "group_mean"
     kl_in_reward: float = 0.0  # REINFORCE++: coefficient of the per-token KL in the reward
     ppo_epochs: int = 1
-    ref_update_interval: int = 1  # reference update every K steps (spec section 6); 0: never
+    # reference update every K optimizer steps, as the paper counts (spec section 6); 0: never.
+    # A multiple of the optimizer steps per RL step: the step's reference log-probs are computed
+    # once, before its update (as the authors' verl does with pi_old)
+    ref_update_interval: int = 0
     ref_update_kl_target: float = 0.0  # 0: off; else update when the moving-average KL exceeds it
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample
     dynamic_sampling_max_rounds: int = 8  # then fill the batch with the dropped groups
     overlong_buffer: int = 0  # DAPO overlong shaping over the last N tokens of max_tokens; 0: off
     overlong_penalty: float = 1.0  # the shaping's largest penalty
+    incorrect_reward: float = 0.0  # reward of a response graded wrong (right: 1); DAPO's scorer: -1
 
     def validate(self) -> None:
         from megatron_rpg.losses import LOSSES  # imported here: the loss library imports us
@@ -171,12 +179,26 @@ class AlgorithmConfig(_Section):
         _check("loss", self.loss, self.loss in LOSSES, f"one of {sorted(LOSSES)}")
         _check("kl_in_reward", self.kl_in_reward, self.kl_in_reward >= 0, ">= 0")
         _check("ppo_epochs", self.ppo_epochs, self.ppo_epochs >= 1, ">= 1")
-        _check("ref_update_interval", self.ref_update_interval, self.ref_update_interval >= 0,
-               ">= 0 (0: never)")  # fmt: skip
-        _check("dynamic_sampling_max_rounds", self.dynamic_sampling_max_rounds,
-               self.dynamic_sampling_max_rounds >= 1, ">= 1")  # fmt: skip
+        _check(
+            "ref_update_interval",
+            self.ref_update_interval,
+            self.ref_update_interval >= 0,
+            ">= 0 (0: never)",
+        )
+        _check(
+            "dynamic_sampling_max_rounds",
+            self.dynamic_sampling_max_rounds,
+            self.dynamic_sampling_max_rounds >= 1,
+            ">= 1",
+        )
         _check("overlong_buffer", self.overlong_buffer, self.overlong_buffer >= 0, ">= 0")
         _check("overlong_penalty", self.overlong_penalty, self.overlong_penalty >= 0, ">= 0")
+        _check(
+            "incorrect_reward",
+            self.incorrect_reward,
+            self.incorrect_reward < 1,
+            "< 1 (the reward of a right answer)",
+        )
         _check(
             "ref_update_kl_target",
             self.ref_update_kl_target,
@@ -213,8 +235,12 @@ class DataConfig(_Section):
         _check("operators", self.operators, known, "characters of '+-*'")
         _check("prompts_per_step", self.prompts_per_step, self.prompts_per_step >= 1, ">= 1")
         _check("max_prompt_tokens", self.max_prompt_tokens, self.max_prompt_tokens >= 1, ">= 1")
-        _check("train_path", self.train_path, self.task != "math" or bool(self.train_path),
-               "a JSON lines file for task 'math'")  # fmt: skip
+        _check(
+            "train_path",
+            self.train_path,
+            self.task != "math" or bool(self.train_path),
+            "a JSON lines file for task 'math'",
+        )
 
 
 @dataclass
@@ -232,8 +258,9 @@ class SFTConfig(_Section):
         _check("steps", self.steps, self.steps >= 0, ">= 0")
         _check("lr", self.lr, self.lr > 0, "> 0")
         _check("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
-        _check("correct_fraction", self.correct_fraction, 0 <= self.correct_fraction <= 1,
-               "in [0, 1]")  # fmt: skip
+        _check(
+            "correct_fraction", self.correct_fraction, 0 <= self.correct_fraction <= 1, "in [0, 1]"
+        )
 
 
 @dataclass
@@ -315,26 +342,59 @@ class RunConfig(_Section):
         _check("eval_limit", self.eval_limit, self.eval_limit >= 0, ">= 0")
         from megatron_rpg.evaluation import BENCHMARKS  # here: evaluation imports the rewards
 
-        unknown = [b for b in self.eval_benchmarks.split(",")
-                   if b and b not in BENCHMARKS and not b.endswith(".jsonl")]  # fmt: skip
-        _check("eval_benchmarks", self.eval_benchmarks, not unknown,
-               f"comma-separated names of {sorted(BENCHMARKS)} or .jsonl files")  # fmt: skip
-        _check("algorithm.overlong_buffer", self.algorithm.overlong_buffer,
-               self.algorithm.overlong_buffer < self.rollout.max_tokens,
-               f"< rollout.max_tokens ({self.rollout.max_tokens})")  # fmt: skip
+        unknown = [
+            b
+            for b in self.eval_benchmarks.split(",")
+            if b and b not in BENCHMARKS and not b.endswith(".jsonl")
+        ]
+        _check(
+            "eval_benchmarks",
+            self.eval_benchmarks,
+            not unknown,
+            f"comma-separated names of {sorted(BENCHMARKS)} or .jsonl files",
+        )
+        _check(
+            "algorithm.overlong_buffer",
+            self.algorithm.overlong_buffer,
+            self.algorithm.overlong_buffer < self.rollout.max_tokens,
+            f"< rollout.max_tokens ({self.rollout.max_tokens})",
+        )
         if self.loss.kl_anchor == "old":  # the anchor is pi_old: no reference model to steer
             a = self.algorithm
-            for key, value, default in (("ref_update_interval", a.ref_update_interval, 1),
-                                        ("ref_update_kl_target", a.ref_update_kl_target, 0.0),
-                                        ("kl_in_reward", a.kl_in_reward, 0.0)):  # fmt: skip
-                _check(f"algorithm.{key}", value, value == default,
-                       f"{default} with loss.kl_anchor 'old' (the KL is to pi_old, renewed every "
-                       "step: this knob would do nothing); loss.kl_anchor=ref for a reference "
-                       "model")  # fmt: skip
+            for key, value, default in (
+                ("ref_update_interval", a.ref_update_interval, 0),
+                ("ref_update_kl_target", a.ref_update_kl_target, 0.0),
+                ("kl_in_reward", a.kl_in_reward, 0.0),
+            ):
+                _check(
+                    f"algorithm.{key}",
+                    value,
+                    value == default,
+                    f"{default} with loss.kl_anchor 'old' (the KL is to pi_old, renewed every "
+                    "step: this knob would do nothing); loss.kl_anchor=ref for a reference "
+                    "model",
+                )
         sequences = self.data.prompts_per_step * self.rollout.n
-        _check("optimizer.mini_batch_size", self.optimizer.mini_batch_size,
-               sequences % self.optimizer.mini_batch_size == 0,
-               f"a divisor of data.prompts_per_step x rollout.n ({sequences})")  # fmt: skip
+        _check(
+            "optimizer.mini_batch_size",
+            self.optimizer.mini_batch_size,
+            sequences % self.optimizer.mini_batch_size == 0,
+            f"a divisor of data.prompts_per_step x rollout.n ({sequences})",
+        )
+        updates = self.optimizer_steps_per_step()
+        _check(
+            "algorithm.ref_update_interval",
+            self.algorithm.ref_update_interval,
+            self.algorithm.ref_update_interval % updates == 0,
+            f"0 or a multiple of the optimizer steps per RL step ({updates} = ppo_epochs x "
+            "prompts_per_step x rollout.n / mini_batch_size): the reference's log-probs are "
+            "computed once per step",
+        )
+
+    def optimizer_steps_per_step(self) -> int:
+        """Optimizer steps in one RL step: ppo_epochs x mini-batches of the step's sequences."""
+        sequences = self.data.prompts_per_step * self.rollout.n
+        return self.algorithm.ppo_epochs * max(sequences // self.optimizer.mini_batch_size, 1)
 
 
 # --------------------------------------------------------------------------- loading
@@ -354,6 +414,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and {"on", "off"} <= set(choices):
+            value = "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as a boolean
         _check(key, value, value in choices, f"one of {list(choices)}")
         return value
     if origin in (typing.Union, types.UnionType):
@@ -453,7 +515,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]  # stubs
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -514,6 +576,10 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML; `load_config` of it reproduces `cfg`."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the fully resolved config; `load_config(path)` reproduces `cfg`."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))

@@ -43,9 +43,13 @@ def shared_data_dir() -> Path:
     if beside.is_dir():
         return beside
     try:
-        origin = subprocess.run(["git", "config", "--get", "remote.origin.url"],
-                                capture_output=True, text=True, timeout=10,
-                                cwd=PROJECT_ROOT).stdout.strip()  # fmt: skip
+        origin = subprocess.run(
+            ["git", "config", "--get", "remote.origin.url"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=PROJECT_ROOT,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         origin = ""
     if origin and Path(origin).is_dir():
@@ -57,9 +61,12 @@ def shared_data_dir() -> Path:
 
 DATA_DIR = shared_data_dir()
 BENCHMARKS = {
-    "aime24": "aime24.jsonl", "aime25": "aime25.jsonl", "amc23": "amc23.jsonl",
-    "math500": "math500.jsonl", "gsm8k": "gsm8k_test.jsonl",
-}  # fmt: skip
+    "aime24": "aime24.jsonl",
+    "aime25": "aime25.jsonl",
+    "amc23": "amc23.jsonl",
+    "math500": "math500.jsonl",
+    "gsm8k": "gsm8k_test.jsonl",
+}
 Generate = Callable[[list[str], int], list[list[str]]]
 
 
@@ -76,8 +83,7 @@ def load_benchmark(name: str, data_dir: str | Path = DATA_DIR) -> list[dict[str,
     elif name.endswith(".jsonl"):
         path = Path(name)
     else:
-        raise ValueError(f"benchmark {name!r} is not one of {sorted(BENCHMARKS)} "
-                         f"or a .jsonl file")  # fmt: skip
+        raise ValueError(f"benchmark {name!r} is not one of {sorted(BENCHMARKS)} or a .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"benchmark {name}: no file {path}")
     return read_records(path, {"problem": "problem", "answer": "answer"})
@@ -101,8 +107,9 @@ def majority_correct(answers: Sequence[str | None], scores: Sequence[float]) -> 
     return scores[answers.index(winner)]
 
 
-def bootstrap_interval(values: Sequence[float], samples: int = 1000, seed: int = 0,
-                       level: float = 0.95) -> tuple[float, float]:  # fmt: skip
+def bootstrap_interval(
+    values: Sequence[float], samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean over `values` (resampled with replacement)."""
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(samples))
@@ -122,8 +129,9 @@ def score_benchmark(
     states no answer by its last number (rewards/extract.py)."""
     if len(responses) != len(problems) or any(len(r) != k for r in responses):
         raise ValueError(f"need {k} responses for each of the {len(problems)} problems")
-    items = [(text, p["answer"]) for p, texts in zip(problems, responses, strict=True)
-             for text in texts]  # fmt: skip
+    items = [
+        (text, p["answer"]) for p, texts in zip(problems, responses, strict=True) for text in texts
+    ]
     scores, stats = pool.grade(MATH_GRADERS[answer_extraction], items)
     last_number = answer_extraction == "last_number"
     per_problem: dict[str, list[float]] = {"mean": [], "pass": [], "maj": []}
@@ -141,16 +149,19 @@ def score_benchmark(
     return out
 
 
-def evaluate(benchmarks: dict[str, list[dict[str, str]]], generate: Generate, k: int,
-             pool: GraderPool, answer_extraction: str = "strict",
-             prompt_template: str = "dapo") -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    benchmarks: dict[str, list[dict[str, str]]],
+    generate: Generate,
+    k: int,
+    pool: GraderPool,
+    answer_extraction: str = "strict",
+    prompt_template: str = "dapo",
+) -> dict[str, Any]:
     """Each benchmark's problems in `prompt_template` (data/math.py), k samples each, graded."""
     results = {}
     for name, problems in benchmarks.items():
-        prompts = [PROMPT_TEMPLATES[prompt_template].format(problem=p["problem"])
-                   for p in problems]  # fmt: skip
-        results[name] = score_benchmark(problems, generate(prompts, k), k, pool,
-                                        answer_extraction)  # fmt: skip
+        prompts = [PROMPT_TEMPLATES[prompt_template].format(problem=p["problem"]) for p in problems]
+        results[name] = score_benchmark(problems, generate(prompts, k), k, pool, answer_extraction)
     return results
 
 
@@ -158,8 +169,10 @@ def to_markdown(results: dict[str, Any]) -> str:
     lines = ["| benchmark | problems | mean@k | pass@k | maj@k |", "|---|---|---|---|---|"]
     for name, r in results.items():
         k = r["k"]
-        cells = [f"{r[f'{m}@{k}']:.4f} [{r[f'{m}@{k}_ci95'][0]:.3f}, {r[f'{m}@{k}_ci95'][1]:.3f}]"
-                 for m in ("mean", "pass", "maj")]  # fmt: skip
+        cells = [
+            f"{r[f'{m}@{k}']:.4f} [{r[f'{m}@{k}_ci95'][0]:.3f}, {r[f'{m}@{k}_ci95'][1]:.3f}]"
+            for m in ("mean", "pass", "maj")
+        ]
         lines.append(f"| {name} | {r['problems']} | " + " | ".join(cells) + " |")
     return (
         "\n".join(lines)
@@ -170,17 +183,23 @@ def to_markdown(results: dict[str, Any]) -> str:
 def compare_to_markdown(before: dict[str, Any], after: dict[str, Any]) -> str:
     """Before/after table of the benchmarks in both: each metric with its interval, the change,
     and whether the two 95% intervals are disjoint (a rise or fall the resampling cannot undo)."""
-    lines = ["| benchmark | metric | before | after | change | intervals disjoint |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| benchmark | metric | before | after | change | intervals disjoint |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in (n for n in after if n in before):
         b, a = before[name], after[name]
         if a["k"] != b["k"] or a["problems"] != b["problems"]:
-            raise ValueError(f"{name}: before has k={b['k']} on {b['problems']} problems, "
-                             f"after k={a['k']} on {a['problems']}")  # fmt: skip
+            raise ValueError(
+                f"{name}: before has k={b['k']} on {b['problems']} problems, "
+                f"after k={a['k']} on {a['problems']}"
+            )
         for metric in (f"{m}@{a['k']}" for m in ("mean", "pass", "maj")):
             (bl, bh), (al, ah) = b[f"{metric}_ci95"], a[f"{metric}_ci95"]
             disjoint = "yes" if al > bh or ah < bl else "no"
-            lines.append(f"| {name} | {metric} | {b[metric]:.4f} [{bl:.3f}, {bh:.3f}] | "
-                         f"{a[metric]:.4f} [{al:.3f}, {ah:.3f}] | {a[metric] - b[metric]:+.4f} "
-                         f"| {disjoint} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {metric} | {b[metric]:.4f} [{bl:.3f}, {bh:.3f}] | "
+                f"{a[metric]:.4f} [{al:.3f}, {ah:.3f}] | {a[metric] - b[metric]:+.4f} "
+                f"| {disjoint} |"
+            )
     return "\n".join(lines) + "\n"

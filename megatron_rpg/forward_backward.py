@@ -153,8 +153,9 @@ def forward_backward(
     try:
         for n, indices in enumerate(by_shape.values()):
             config.finalize_model_grads_func = finalize if n == len(by_shape) - 1 else None
-            outputs = _schedule(model_chunks, [micro_batches[i] for i in indices], options,
-                                loss_fn, token_loss_fn)  # fmt: skip
+            outputs = _schedule(
+                model_chunks, [micro_batches[i] for i in indices], options, loss_fn, token_loss_fn
+            )
             for i, out in zip(indices, outputs, strict=False):  # [] off the last stage
                 results[i] = out
     finally:
@@ -204,8 +205,10 @@ def _schedule(
         return torch.stack(out), functools.partial(loss_func, batch)
 
     device = next(model_chunks[0].parameters()).device  # batches may arrive on the CPU
-    micro_batches = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in mb.items()}
-                     for mb in micro_batches]  # fmt: skip
+    micro_batches = [
+        {k: v.to(device) if isinstance(v, Tensor) else v for k, v in mb.items()}
+        for mb in micro_batches
+    ]
     data = [iter(micro_batches) for _ in model_chunks]
     forward_only = loss_fn is None and token_loss_fn is None
     with torch.no_grad() if forward_only else contextlib.nullcontext():

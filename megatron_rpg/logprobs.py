@@ -21,12 +21,16 @@ the saved per-token lse and E_p[x] ([tokens] each). Inputs are never modified in
 Megatron pads the vocabulary to a multiple of 128 (and of TP); `vocab_size` (the real one) keeps the
 padded entries out of the softmax, as vLLM and Hugging Face compute it.
 
-`fused_logprobs_loss` is the training path for token-separable losses: the loss's gradient with
-respect to each token's log-prob is known inside the chunk, so the logits' gradients, and from
-them the hidden states' and weight's, are computed in the forward pass (no recompute).
-
 `fused_logprobs` goes from the final hidden states and the output layer's weight shard: logits exist
-one chunk at a time, in forward and (recomputed) in backward.
+one chunk at a time, in forward and (recomputed) in backward. The trainer's path.
+
+`fused_logprobs_loss` is for token-separable losses: the loss's gradient with respect to each
+token's log-prob is known inside the chunk, so the logits' gradients, and from them the hidden
+states' and weight's, are computed in the forward pass (no recompute). Tested and benchmarked
+(benchmarks/logprobs.py), not yet used by the trainer.
+
+The autograd Functions' `type: ignore[override]`: torch's stubs declare forward/backward as
+(ctx, *args, **kwargs); ours name their arguments.
 """
 
 from __future__ import annotations
@@ -251,7 +255,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             lse[rows], picked, mean_x[rows] = _chunk_statistics(
                 x, shard.targets(targets[rows]), group
             )
-            logprobs[rows] = picked - lse[rows]  # type: ignore[operator]
+            assert picked is not None  # targets given
+            logprobs[rows] = picked - lse[rows]
         ctx.save_for_backward(hidden, weight, targets, lse, mean_x)
         ctx.set_materialize_grads(False)
         ctx.temperature, ctx.chunk_size, ctx.group = temperature, chunk_size, group
@@ -326,7 +331,8 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
             x = _scaled(h @ real_rows.t(), dtype, temperature)
             tgt = shard.targets(targets[rows])
             lse, picked, mean_x = _chunk_statistics(x, tgt, group)
-            lp = (picked - lse).requires_grad_()  # type: ignore[operator]
+            assert picked is not None  # targets given
+            lp = (picked - lse).requires_grad_()
             ent = (lse - mean_x).requires_grad_()
             with torch.enable_grad():
                 terms = token_loss(lp, ent, rows).sum()

@@ -16,8 +16,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PACKAGES = ("megatron-rpg", "torch", "megatron-core", "transformers", "sentencepiece",
-            "math-verify", "numpy")  # fmt: skip
+PACKAGES = (
+    "megatron-rpg",
+    "torch",
+    "megatron-core",
+    "transformers",
+    "sentencepiece",
+    "math-verify",
+    "numpy",
+)
 
 
 def sha256(path: str | Path) -> str:
@@ -42,10 +49,16 @@ def git_revision() -> str:
     """HEAD of the checkout this package runs from, with '+dirty' for uncommitted changes."""
     here = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, cwd=here)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, cwd=here)  # fmt: skip
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=here,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     if head.returncode != 0:

@@ -56,8 +56,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         elif number == len(lines):
             warnings.warn(f"{path}:{number}: dropped a torn last line", stacklevel=2)
         else:
-            raise ValueError(f"{path}:{number}: not a metrics record (a JSON object with an "
-                             f"integer 'step'): {line[:80]!r}")  # fmt: skip
+            raise ValueError(
+                f"{path}:{number}: not a metrics record (a JSON object with an "
+                f"integer 'step'): {line[:80]!r}"
+            )
     return records
 
 
@@ -80,9 +82,12 @@ class MetricsLog:
             import wandb
 
             self.wandb = wandb.init(
-                project=config.wandb_project, mode=config.wandb_mode, dir=str(run_dir),
-                config=run_config, resume="allow",
-            )  # fmt: skip
+                project=config.wandb_project,
+                mode=config.wandb_mode,
+                dir=str(run_dir),
+                config=run_config,
+                resume="allow",
+            )
         self.run_dir = run_dir
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -99,13 +104,18 @@ class MetricsLog:
     def close(self) -> str:
         """Flush the backends and draw the curves; returns where they are and their legend."""
         png = self.run_dir / "curves.png"
-        curves = {key: [(r["step"], r[key]) for r in self.history
-                        if key in r and math.isfinite(r[key])] for key in CURVES}  # fmt: skip
-        write_curves_png(png, curves)
+        curves = {
+            key: [(r["step"], r[key]) for r in self.history if key in r and math.isfinite(r[key])]
+            for key in CURVES
+        }
+        write_curves_png(
+            png, {key: {"run": points} for key, points in curves.items()}, title=self.run_dir.name
+        )
         legend = ", ".join(
             f"{key} [{min(v for _, v in points):.3g}, {max(v for _, v in points):.3g}]"
-            for key, points in curves.items() if points
-        )  # fmt: skip
+            for key, points in curves.items()
+            if points
+        )
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:

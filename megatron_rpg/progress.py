@@ -47,8 +47,10 @@ class Progress:
         rate = self.count / elapsed if elapsed > 0 else 0.0
         fields = " ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
         percent = 100.0 * self.count / self.total if self.total else 100.0
-        return (f"{self.what} {self.count}/{self.total} ({percent:3.0f}%) {elapsed:6.1f}s "
-                f"{rate:.2f}/s {fields}").rstrip()  # fmt: skip
+        return (
+            f"{self.what} {self.count}/{self.total} ({percent:3.0f}%) {elapsed:6.1f}s "
+            f"{rate:.2f}/s {fields}"
+        ).rstrip()
 
     def _show(self, now: float) -> None:
         end = "" if self.tty and self.count < self.total else "\n"

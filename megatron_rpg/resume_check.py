@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from megatron_rpg.checkpoint.train_state import MARKER
+from megatron_rpg.checkpoint.train_state import MARKER, complete_checkpoints
 from megatron_rpg.config import ConfigError, RunConfig, config_to_dict
 
 REFUSED = {
@@ -60,8 +60,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def newest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of the run (resume verifies its checksums later)."""
-    complete = [p for p in (Path(run_dir) / "checkpoints").glob("step_*") if (p / MARKER).is_file()]
-    return max(complete, default=None)
+    complete = complete_checkpoints(Path(run_dir) / "checkpoints")
+    return complete[-1] if complete else None
 
 
 def check_resume(run_dir: str | Path, cfg: RunConfig) -> list[str]:
@@ -77,8 +77,7 @@ def check_resume(run_dir: str | Path, cfg: RunConfig) -> list[str]:
     except (OSError, ValueError, yaml.YAMLError) as err:
         raise ConfigError("--resume", str(checkpoint), f"a readable checkpoint ({err})") from None
     if cfg.train_steps < step:
-        raise ConfigError("train_steps", cfg.train_steps,
-                          f">= {step}, the step of {checkpoint}")  # fmt: skip
+        raise ConfigError("train_steps", cfg.train_steps, f">= {step}, the step of {checkpoint}")
     new = _flatten(config_to_dict(cfg))
     changed = [k for k in new if k in saved and saved[k] != new[k]]
     lines, refused = [], []
@@ -93,7 +92,10 @@ def check_resume(run_dir: str | Path, cfg: RunConfig) -> list[str]:
     if refused:
         key, reason = refused[0]
         others = f"; also refused: {', '.join(k for k, _ in refused[1:])}" if refused[1:] else ""
-        raise ConfigError(key, new[key],
-                          f"{saved[key]!r} as saved in {saved_path} ({reason}); start a new run "
-                          f"to change it{others}")  # fmt: skip
+        raise ConfigError(
+            key,
+            new[key],
+            f"{saved[key]!r} as saved in {saved_path} ({reason}); start a new run "
+            f"to change it{others}",
+        )
     return lines

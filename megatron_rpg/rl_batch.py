@@ -40,9 +40,11 @@ class RolloutBatch:
         only as wide as the longest of them: columns of padding alone are dropped (causal
         attention: no token depends on the padding after it)."""
         width = int(self.lengths()[index].max())
-        return {"tokens": self.tokens[index, :width],
-                "response_mask": self.response_mask[index, : width - 1],
-                "rollout_logprobs": self.rollout_logprobs[index, : width - 1]}  # fmt: skip
+        return {
+            "tokens": self.tokens[index, :width],
+            "response_mask": self.response_mask[index, : width - 1],
+            "rollout_logprobs": self.rollout_logprobs[index, : width - 1],
+        }
 
 
 def build_batch(
@@ -51,8 +53,11 @@ def build_batch(
     rewards: Sequence[Sequence[float]],
     pad_id: int,
 ) -> RolloutBatch:
-    rows = [(g, list(prompts[g]), r, rewards[g][i])
-            for g, group in enumerate(groups) for i, r in enumerate(group)]  # fmt: skip
+    rows = [
+        (g, list(prompts[g]), r, rewards[g][i])
+        for g, group in enumerate(groups)
+        for i, r in enumerate(group)
+    ]
     if not rows:
         raise ValueError("build_batch: no responses")
     width = max(len(p) + len(r.token_ids) for _, p, r, _ in rows)
@@ -66,13 +71,15 @@ def build_batch(
         mask[b, p - 1 : p + r - 1] = True
         rollout[b, p - 1 : p + r - 1] = torch.tensor(response.logprobs)
     return RolloutBatch(
-        tokens=tokens, response_mask=mask, rollout_logprobs=rollout,
+        tokens=tokens,
+        response_mask=mask,
+        rollout_logprobs=rollout,
         rewards=torch.tensor([reward for *_, reward in rows], dtype=torch.float32),
         group_ids=torch.tensor([g for g, *_ in rows]),
         prompt_lengths=torch.tensor([len(p) for _, p, _, _ in rows]),
         response_lengths=torch.tensor([len(r.token_ids) for _, _, r, _ in rows]),
         truncated=torch.tensor([r.finish_reason == "length" for _, _, r, _ in rows]),
-    )  # fmt: skip
+    )
 
 
 def length_bucketed(

@@ -57,9 +57,12 @@ def claim_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> TextIO:
     if held and not resume:
         if not overwrite:
             lock.close()
-            raise ConfigError("logging.run_dir", str(run_dir),
-                              f"a directory without a run (it holds {', '.join(held)}): "
-                              "--resume continues that run, --overwrite replaces it")  # fmt: skip
+            raise ConfigError(
+                "logging.run_dir",
+                str(run_dir),
+                f"a directory without a run (it holds {', '.join(held)}): "
+                "--resume continues that run, --overwrite replaces it",
+            )
         for name in held:
             path = run_dir / name
             if path.is_dir():

@@ -43,11 +43,14 @@ class Tokenizer:
         self.eos_id = int(self.processor.eos_id())
         self.pad_id = int(self.processor.pad_id())
         if self.eos_id < 0 or self.pad_id < 0:
-            raise ValueError(f"tokenizer {path}: needs eos and pad pieces (eos_id={self.eos_id}, "
-                             f"pad_id={self.pad_id})")  # fmt: skip
+            raise ValueError(
+                f"tokenizer {path}: needs eos and pad pieces (eos_id={self.eos_id}, "
+                f"pad_id={self.pad_id})"
+            )
         if chat_template == "on":
-            raise ValueError(f"{CHAT_TEMPLATE_KEY}=on: the sentencepiece tokenizer {path} has "
-                             "no chat template")  # fmt: skip
+            raise ValueError(
+                f"{CHAT_TEMPLATE_KEY}=on: the sentencepiece tokenizer {path} has no chat template"
+            )
 
     def encode(self, text: str) -> list[int]:
         return list(self.processor.encode(text))
@@ -83,8 +86,9 @@ class HFTokenizer:
         self.pad_id = int(pad) if pad is not None else self.eos_id
         has_template = bool(self.processor.chat_template)
         if chat_template == "on" and not has_template:
-            raise ValueError(f"{CHAT_TEMPLATE_KEY}=on: the tokenizer in {directory} has no chat "
-                             "template")  # fmt: skip
+            raise ValueError(
+                f"{CHAT_TEMPLATE_KEY}=on: the tokenizer in {directory} has no chat template"
+            )
         self.chat = chat_template == "on" or (chat_template == "auto" and has_template)
 
     def encode(self, text: str) -> list[int]:
@@ -94,8 +98,9 @@ class HFTokenizer:
         if not self.chat:
             return self.encode(text)
         messages = [{"role": "user", "content": text}]
-        rendered = self.processor.apply_chat_template(messages, add_generation_prompt=True,
-                                                      tokenize=False)  # fmt: skip
+        rendered = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
         return self.encode(str(rendered))  # the template writes the special tokens itself
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -126,11 +131,21 @@ def train_sentencepiece(
     out.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(corpus)), model_writer=model, vocab_size=vocab_size,
-        model_type="unigram", user_defined_symbols=list(symbols), pad_id=0, unk_id=1, bos_id=-1,
-        eos_id=2, num_threads=1, add_dummy_prefix=False, shuffle_input_sentence=False,
-        hard_vocab_limit=False, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(list(corpus)),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        user_defined_symbols=list(symbols),
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=2,
+        num_threads=1,
+        add_dummy_prefix=False,
+        shuffle_input_sentence=False,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     staging.write_bytes(model.getvalue())
     os.replace(staging, out)

@@ -21,7 +21,6 @@ does not depend on the layout. A step whose gradients are not finite on any rank
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -31,11 +30,10 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from megatron_rpg.checkpoint import train_state
 from megatron_rpg.checkpoint.mcore import load_mcore, model_files
-from megatron_rpg.config import ConfigError, RunConfig, config_to_dict, save_config
+from megatron_rpg.config import ConfigError, RunConfig, config_to_dict, config_yaml, save_config
 from megatron_rpg.data import build_task
 from megatron_rpg.forward_backward import LogprobOptions, forward_backward
 from megatron_rpg.losses import compute_advantages, policy_loss
@@ -44,6 +42,7 @@ from megatron_rpg.losses.aggregation import masked_mean
 from megatron_rpg.manifest import write_manifest
 from megatron_rpg.metrics import MetricsLog, check_logging
 from megatron_rpg.models import ModelArch, ReferenceModel, build_model_chunks
+from megatron_rpg.models.arch import read_hf_config
 from megatron_rpg.models.builder import resolve_dtype, unwrap
 from megatron_rpg.parallel import every_core, initialize_model_parallel
 from megatron_rpg.progress import Progress
@@ -59,31 +58,41 @@ from megatron_rpg.tokenizer import Tokenizer, load_tokenizer, train_sentencepiec
 
 Batch = dict[str, torch.Tensor]
 KL_AVERAGE_DECAY = 0.9  # moving average of the step KL for the reference update trigger
-EVAL_PROBLEMS = 256  # the greedy evaluation's problems: the task's first ones
+EVAL_PROBLEMS = 256  # the greedy evaluation (eval_interval) reads the task's first 256 problems
 
 
-def read_hf_config(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if file.is_dir():
-        file = file / "config.json"
-    if not path or not file.is_file():
-        raise ConfigError("model.hf_config", path, "a config.json file or a directory holding one")
-    config: dict[str, Any] = json.loads(file.read_text())
-    return config
+def model_hf_config(path: str) -> dict[str, Any]:
+    """model.hf_config's config.json, or a one-line error naming the key."""
+    allowed = "a config.json file or a directory holding one"
+    if not path:
+        raise ConfigError("model.hf_config", path, allowed)
+    try:
+        return read_hf_config(path)
+    except FileNotFoundError:
+        raise ConfigError("model.hf_config", path, allowed) from None
 
 
 def check_before_ranks(config: RunConfig, world_size: int) -> None:
     """What a launcher checks before it starts `world_size` ranks: the model's config and where
     the rollout engine runs (ConfigError naming the key)."""
-    arch = ModelArch.from_hf(read_hf_config(config.model.hf_config))
+    arch = ModelArch.from_hf(model_hf_config(config.model.hf_config))
     rollout_placement(config.rollout, arch, world_size)
+
+
+def reference_update_due(
+    optimizer_steps: int, interval: int, kl_average: float, kl_target: float
+) -> bool:
+    """Spec section 6, after a step: every `interval` optimizer steps (0: never), or when the
+    moving-average KL(pi_theta || pi_ref) exceeds `kl_target` (0: off)."""
+    every = interval > 0 and optimizer_steps % interval == 0
+    return every or (kl_target > 0 and kl_average > kl_target)
 
 
 class Trainer:
     def __init__(self, config: RunConfig, resume: bool = False):
         self.config = c = config
         check_logging(c.logging)
-        self.hf_config = hf_config = read_hf_config(c.model.hf_config)
+        self.hf_config = hf_config = model_hf_config(c.model.hf_config)
         self.arch = ModelArch.from_hf(hf_config)
         self.layout = initialize_model_parallel(c.parallel, c.seed)
         self.placement = rollout_placement(c.rollout, self.arch, self.layout.world_size)
@@ -136,8 +145,9 @@ class Trainer:
             save_config(c, self.run_dir / "config.yaml")
             paths = [Path(p) for p in (c.model.hf_config, c.data.train_path) if p]
             paths = [p / "config.json" if p.is_dir() else p for p in paths]
-            write_manifest(self.run_dir / "manifest.json", config_to_dict(c),
-                           [self.tokenizer.path, *paths])  # fmt: skip
+            write_manifest(
+                self.run_dir / "manifest.json", config_to_dict(c), [self.tokenizer.path, *paths]
+            )
         sync_weights(self.policy, self.arch, self.engine)  # the engine starts from the policy
 
     # ---------------------------------------------------------------------------- building
@@ -261,20 +271,37 @@ class Trainer:
         start = time.perf_counter()
         settings = CollectSettings(
             prompts=c.data.prompts_per_step,
-            params=SamplingParams(n=c.rollout.n, temperature=c.rollout.temperature,
-                                  top_p=c.rollout.top_p, top_k=c.rollout.top_k,
-                                  max_tokens=c.rollout.max_tokens,
-                                  stop_token_ids=(self.tokenizer.eos_id,)),
-            dynamic_sampling=a.dynamic_sampling, max_rounds=a.dynamic_sampling_max_rounds,
-            overlong_buffer=a.overlong_buffer, overlong_penalty=a.overlong_penalty,
+            params=SamplingParams(
+                n=c.rollout.n,
+                temperature=c.rollout.temperature,
+                top_p=c.rollout.top_p,
+                top_k=c.rollout.top_k,
+                max_tokens=c.rollout.max_tokens,
+                stop_token_ids=(self.tokenizer.eos_id,),
+            ),
+            dynamic_sampling=a.dynamic_sampling,
+            max_rounds=a.dynamic_sampling_max_rounds,
+            overlong_buffer=a.overlong_buffer,
+            overlong_penalty=a.overlong_penalty,
+            incorrect_reward=a.incorrect_reward,
             max_prompt_tokens=c.data.max_prompt_tokens,
-        )  # fmt: skip
+        )
         groups, metrics, self.data_position = collect_groups(
-            self.task, self.tokenizer, self.generate, self.grade_everywhere, settings,
-            seed=c.seed, step=self.step, position=self.data_position,
-        )  # fmt: skip
-        batch = build_batch([g.prompt for g in groups], [g.responses for g in groups],
-                            [g.rewards for g in groups], self.tokenizer.pad_id)  # fmt: skip
+            self.task,
+            self.tokenizer,
+            self.generate,
+            self.grade_everywhere,
+            settings,
+            seed=c.seed,
+            step=self.step,
+            position=self.data_position,
+        )
+        batch = build_batch(
+            [g.prompt for g in groups],
+            [g.responses for g in groups],
+            [g.rewards for g in groups],
+            self.tokenizer.pad_id,
+        )
         fillers = torch.tensor([g.filler for g in groups for _ in g.responses])
         batch.response_mask[fillers] = False  # no part in the loss or its token mean
         metrics["time/rollout"] = time.perf_counter() - start
@@ -285,13 +312,21 @@ class Trainer:
         rank 0 grades and returns it, the others nan."""
         problems = self.task.problems[:EVAL_PROBLEMS]
         prompts = [self.tokenizer.encode_prompt(self.task.prompt(p)) for p in problems]
-        params = SamplingParams(top_k=1, max_tokens=self.config.rollout.max_tokens,
-                                stop_token_ids=(self.tokenizer.eos_id,), seed=0)  # fmt: skip
+        params = SamplingParams(
+            top_k=1,
+            max_tokens=self.config.rollout.max_tokens,
+            stop_token_ids=(self.tokenizer.eos_id,),
+            seed=0,
+        )
         groups = self.generate(prompts, params)
         if self.rank != 0:
             return float("nan")
-        scores = self.grade([(self.tokenizer.decode(g[0].token_ids), self.task.answer(p))
-                             for p, g in zip(problems, groups, strict=True)])  # fmt: skip
+        scores = self.grade(
+            [
+                (self.tokenizer.decode(g[0].token_ids), self.task.answer(p))
+                for p, g in zip(problems, groups, strict=True)
+            ]
+        )
         return sum(scores) / len(scores)
 
     def evaluate_benchmarks(self) -> dict[str, float]:
@@ -305,8 +340,12 @@ class Trainer:
         from megatron_rpg.evaluation import benchmark_name, load_benchmark, score_benchmark
         from megatron_rpg.rollout.text import TextGenerator
 
-        params = SamplingParams(temperature=c.rollout.temperature, top_p=c.rollout.top_p,
-                                max_tokens=c.rollout.max_tokens, seed=c.seed)  # fmt: skip
+        params = SamplingParams(
+            temperature=c.rollout.temperature,
+            top_p=c.rollout.top_p,
+            max_tokens=c.rollout.max_tokens,
+            seed=c.seed,
+        )
         generate = TextGenerator(self, self.tokenizer, params)  # self.generate: collective
         k, out = c.eval_k, {}
         for name in names:
@@ -317,8 +356,7 @@ class Trainer:
                 continue
             if self.grader_pool is None:
                 self.grader_pool = GraderPool()
-            result = score_benchmark(problems, texts, k, self.grader_pool,
-                                     c.data.answer_extraction)  # fmt: skip
+            result = score_benchmark(problems, texts, k, self.grader_pool, c.data.answer_extraction)
             for metric in ("mean", "pass", "maj"):
                 key = f"eval/{benchmark_name(name)}/{metric}@{k}"
                 out[key] = result[f"{metric}@{k}"]
@@ -337,9 +375,12 @@ class Trainer:
         minis = []
         for start in range(0, len(batch), o.mini_batch_size):
             micros = []
-            for rows in length_bucketed(lengths[start : start + o.mini_batch_size],
-                                        o.micro_batch_size, layout.dp_rank,
-                                        layout.data_parallel):  # fmt: skip
+            for rows in length_bucketed(
+                lengths[start : start + o.mini_batch_size],
+                o.micro_batch_size,
+                layout.dp_rank,
+                layout.data_parallel,
+            ):
                 index = start + rows
                 micro = batch.rows(index)
                 micro["advantages"] = advantages[index]
@@ -444,8 +485,12 @@ class Trainer:
         token_level = c.algorithm.advantage == "reinforce_pp"  # needs log-probs: set below
         advantages = batch.rewards
         if not token_level:
-            advantages = compute_advantages(c.algorithm.advantage, batch.rewards, batch.group_ids,
-                                            response_mask=batch.response_mask)  # fmt: skip
+            advantages = compute_advantages(
+                c.algorithm.advantage,
+                batch.rewards,
+                batch.group_ids,
+                response_mask=batch.response_mask,
+            )
         minis = self._micro_batches(batch, advantages)
         self._mini_counts = []
         for start_row in range(0, len(batch), c.optimizer.mini_batch_size):
@@ -515,9 +560,10 @@ class Trainer:
         self.kl_average = KL_AVERAGE_DECAY * self.kl_average + (1 - KL_AVERAGE_DECAY) * kl
         if self.reference is None:
             return  # kl_anchor 'old': the anchor is pi_old, updated every step by construction
-        due = a.ref_update_interval > 0 and self.step % a.ref_update_interval == 0
-        drifted = a.ref_update_kl_target > 0 and self.kl_average > a.ref_update_kl_target
-        if due or drifted:
+        optimizer_steps = self.step * self.config.optimizer_steps_per_step()
+        if reference_update_due(
+            optimizer_steps, a.ref_update_interval, self.kl_average, a.ref_update_kl_target
+        ):
             self.reference.update_reference(self.policy)
             self.kl_average = 0.0
 
@@ -542,7 +588,7 @@ class Trainer:
             self.step,
             self._sharded_state(False),
             state,
-            yaml.safe_dump(config_to_dict(c), sort_keys=False),
+            config_yaml(c),
             c.checkpoint.keep_last,
             c.checkpoint.verify_checksums,
             model_files(self.hf_config, self.tokenizer.path),

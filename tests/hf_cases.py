@@ -3,25 +3,46 @@
 import torch
 
 TINY = dict(
-    vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-    num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0,
-    max_position_embeddings=64, hidden_act="silu",
-)  # fmt: skip
+    vocab_size=200,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    max_position_embeddings=64,
+    hidden_act="silu",
+)
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 FAMILIES = {
-    "llama": dict(TINY, model_type="llama", tie_word_embeddings=False,
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "llama": dict(
+        TINY,
+        model_type="llama",
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
     "qwen2": dict(TINY, model_type="qwen2", tie_word_embeddings=True),
     "qwen3": dict(TINY, model_type="qwen3", head_dim=24, tie_word_embeddings=False),
     "mistral": dict(TINY, model_type="mistral", sliding_window=None, tie_word_embeddings=False),
-}  # fmt: skip
+}
 # vLLM's CPU attention needs heads of at least 32 dimensions
 VLLM_FAMILIES = {
-    name: dict(FAMILIES[name], hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-               architectures=[ARCHITECTURES[name]])
+    name: dict(
+        FAMILIES[name],
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        architectures=[ARCHITECTURES[name]],
+    )
     for name in ("llama", "qwen2")
-}  # fmt: skip
+}
 TOKENS = torch.randint(200, (2, 16), generator=torch.Generator().manual_seed(5))
 
 
@@ -97,14 +118,14 @@ def verify_against(name, hf_dir):
 
 def checkpoint_logits(checkpoint, tp, pp, tokens):
     """A Megatron checkpoint loaded at TP x PP: full logits on the last stage's ranks."""
-    from megatron_rpg.checkpoint.mcore import load_mcore, read_hf_config
+    from megatron_rpg.checkpoint.mcore import checkpoint_hf_config, load_mcore
     from megatron_rpg.config import ParallelConfig
     from megatron_rpg.forward_backward import full_logits
     from megatron_rpg.models import ModelArch, build_model_chunks
     from megatron_rpg.parallel import initialize_model_parallel
 
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
-    arch = ModelArch.from_hf(read_hf_config(checkpoint))
+    arch = ModelArch.from_hf(checkpoint_hf_config(checkpoint))
     initialize_model_parallel(parallel, seed=0)
     chunks = build_model_chunks(arch, parallel, torch.float32, initialize=False)
     load_mcore(chunks, checkpoint)

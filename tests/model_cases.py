@@ -155,12 +155,14 @@ def reference_update(name, weights):
     )
     ref_lp_updated = forward_backward(ref.chunks, micro_batches(1), options)[0]["logprobs"]
     return {
-        "frozen": frozen, "policy_moved": moved, "equal_after_update": equal,
+        "frozen": frozen,
+        "policy_moved": moved,
+        "equal_after_update": equal,
         "no_grad": all(not p.requires_grad for m in ref.chunks for p in m.parameters()),
         "ref_lp_unchanged": torch.equal(ref_lp_before, ref_lp_after),
         "ref_lp_is_policy_lp": torch.equal(ref_lp_updated, policy_lp),
         "policy_gained": (policy_lp.mean() - ref_lp_before.mean()).item(),
-    }  # fmt: skip
+    }
 
 
 def padded_and_bucketed(name, weights, tp, pp):
@@ -183,9 +185,16 @@ def padded_and_bucketed(name, weights, tp, pp):
     tokens[columns >= lengths[:, None]] = 0  # right padding
     mask = (columns[:-1] >= 1) & (columns[:-1] < lengths[:, None] - 1)  # a 2-token prompt
     upstream = torch.randn(2, count, width - 1, generator=g) * mask  # d loss / d (lp, entropy)
-    batch = RolloutBatch(tokens, mask, torch.zeros(count, width - 1), torch.zeros(count),
-                         torch.arange(count), torch.full((count,), 2), lengths - 2,
-                         torch.zeros(count, dtype=torch.bool))  # fmt: skip
+    batch = RolloutBatch(
+        tokens,
+        mask,
+        torch.zeros(count, width - 1),
+        torch.zeros(count),
+        torch.arange(count),
+        torch.full((count,), 2),
+        lengths - 2,
+        torch.zeros(count, dtype=torch.bool),
+    )
     options = LogprobOptions(vocab_size=arch.vocab_size)
 
     def loss_fn(lp, ent, micro):

@@ -32,8 +32,9 @@ def generate(prompts, params):
     out = []
     for (problem,) in prompts:
         first = [problem] * params.n if problem < 100 else [1, 2] * (params.n // 2)
-        out.append([Response([first[i]] + [0] * i, [0.0] * (i + 1), "stop")
-                    for i in range(params.n)])  # fmt: skip
+        out.append(
+            [Response([first[i]] + [0] * i, [0.0] * (i + 1), "stop") for i in range(params.n)]
+        )
     return out
 
 
@@ -43,8 +44,13 @@ def grade(items):
 
 def settings(prompts, max_rounds, overlong_buffer=3):
     params = SamplingParams(n=4, max_tokens=4)
-    return CollectSettings(prompts=prompts, params=params, dynamic_sampling=True,
-                           max_rounds=max_rounds, overlong_buffer=overlong_buffer)  # fmt: skip
+    return CollectSettings(
+        prompts=prompts,
+        params=params,
+        dynamic_sampling=True,
+        max_rounds=max_rounds,
+        overlong_buffer=overlong_buffer,
+    )
 
 
 def test_groups_are_filtered_on_accuracy_not_on_the_shaped_reward():
@@ -57,11 +63,13 @@ def test_groups_are_filtered_on_accuracy_not_on_the_shaped_reward():
     assert all(len(set(g.scores)) > 1 and not g.filler for g in groups)
     assert metrics["dynamic/dropped_groups"] == 2  # 98 (all wrong) and 99 (all right)
     assert metrics["dynamic/filler_groups"] == 0 and position == 102
+    assert metrics["reward/sampled_accuracy"] == (4 + 2 + 2) / 16  # 99 right, 100 and 101 half
 
 
 def test_a_step_out_of_rounds_marks_its_filler_groups():
-    groups, metrics, _ = collect_groups(Task(), Tokenizer(), generate, grade, settings(3, 2),
-                                        seed=0, step=0, position=0)  # fmt: skip
+    groups, metrics, _ = collect_groups(
+        Task(), Tokenizer(), generate, grade, settings(3, 2), seed=0, step=0, position=0
+    )
     assert len(groups) == 3 and all(g.filler for g in groups)
     assert metrics["dynamic/rounds"] == 2 and metrics["dynamic/filler_groups"] == 3
     # the shaped rewards of the all-wrong problem 0 differ (lengths 1..4, buffer 3): no signal
@@ -80,13 +88,34 @@ def test_prompts_over_max_prompt_tokens_are_skipped_and_counted():
 
     from megatron_rpg.config import ConfigError
 
-    limited = CollectSettings(prompts=4, params=SamplingParams(n=2, max_tokens=4),
-                              max_prompt_tokens=5)  # fmt: skip
-    groups, metrics, position = collect_groups(Task(), LongPrompts(), generate, grade, limited,
-                                               seed=0, step=0, position=0)  # fmt: skip
+    limited = CollectSettings(
+        prompts=4, params=SamplingParams(n=2, max_tokens=4), max_prompt_tokens=5
+    )
+    groups, metrics, position = collect_groups(
+        Task(), LongPrompts(), generate, grade, limited, seed=0, step=0, position=0
+    )
     assert [g.prompt[0] for g in groups] == [1, 2, 4, 5]  # 0 and 3 skipped
     assert metrics["data/skipped_long_prompts"] == 2 and position == 6
     with pytest.raises(ConfigError, match=r"data\.max_prompt_tokens"):
-        collect_groups(Task(), LongPrompts(), generate, grade,
-                       CollectSettings(prompts=2, params=limited.params, max_prompt_tokens=0),
-                       seed=0, step=0, position=0)  # fmt: skip
+        collect_groups(
+            Task(),
+            LongPrompts(),
+            generate,
+            grade,
+            CollectSettings(prompts=2, params=limited.params, max_prompt_tokens=0),
+            seed=0,
+            step=0,
+            position=0,
+        )
+
+
+def test_incorrect_reward_sets_the_scale_and_the_filter_still_reads_the_grades():
+    """DAPO's scorer: +1 right, -1 wrong, then the overlong shaping on top."""
+    from dataclasses import replace
+
+    signed = replace(settings(1, 8, overlong_buffer=2), incorrect_reward=-1.0)
+    (group,), _, _ = collect_groups(
+        Task(), Tokenizer(), generate, grade, signed, seed=0, step=0, position=100
+    )
+    assert group.scores == [1.0, 0.0, 1.0, 0.0]  # lengths 1..4 of max_tokens 4, buffer 2
+    assert group.rewards == [1.0, -1.0, 1.0 - 0.5, -1.0 - 1.0]

@@ -7,17 +7,37 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["sft.steps=2", "data.prompts_per_step=4", "rollout.n=4", "optimizer.mini_batch_size=8",
-         "optimizer.micro_batch_size=4"]  # fmt: skip
+SMALL = [
+    "sft.steps=2",
+    "data.prompts_per_step=4",
+    "rollout.n=4",
+    "optimizer.mini_batch_size=8",
+    "optimizer.micro_batch_size=4",
+]
 
 
 def test_comparison_runs_end_to_end_and_each_run_is_reproducible(tmp_path):
     out = tmp_path / "compare"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compare_losses.py"), "--out", str(out),
-         "--steps", "3", "--seeds", "5", "--variants", "grpo,rpg_reinforce_urkl", "--set", *SMALL],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "compare_losses.py"),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--seeds",
+            "5",
+            "--variants",
+            "grpo,rpg_reinforce_urkl",
+            "--set",
+            *SMALL,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     table = (out / "table.md").read_text()
     assert "| grpo |" in table and "| rpg_reinforce_urkl |" in table
@@ -32,15 +52,27 @@ def test_comparison_runs_end_to_end_and_each_run_is_reproducible(tmp_path):
     # rerun from the recorded config elsewhere: the same metrics, bit for bit
     rerun = tmp_path / "rerun"
     done = subprocess.run(
-        [sys.executable, "-m", "megatron_rpg.cli", "train", "--config",
-         str(run_dir / "config.yaml"), f"logging.run_dir={rerun}"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "megatron_rpg.cli",
+            "train",
+            "--config",
+            str(run_dir / "config.yaml"),
+            f"logging.run_dir={rerun}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     def metrics(directory):
         lines = (directory / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "through"))}
-                for x in lines]  # fmt: skip
+        return [
+            {k: v for k, v in json.loads(x).items() if not k.startswith(("time/", "through"))}
+            for x in lines
+        ]
 
     assert metrics(rerun) == metrics(run_dir)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from megatron_rpg.config import ConfigError, LossConfig, RunConfig, load_config, save_config
+from megatron_rpg.data import PROMPT_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "examples" / "rpg_paper_qwen3_4b.yaml"
@@ -29,9 +30,11 @@ def test_example_loads_and_overrides_apply():
             "loss.clip=none",
             "checkpoint.resume=true",
             "loss.dual_clip_c=.inf",
+            "data.chat_template=off",
         ],
     )
-    assert cfg.rollout.n == 16 and cfg.optimizer.mini_batch_size == 256
+    assert cfg.rollout.n == 16 and cfg.optimizer.mini_batch_size == 512
+    assert cfg.data.chat_template == "off"  # YAML 1.1 reads a bare off as False
     assert cfg.loss.beta == 1e-3  # YAML 1.1 reads 1e-3 as a string; coerced to float
     assert cfg.parallel.tensor_parallel == 4 and cfg.loss.clip == "none"
     assert cfg.checkpoint.resume is True and cfg.loss.dual_clip_c == float("inf")
@@ -66,7 +69,13 @@ def test_saved_config_reproduces_the_run(tmp_path):
         (["loss.beta"], "loss.beta", "key=value"),
         (["optimizer.lr=.inf"], "optimizer.lr", "a finite number"),
         (["algorithm.kl_in_reward=0.05"], "algorithm.kl_in_reward", "0.0 with loss.kl_anchor"),
-        (["algorithm.ref_update_interval=4"], "algorithm.ref_update_interval", "1 with loss.kl_"),
+        (["algorithm.ref_update_interval=4"], "algorithm.ref_update_interval", "0 with loss.kl_"),
+        (
+            ["loss.kl_anchor=ref", "algorithm.ref_update_interval=24"],
+            "algorithm.ref_update_interval",
+            "a multiple of the optimizer steps per RL step (16 =",
+        ),
+        (["algorithm.incorrect_reward=1"], "algorithm.incorrect_reward", "< 1"),
         (["algorithm.ref_update_kl_target=0.1"], "algorithm.ref_update_kl_target", "kl_anchor=ref"),
         (
             ["algorithm.ref_update_interval=-1", "loss.kl_anchor=ref"],
@@ -151,3 +160,23 @@ def test_every_key_is_documented():
     text = (ROOT / "docs" / "configuration.md").read_text()
     missing = [k for k in keys(RunConfig) if f"| `{k}` |" not in text]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("recipe", ["rpg_paper_qwen3_4b", "rpg_7b", "rpg_70b"])
+def test_paper_recipes_run_the_papers_setup(recipe):
+    """arXiv 2505.17508 App. H and the authors' verl scripts (sources in the recipes' comments):
+    512 prompts x 16, mini-batches of 32 prompts x 16, DAPO dynamic sampling on accuracy and the
+    soft overlong penalty, +1/-1 rewards, the DAPO prompt in the chat template, Mean@32."""
+    cfg = load_config(ROOT / "examples" / f"{recipe}.yaml")
+    a, d = cfg.algorithm, cfg.data
+    assert (d.prompts_per_step, cfg.rollout.n, cfg.optimizer.mini_batch_size) == (512, 16, 512)
+    assert a.loss == "rpg_reinforce_urkl" and a.advantage == "group_mean"
+    assert a.dynamic_sampling and a.dynamic_sampling_max_rounds == 20
+    assert a.overlong_buffer == cfg.rollout.max_tokens // 4 and a.incorrect_reward == -1.0
+    assert (cfg.loss.beta, cfg.loss.clip, cfg.loss.kl_anchor) == (1e-4, "dual", "old")
+    assert (cfg.loss.eps_low, cfg.loss.eps_high, cfg.loss.dual_clip_c) == (0.2, 0.28, 10.0)
+    assert d.prompt_template == "dapo" and d.chat_template == "on"
+    assert (cfg.eval_benchmarks, cfg.eval_k) == ("aime24,aime25,amc23", 32)
+    o = cfg.optimizer
+    assert (o.weight_decay, o.warmup_steps, o.clip_grad, cfg.train_steps) == (0.1, 10, 1.0, 400)
+    assert "Remember to put your answer on its own line" in PROMPT_TEMPLATES["dapo"]

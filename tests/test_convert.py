@@ -16,8 +16,9 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
 
 
 def convert(*args):
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")

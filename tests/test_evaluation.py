@@ -52,7 +52,12 @@ def answering(benchmarks, shuffle):
 def test_reference_answers_score_one_on_every_set(pool, benchmarks):
     results = evaluate(benchmarks, answering(benchmarks, shuffle=False), k=1, pool=pool)
     assert {n: r["problems"] for n, r in results.items()} == {
-        "aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "gsm8k": 1319}  # fmt: skip
+        "aime24": 30,
+        "aime25": 30,
+        "amc23": 40,
+        "math500": 500,
+        "gsm8k": 1319,
+    }
     for name, r in results.items():
         assert r["mean@1"] == r["pass@1"] == r["maj@1"] == 1.0, (name, r)
         assert r["grading"]["timeouts"] == r["grading"]["crashes"] == 0
@@ -66,8 +71,9 @@ def test_shuffled_answers_score_near_zero(pool, benchmarks):
         assert r["mean@1"] < 0.1, (name, r["mean@1"])  # neighbours may share an answer
 
 
-@pytest.mark.parametrize("n, c, k", [(n, c, k) for n in (1, 4, 6) for c in range(n + 1)
-                                     for k in range(1, n + 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    "n, c, k", [(n, c, k) for n in (1, 4, 6) for c in range(n + 1) for k in range(1, n + 1)]
+)
 def test_pass_at_k_is_the_chance_that_k_of_n_samples_contain_a_correct_one(n, c, k):
     samples = [1] * c + [0] * (n - c)
     subsets = list(itertools.combinations(range(n), k))
@@ -96,12 +102,14 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_problems():
         low, high = bootstrap_interval(values)
         assert low <= sum(values) / len(values) <= high
     assert (bootstrap_interval(large)[1] - bootstrap_interval(large)[0]) < (
-        bootstrap_interval(small)[1] - bootstrap_interval(small)[0]) / 5  # fmt: skip
+        bootstrap_interval(small)[1] - bootstrap_interval(small)[0]
+    ) / 5
 
 
 def test_bad_benchmark_lines_are_named(tmp_path):
-    (tmp_path / "aime24.jsonl").write_text(json.dumps({"id": "a", "problem": "p", "answer": "1"})
-                                           + "\n{not json}\n")  # fmt: skip
+    (tmp_path / "aime24.jsonl").write_text(
+        json.dumps({"id": "a", "problem": "p", "answer": "1"}) + "\n{not json}\n"
+    )
     with pytest.raises(ValueError, match=r"aime24.jsonl:2: not JSON"):
         load_benchmark("aime24", tmp_path)
     (tmp_path / "aime24.jsonl").write_text(json.dumps({"id": "a", "problem": "p"}) + "\n")
@@ -149,18 +157,27 @@ def test_eval_command_from_hf_and_from_megatron_checkpoint_agree(tmp_path):
     texts = [PROMPT_TEMPLATE.format(problem=p["problem"]) for p in problems]
     tokenizer = train_sentencepiece(texts, tmp_path / "tokenizer.model", 300)
     config = transformers.LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=1024, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config)
     write_hf_checkpoint(hf, model.state_dict().items(), config.to_dict())
     (hf / "tokenizer.model").write_bytes((tmp_path / "tokenizer.model").read_bytes())
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "megatron_rpg.cli", *map(str, args)],
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "megatron_rpg.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     common = ["--benchmarks", "aime24,gsm8k", "--k", 2, "--limit", 3, "--max-tokens", 6]
     done = run("eval", "--hf", hf, *common, "--out", tmp_path / "from_hf")
@@ -220,18 +237,22 @@ def test_before_after_table_and_manifest_record(tmp_path):
             r[f"{m}@4"], r[f"{m}@4_ci95"] = mean, (low, high)
         return r
 
-    table = compare_to_markdown({"heldout": result(0.2, 0.15, 0.25)},
-                                {"heldout": result(0.4, 0.33, 0.47)})  # fmt: skip
+    table = compare_to_markdown(
+        {"heldout": result(0.2, 0.15, 0.25)}, {"heldout": result(0.4, 0.33, 0.47)}
+    )
     assert (
         "| heldout | mean@4 | 0.2000 [0.150, 0.250] | 0.4000 [0.330, 0.470] | +0.2000 | yes |"
         in table
     )
-    overlapping = compare_to_markdown({"heldout": result(0.2, 0.15, 0.25)},
-                                      {"heldout": result(0.24, 0.2, 0.3)})  # fmt: skip
+    overlapping = compare_to_markdown(
+        {"heldout": result(0.2, 0.15, 0.25)}, {"heldout": result(0.24, 0.2, 0.3)}
+    )
     assert overlapping.count("| no |") == 3
     with pytest.raises(ValueError, match="k=4 on 150 problems, after k=4 on 10"):
-        compare_to_markdown({"heldout": result(0.2, 0.1, 0.3)},
-                            {"heldout": {**result(0.2, 0.1, 0.3), "problems": 10}})  # fmt: skip
+        compare_to_markdown(
+            {"heldout": result(0.2, 0.1, 0.3)},
+            {"heldout": {**result(0.2, 0.1, 0.3), "problems": 10}},
+        )
     path = tmp_path / "manifest.json"
     write_manifest(path, {"seed": 3})
     record_evaluation(path, "eval_after", {"heldout": result(0.4, 0.33, 0.47)})

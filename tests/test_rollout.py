@@ -87,8 +87,9 @@ def test_stop_tokens_and_max_tokens(engine):
     engine, _, _ = engine
     free = engine.generate(PROMPTS, SamplingParams(n=4, max_tokens=12, seed=0))
     stop = free[0][0].token_ids[3]  # a token this sampler emits at step 4 for this seed
-    groups = engine.generate(PROMPTS, SamplingParams(n=4, max_tokens=12, seed=0,
-                                                     stop_token_ids=(stop,)))  # fmt: skip
+    groups = engine.generate(
+        PROMPTS, SamplingParams(n=4, max_tokens=12, seed=0, stop_token_ids=(stop,))
+    )
     assert groups[0][0].token_ids == free[0][0].token_ids[: free[0][0].token_ids.index(stop) + 1]
     for group in groups:
         for r in group:
@@ -115,16 +116,27 @@ def test_bad_prompts_are_named(engine):
 
 
 def test_sampling_params_are_checked():
-    for key, value in [("n", 0), ("temperature", 0.0), ("top_p", 1.5), ("top_k", -1),
-                       ("max_tokens", 0)]:  # fmt: skip
+    for key, value in [
+        ("n", 0),
+        ("temperature", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("max_tokens", 0),
+    ]:
         with pytest.raises(ValueError, match=f"sampling.{key}"):
             SamplingParams(**{key: value})
 
 
 def test_top_k_top_p_sample_from_the_renormalized_kept_set():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(4000, 1)
-    cases = [(3, 1.0, [0, 1, 2]), (0, 0.8, [0, 1, 2]), (0, 0.65, [0, 1]), (0, 0.5, [0]),
-             (2, 0.9, [0, 1]), (1, 1.0, [0])]  # fmt: skip
+    cases = [
+        (3, 1.0, [0, 1, 2]),
+        (0, 0.8, [0, 1, 2]),
+        (0, 0.65, [0, 1]),
+        (0, 0.5, [0]),
+        (2, 0.9, [0, 1]),
+        (1, 1.0, [0]),
+    ]
     for top_k, top_p, kept in cases:
         params = SamplingParams(temperature=0.9, top_k=top_k, top_p=top_p)
         generators = [torch.Generator().manual_seed(i) for i in range(len(logits))]

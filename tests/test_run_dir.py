@@ -49,9 +49,18 @@ def test_a_second_writer_is_refused_with_the_owner_named(tmp_path):
 def test_train_refuses_in_one_line_before_spawning_ranks(tmp_path):
     run = holding_a_run(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "megatron_rpg.cli", "train", "--config",
-         os.path.join(ROOT, "examples", "tiny_cpu.yaml"), f"logging.run_dir={run}"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "megatron_rpg.cli",
+            "train",
+            "--config",
+            os.path.join(ROOT, "examples", "tiny_cpu.yaml"),
+            f"logging.run_dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "--overwrite replaces it" in done.stderr

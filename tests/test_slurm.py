@@ -14,8 +14,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["sft.steps=3", "data.prompts_per_step=4", "rollout.n=4",
-         "optimizer.mini_batch_size=8", "optimizer.micro_batch_size=4"]  # fmt: skip
+SMALL = [
+    "sft.steps=3",
+    "data.prompts_per_step=4",
+    "rollout.n=4",
+    "optimizer.mini_batch_size=8",
+    "optimizer.micro_batch_size=4",
+]
 
 
 def _slurm_running() -> str | None:
@@ -35,10 +40,20 @@ pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
 def sbatch(tmp_path, *overrides):
     """Start `sbatch --wait`; return (process, job id)."""
     process = subprocess.Popen(
-        ["sbatch", "--wait", f"--output={tmp_path}/slurm-%j.out", "slurm/rpg_tiny_local.sh",
-         *SMALL, f"logging.run_dir={tmp_path}/run", *overrides],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            "sbatch",
+            "--wait",
+            f"--output={tmp_path}/slurm-%j.out",
+            "slurm/rpg_tiny_local.sh",
+            *SMALL,
+            f"logging.run_dir={tmp_path}/run",
+            *overrides,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = process.stdout.readline()  # "Submitted batch job N", printed at submission
     assert first.startswith("Submitted batch job"), first + process.stderr.read()
     return process, int(first.split()[-1])

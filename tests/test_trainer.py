@@ -24,24 +24,50 @@ from megatron_rpg.checkpoint.train_state import verify
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "tiny_cpu.yaml"
 TINY = [
-    f"model.hf_config={ROOT / 'examples' / 'tiny_model'}", "train_steps=6", "sft.steps=3",
-    "data.prompts_per_step=4", "rollout.n=4", "optimizer.mini_batch_size=8",
-    "optimizer.micro_batch_size=4", "checkpoint.save_interval=2", "eval_interval=3",
-]  # fmt: skip
+    f"model.hf_config={ROOT / 'examples' / 'tiny_model'}",
+    "train_steps=6",
+    "sft.steps=3",
+    "data.prompts_per_step=4",
+    "rollout.n=4",
+    "optimizer.mini_batch_size=8",
+    "optimizer.micro_batch_size=4",
+    "checkpoint.save_interval=2",
+    "eval_interval=3",
+]
 TIMING = ("time/", "throughput/")
 EVERY_STEP = [
-    "reward/mean", "kl/k3", "entropy/mean", "clip/upper", "clip/lower", "clip/dual",
-    "response/length_mean", "throughput/tokens_per_s", "rollout/abs_gap_mean", "rollout/kl_k3",
-    "loss", "grad_norm", "lr", "skipped_steps", "time/rollout", "time/logprobs", "time/update",
+    "reward/mean",
+    "kl/k3",
+    "entropy/mean",
+    "clip/upper",
+    "clip/lower",
+    "clip/dual",
+    "response/length_mean",
+    "throughput/tokens_per_s",
+    "rollout/abs_gap_mean",
+    "rollout/kl_k3",
+    "loss",
+    "grad_norm",
+    "lr",
+    "skipped_steps",
+    "time/rollout",
+    "time/logprobs",
+    "time/update",
     "time/sync",
-]  # fmt: skip
+]
 
 
 def train(*args, **popen):
     command = [sys.executable, "-m", "megatron_rpg.cli", "train", "--config", str(CONFIG), *args]
     if popen:
-        return subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, cwd=ROOT)  # fmt: skip
+        return subprocess.Popen(
+            command,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=ROOT,
+        )
     return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
 
@@ -140,8 +166,12 @@ def test_kill_anywhere_resumes_bit_identically(uninterrupted, tmp_path):
     run_dir = tmp_path / "killed_anywhere"
     args = [*TINY, "checkpoint.save_interval=1", f"logging.run_dir={run_dir}"]
     rng = random.Random(0)
-    kills = [("launcher", signal.SIGKILL), ("rank", signal.SIGTERM),
-             ("launcher", signal.SIGTERM), ("rank", signal.SIGKILL)]  # fmt: skip
+    kills = [
+        ("launcher", signal.SIGKILL),
+        ("rank", signal.SIGTERM),
+        ("launcher", signal.SIGTERM),
+        ("rank", signal.SIGKILL),
+    ]
     for attempt, (target, signum) in enumerate(kills):
         process = train(*args, *(["--resume"] if attempt else []), popen=True)
         deadline = time.monotonic() + rng.uniform(4.0, 16.0)
@@ -220,8 +250,9 @@ def test_resume_applies_allowed_changes_and_refuses_the_rest(uninterrupted, tmp_
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert "'parallel.tensor_parallel': got 2; allowed: 1 as saved in" in refused.stderr
     assert (run_dir / "metrics.jsonl").read_text() == before
-    done = train(*TINY, f"logging.run_dir={run_dir}", "train_steps=8", "optimizer.lr=1e-3",
-                 "--resume")  # fmt: skip
+    done = train(
+        *TINY, f"logging.run_dir={run_dir}", "train_steps=8", "optimizer.lr=1e-3", "--resume"
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resume: train_steps: 6 -> 8 (applied)" in done.stdout
     assert "resume: optimizer.lr: 0.0003 -> 0.001 (applied)" in done.stdout
@@ -234,9 +265,13 @@ def test_resume_applies_allowed_changes_and_refuses_the_rest(uninterrupted, tmp_
 def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(tmp_path):
     small = tmp_path / "small"
     small.mkdir()
-    mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], capture_output=True
-    ).returncode == 0  # fmt: skip
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], capture_output=True
+        ).returncode
+        == 0
+    )
     if not mounted:
         pytest.skip("needs root to mount a 6 MiB tmpfs: a real full disk")
     try:
@@ -296,9 +331,15 @@ def test_bad_config_stops_before_any_work(tmp_path, override, message):
 
 
 def test_dynamic_sampling_keeps_groups_with_signal(pool2, tmp_path):
-    overrides = [*TINY, "sft.steps=25", "algorithm.dynamic_sampling=true",
-                 "algorithm.dynamic_sampling_max_rounds=6", "data.prompts_per_step=6",
-                 "optimizer.mini_batch_size=24", f"logging.run_dir={tmp_path}"]  # fmt: skip
+    overrides = [
+        *TINY,
+        "sft.steps=25",
+        "algorithm.dynamic_sampling=true",
+        "algorithm.dynamic_sampling_max_rounds=6",
+        "data.prompts_per_step=6",
+        "optimizer.mini_batch_size=24",
+        f"logging.run_dir={tmp_path}",
+    ]
     first, second = pool2.run(dynamic_sampling_rollouts, str(CONFIG), overrides)[0]
     for varied, metrics, _, _ in (first, second):
         assert len(varied) == 6
@@ -311,8 +352,14 @@ def test_dynamic_sampling_keeps_groups_with_signal(pool2, tmp_path):
 
 
 def test_overlong_shaping_in_the_reward(pool2, tmp_path):
-    overrides = [*TINY, "sft.steps=0", "rollout.max_tokens=4", "algorithm.overlong_buffer=2",
-                 "algorithm.overlong_penalty=0.5", f"logging.run_dir={tmp_path}"]  # fmt: skip
+    overrides = [
+        *TINY,
+        "sft.steps=0",
+        "rollout.max_tokens=4",
+        "algorithm.overlong_buffer=2",
+        "algorithm.overlong_penalty=0.5",
+        f"logging.run_dir={tmp_path}",
+    ]
     first, _ = pool2.run(dynamic_sampling_rollouts, str(CONFIG), overrides)[0]
     rewards = first[3]
     # untrained: wrong answers (0) of 3 tokens (-0.25) or 4 (-0.5), or shorter (0)
@@ -337,15 +384,30 @@ def test_math_task_trains_with_sandboxed_grading(pool2, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     config = transformers.LlamaConfig(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    ).to_dict()  # fmt: skip
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    ).to_dict()
     (model / "config.json").write_text(json.dumps(config))
-    overrides = [*TINY, "data.task=math", f"data.train_path={tmp_path / 'train.jsonl'}",
-                 f"model.hf_config={model}", f"model.tokenizer={tokenizer.path}",
-                 "rollout.max_tokens=8", "train_steps=2", "sft.steps=0",
-                 "eval_interval=2", "eval_benchmarks=gsm8k,amc23", "eval_k=2", "eval_limit=2",
-                 f"logging.run_dir={tmp_path / 'run'}"]  # fmt: skip
+    overrides = [
+        *TINY,
+        "data.task=math",
+        f"data.train_path={tmp_path / 'train.jsonl'}",
+        f"model.hf_config={model}",
+        f"model.tokenizer={tokenizer.path}",
+        "rollout.max_tokens=8",
+        "train_steps=2",
+        "sft.steps=0",
+        "eval_interval=2",
+        "eval_benchmarks=gsm8k,amc23",
+        "eval_k=2",
+        "eval_limit=2",
+        f"logging.run_dir={tmp_path / 'run'}",
+    ]
     history = pool2.run(short_run, str(CONFIG), overrides)[0]
     assert len(history) == 2
     for record in history:
@@ -364,11 +426,16 @@ def test_math_task_trains_with_sandboxed_grading(pool2, tmp_path):
         ["convert", "mcore-to-hf", "--ckpt", step / "dist", "--out", tmp_path / "hf"],  # quickstart
         ["eval", "--hf", tmp_path / "hf", *common, "--out", tmp_path / "from_hf"],
     ):
-        done = subprocess.run([sys.executable, "-m", "megatron_rpg.cli", *map(str, args)],
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "megatron_rpg.cli", *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads((tmp_path / d / "results.json").read_text())
-               for d in ("from_step", "from_hf")]  # fmt: skip
+    results = [
+        json.loads((tmp_path / d / "results.json").read_text()) for d in ("from_step", "from_hf")
+    ]
     assert results[0] == results[1] and results[0]["gsm8k"]["problems"] == 2
 
 
@@ -386,8 +453,10 @@ def test_reinforce_pp_whitens_over_the_step_in_any_layout(pool2, tmp_path):
         "algorithm.kl_in_reward=0.05",
     ]
     runs = {}
-    for name, layout in (("tp2", "parallel.tensor_parallel=2"),
-                         ("dp2", "parallel.tensor_parallel=1")):  # fmt: skip
+    for name, layout in (
+        ("tp2", "parallel.tensor_parallel=2"),
+        ("dp2", "parallel.tensor_parallel=1"),
+    ):
         overrides = [*common, layout, f"logging.run_dir={tmp_path / name}"]
         runs[name] = pool2.run(short_run, str(CONFIG), overrides)[0]
     tp2, dp2 = runs["tp2"][0], runs["dp2"][0]
@@ -409,3 +478,19 @@ def test_whitening_over_ranks_equals_whitening_the_whole(pool2):
     mask = torch.rand(6, 9, generator=g) < 0.6
     halves = pool2.run(whiten_halves, values, mask)
     torch.testing.assert_close(torch.cat(halves), whiten(values, mask), atol=1e-12, rtol=0)
+
+
+def test_the_reference_interval_counts_optimizer_steps_as_the_paper():
+    """The paper's 'every K optimizer steps': 512 prompts x 16 in mini-batches of 512 sequences
+    are 16 optimizer steps per RL step, so K = 32 renews the reference after every second step."""
+    from megatron_rpg.config import load_config
+    from megatron_rpg.trainer import reference_update_due
+
+    paper = Path(__file__).parents[1] / "examples" / "rpg_paper_qwen3_4b.yaml"
+    config = load_config(paper, ["loss.kl_anchor=ref", "algorithm.ref_update_interval=32"])
+    per_step = config.optimizer_steps_per_step()
+    assert per_step == 16
+    due = [reference_update_due(step * per_step, 32, 0.0, 0.0) for step in range(1, 7)]
+    assert due == [False, True, False, True, False, True]
+    assert not any(reference_update_due(step * per_step, 0, 0.5, 0.0) for step in range(1, 7))
+    assert reference_update_due(16, 0, kl_average=0.5, kl_target=0.4)

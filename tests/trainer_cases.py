@@ -62,8 +62,10 @@ def dynamic_sampling_rollouts(config_path, overrides):
     out = []
     for _ in range(2):
         batch, metrics = trainer._rollout()
-        varied = [len(set(batch.rewards[batch.group_ids == g].tolist())) > 1
-                  for g in range(int(batch.group_ids.max()) + 1)]  # fmt: skip
+        varied = [
+            len(set(batch.rewards[batch.group_ids == g].tolist())) > 1
+            for g in range(int(batch.group_ids.max()) + 1)
+        ]
         out.append((varied, metrics, trainer.data_position, batch.rewards.tolist()))
     destroy_model_parallel()
     return out

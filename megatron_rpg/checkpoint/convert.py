@@ -18,7 +18,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpg.checkpoint.hf import HFCheckpoint, write_hf_checkpoint
-from megatron_rpg.checkpoint.mcore import load_mcore, model_checkpoint, read_hf_config, save_mcore
+from megatron_rpg.checkpoint.mcore import (
+    checkpoint_hf_config,
+    load_mcore,
+    model_checkpoint,
+    save_mcore,
+)
 from megatron_rpg.config import ParallelConfig
 from megatron_rpg.models import ModelArch, build_model_chunks, load_full_state_dict
 from megatron_rpg.models.export import iter_hf_weights
@@ -40,8 +45,9 @@ def check_difference(difference: float, dtype: torch.dtype, what: str) -> float:
     """`difference` (max |logits difference|) if within the dtype's tolerance, else ValueError."""
     tolerance = VERIFY_TOLERANCE.get(dtype, 0.1)
     if not difference <= tolerance:
-        raise ValueError(f"verify: logits differ {what} by {difference:.3g} "
-                         f"(tolerance {tolerance})")  # fmt: skip
+        raise ValueError(
+            f"verify: logits differ {what} by {difference:.3g} (tolerance {tolerance})"
+        )
     return difference
 
 
@@ -126,15 +132,18 @@ def mcore_to_hf(
     checkpoint: str, out: str, tp: int = 1, pp: int = 1, force: bool = False, verify: bool = False
 ) -> None:
     _refuse_existing(out, force)
-    hf_config = read_hf_config(checkpoint)
+    hf_config = checkpoint_hf_config(checkpoint)
     arch, chunks = _build(hf_config, tp, pp)
     load_mcore(chunks, checkpoint)
     stream = iter_hf_weights(chunks, arch)
     if dist.get_rank() == 0:
         write_hf_checkpoint(
-            out, _counted(stream, len(hf_names(arch))), hf_config,
-            tokenizer_from=model_checkpoint(checkpoint), force=force,
-        )  # fmt: skip
+            out,
+            _counted(stream, len(hf_names(arch))),
+            hf_config,
+            tokenizer_from=model_checkpoint(checkpoint),
+            force=force,
+        )
     else:
         for _ in stream:  # take part in the collectives; rank 0 writes
             pass
@@ -148,8 +157,7 @@ def reshard(
 ) -> None:
     """(verify applies to conversions from or to HF; a reshard has no HF side to compare.)"""
     _refuse_existing(out, force)
-    hf_config = read_hf_config(checkpoint)
+    hf_config = checkpoint_hf_config(checkpoint)
     _, chunks = _build(hf_config, tp, pp)
     load_mcore(chunks, checkpoint)
-    save_mcore(chunks, out, hf_config, force=force,
-               tokenizer_from=model_checkpoint(checkpoint))  # fmt: skip
+    save_mcore(chunks, out, hf_config, force=force, tokenizer_from=model_checkpoint(checkpoint))

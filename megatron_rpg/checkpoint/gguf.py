@@ -24,10 +24,23 @@ import torch
 from megatron_rpg.checkpoint.hf import write_hf_checkpoint
 
 ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3"})  # GGUF's general.architecture
-QUANTIZATION_TYPES = frozenset({
-    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-})  # fmt: skip
+QUANTIZATION_TYPES = frozenset(
+    {
+        "F32",
+        "F16",
+        "BF16",
+        "Q4_0",
+        "Q4_1",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+    }
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -88,8 +101,13 @@ def hf_config_of(model: Any, dtype: str) -> dict[str, Any]:
     return config
 
 
-def gguf_to_hf(gguf_file: str | Path, out: str | Path, dtype: str = "float32",
-               force: bool = False, verify: bool = False) -> float | None:  # fmt: skip
+def gguf_to_hf(
+    gguf_file: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    force: bool = False,
+    verify: bool = False,
+) -> float | None:
     """Write `out` (atomically; an existing one only with force) from `gguf_file`. With verify,
     returns the max |logits difference| between `out` and the GGUF-loaded model (raises beyond
     the tolerance of convert.verify_logits)."""

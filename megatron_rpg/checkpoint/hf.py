@@ -28,10 +28,16 @@ from safetensors.torch import save_file
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "generation_config.json",
     "chat_template.jinja",
-)  # fmt: skip
+)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -93,10 +99,11 @@ def write_hf_checkpoint(
     try:
         _write_shards(staging, tensors, shard_bytes)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for name in TOKENIZER_FILES if tokenizer_from is not None else ():
-            source = Path(tokenizer_from) / name  # type: ignore[arg-type]
-            if source.is_file():
-                shutil.copy2(source, staging / name)
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                source = Path(tokenizer_from) / name
+                if source.is_file():
+                    shutil.copy2(source, staging / name)
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -139,8 +146,10 @@ def _write_shards(
         new = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
         os.replace(directory / old, directory / new)
         final[i] = new
-    index = {"metadata": {"total_size": total},
-             "weight_map": {n: final[i] for n, i in sorted(weight_map.items())}}  # fmt: skip
+    index = {
+        "metadata": {"total_size": total},
+        "weight_map": {n: final[i] for n, i in sorted(weight_map.items())},
+    }
     (directory / INDEX).write_text(json.dumps(index, indent=2))
 
 

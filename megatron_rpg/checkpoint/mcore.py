@@ -2,7 +2,7 @@
 
     save_mcore(chunks, "ckpt", hf_config)     # collective over all ranks; atomic
     load_mcore(chunks, "ckpt")                # any layout: dist_checkpointing reshards
-    hf_config = read_hf_config("ckpt")        # the architecture travels with the checkpoint
+    hf_config = checkpoint_hf_config("ckpt")  # the architecture travels with the checkpoint
 
 A training checkpoint (run/checkpoints/step_N, trainer.py) holds the policy the same way in its
 dist/ directory, with the HF config and tokenizer files; every function here takes either.
@@ -26,6 +26,7 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_rpg.checkpoint.hf import TOKENIZER_FILES
+from megatron_rpg.models.arch import read_hf_config
 
 HF_CONFIG = "hf_config.json"
 
@@ -129,6 +130,6 @@ def load_mcore(model_chunks: list[Any], checkpoint: str | Path) -> None:
         chunk.load_state_dict(loaded[_key(i, len(model_chunks))])
 
 
-def read_hf_config(checkpoint: str | Path) -> dict[str, Any]:
-    config: dict[str, Any] = json.loads((model_checkpoint(checkpoint) / HF_CONFIG).read_text())
-    return config
+def checkpoint_hf_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The Hugging Face config that travels with a Megatron checkpoint."""
+    return read_hf_config(model_checkpoint(checkpoint) / HF_CONFIG)

@@ -42,9 +42,11 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def sharded_state(
-    policy_chunks: list[Any], optimizer: Any, reference_chunks: list[Any] | None,
+    policy_chunks: list[Any],
+    optimizer: Any,
+    reference_chunks: list[Any] | None,
     is_loading: bool,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     count = len(policy_chunks)
     state: dict[str, Any] = {}
     model_state: dict[str, Any] = {}
@@ -84,8 +86,7 @@ def save_train_checkpoint(
     out = checkpoint_dir(run_dir, step)
     staging = out.parent / f".{out.name}.tmp"
     try:
-        _write_staging(staging, step, state_dicts, train_state, config_yaml, checksums,
-                       model_files)  # fmt: skip
+        _write_staging(staging, step, state_dicts, train_state, config_yaml, checksums, model_files)
     except (Exception, CheckpointException) as err:  # DCP's is a BaseException
         free = shutil.disk_usage(out.parent).free if out.parent.is_dir() else 0
         shutil.rmtree(staging, ignore_errors=True)
@@ -111,9 +112,14 @@ class CheckpointWriteError(OSError):
 
 
 def _write_staging(
-    staging: Path, step: int, state_dicts: dict[str, Any], train_state: dict[str, Any],
-    config_yaml: str, checksums: bool, model_files: dict[str, bytes] | None,
-) -> None:  # fmt: skip
+    staging: Path,
+    step: int,
+    state_dicts: dict[str, Any],
+    train_state: dict[str, Any],
+    config_yaml: str,
+    checksums: bool,
+    model_files: dict[str, bytes] | None,
+) -> None:
     """Collective: every file of the checkpoint into `staging`, fsynced, COMPLETE last."""
     from megatron.core import dist_checkpointing
 
@@ -134,8 +140,7 @@ def _write_staging(
         (staging / "config.yaml").write_text(config_yaml)
         for name, content in (model_files or {}).items():
             (staging / "dist" / name).write_bytes(content)
-        (staging / "manifest.json").write_text(json.dumps(_manifest(staging, checksums),
-                                                          indent=2))  # fmt: skip
+        (staging / "manifest.json").write_text(json.dumps(_manifest(staging, checksums), indent=2))
         for path in staging.rglob("*"):
             if path.is_file():
                 fsync(path)
@@ -143,9 +148,14 @@ def _write_staging(
     dist.barrier()
 
 
+def complete_checkpoints(directory: str | Path) -> list[Path]:
+    """The checkpoints under `directory` that carry the COMPLETE marker, oldest first
+    (step_NNNNNNNN names sort by step)."""
+    return sorted(p for p in Path(directory).glob("step_*") if (p / MARKER).is_file())
+
+
 def _prune(directory: Path, keep_last: int) -> None:
-    complete = sorted(p for p in directory.glob("step_*") if (p / MARKER).is_file())
-    for old in complete[:-keep_last]:
+    for old in complete_checkpoints(directory)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -183,8 +193,11 @@ def latest_valid(run_dir: str | Path) -> Path | None:
     dist.broadcast_object_list(choice, src=0)
     directory, problems = choice
     if directory is None and problems:
-        raise RuntimeError(f"resume: no usable checkpoint in {Path(run_dir) / 'checkpoints'} ("
-                           + "; ".join(problems) + "); move them away to start over")  # fmt: skip
+        raise RuntimeError(
+            f"resume: no usable checkpoint in {Path(run_dir) / 'checkpoints'} ("
+            + "; ".join(problems)
+            + "); move them away to start over"
+        )
     return Path(directory) if directory else None
 
 

@@ -16,8 +16,13 @@ def build_task(data: DataConfig) -> ArithmeticTask | MathDataset:
     """The training task that `data` describes (data.task: arithmetic or math)."""
     if data.task == "arithmetic":
         return ArithmeticTask(data.max_operand, data.operators)
-    return MathDataset(data.train_path, data.prompt_key, data.answer_key,
-                       data.answer_extraction, data.prompt_template)  # fmt: skip
+    return MathDataset(
+        data.train_path,
+        data.prompt_key,
+        data.answer_key,
+        data.answer_extraction,
+        data.prompt_template,
+    )
 
 
 __all__ = [

@@ -96,8 +96,11 @@ class MemoryPlan:
         g = self.gb
         gpus = self.nodes * self.gpus_per_node
         engine_gpus = (self.engine_nodes or self.nodes) * self.gpus_per_node
-        where = (f"on {self.engine_nodes} node(s) of their own" if self.engine_nodes
-                 else "colocated with the trainer")  # fmt: skip
+        where = (
+            f"on {self.engine_nodes} node(s) of their own"
+            if self.engine_nodes
+            else "colocated with the trainer"
+        )
         lines = [
             f"model: {self.arch.family.name}, {self.total_parameters / 1e9:.2f}B parameters, "
             f"{self.arch.num_layers} layers, hidden {self.arch.hidden_size}",
@@ -113,28 +116,36 @@ class MemoryPlan:
             lines.append(f"  {key:<12} {g[key]:8.2f}")
         peaks = f"training peak {self.training_gb:7.2f}   rollout peak {self.rollout_gb:7.2f}"
         lines.append(f"  {peaks}   GPU {self.gpu_memory_gb:.0f}")
-        lines.append(f"  engine: weights {g['engine_weights']:.2f}, KV cache {g['kv_cache']:.2f} "
-                     f"= {g['kv_tokens']:,.0f} tokens per engine")  # fmt: skip
+        lines.append(
+            f"  engine: weights {g['engine_weights']:.2f}, KV cache {g['kv_cache']:.2f} "
+            f"= {g['kv_tokens']:,.0f} tokens per engine"
+        )
         return "\n".join(lines)
 
     def check(self) -> None:
         peak = max(self.training_gb, self.rollout_gb)
         if peak > self.gpu_memory_gb:
             phase = "training" if self.training_gb >= self.rollout_gb else "rollout"
-            raise ConfigError("layout", f"TP{self.tp} x PP{self.pp} x DP{self.dp}",
-                              f"a layout whose {phase} peak ({peak:.1f} GB per GPU) fits the "
-                              f"GPU's {self.gpu_memory_gb:.0f} GB (more TP/PP or nodes, "
-                              "recompute, a smaller micro-batch)")  # fmt: skip
+            raise ConfigError(
+                "layout",
+                f"TP{self.tp} x PP{self.pp} x DP{self.dp}",
+                f"a layout whose {phase} peak ({peak:.1f} GB per GPU) fits the "
+                f"GPU's {self.gpu_memory_gb:.0f} GB (more TP/PP or nodes, "
+                "recompute, a smaller micro-batch)",
+            )
         if self.gb["kv_cache"] <= 0:
             share = self.gb["engine"] / self.gpu_memory_gb
             weights = self.gb["engine_weights"]
-            raise ConfigError("rollout.gpu_memory_utilization", share,
-                              f"enough for the engine's weights ({weights:.1f} GB per GPU) "
-                              "and a KV cache")  # fmt: skip
+            raise ConfigError(
+                "rollout.gpu_memory_utilization",
+                share,
+                f"enough for the engine's weights ({weights:.1f} GB per GPU) and a KV cache",
+            )
 
 
-def memory_plan(config: RunConfig, nodes: int, gpus_per_node: int,
-                gpu_memory_gb: float = 80.0) -> MemoryPlan:  # fmt: skip
+def memory_plan(
+    config: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gb: float = 80.0
+) -> MemoryPlan:
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError("nodes/gpus_per_node", f"{nodes}/{gpus_per_node}", ">= 1")
     c, parallel = config, config.parallel
@@ -161,13 +172,19 @@ def memory_plan(config: RunConfig, nodes: int, gpus_per_node: int,
     if c.rollout.engine == "vllm":  # the trainer's own check (rollout/placement.py)
         rollout_placement(c.rollout, arch, gpus, gpus_per_node, cuda=True)
     if gpus_per_node % engine_tp:
-        raise ConfigError("rollout.tensor_parallel", engine_tp,
-                          f"a divisor of the GPUs per node ({gpus_per_node})")  # fmt: skip
+        raise ConfigError(
+            "rollout.tensor_parallel",
+            engine_tp,
+            f"a divisor of the GPUs per node ({gpus_per_node})",
+        )
     dp = gpus // (tp * pp)
     stages = stage_parameters(arch, tp, pp)
     p = max(stages) / tp
-    total = sum(stages) - (padded_vocab_size(arch.vocab_size, tp) * arch.hidden_size
-                           if arch.tie_word_embeddings and pp > 1 else 0)  # fmt: skip
+    total = sum(stages) - (
+        padded_vocab_size(arch.vocab_size, tp) * arch.hidden_size
+        if arch.tie_word_embeddings and pp > 1
+        else 0
+    )
     bf16 = c.model.params_dtype in ("auto", "bfloat16")
     distributed = True  # the trainer uses Megatron's distributed optimizer on GPUs
     s = c.data.max_prompt_tokens + c.rollout.max_tokens
@@ -197,8 +214,22 @@ def memory_plan(config: RunConfig, nodes: int, gpus_per_node: int,
         "kv_cache": kv_cache / GB,
         "kv_tokens": max(kv_cache, 0) / kv_per_token,
     }
-    return MemoryPlan(arch, nodes, gpus_per_node, gpu_memory_gb, tp, pp, dp, engine_tp,
-                      engine_nodes, total, s, b, in_flight, gb)  # fmt: skip
+    return MemoryPlan(
+        arch,
+        nodes,
+        gpus_per_node,
+        gpu_memory_gb,
+        tp,
+        pp,
+        dp,
+        engine_tp,
+        engine_nodes,
+        total,
+        s,
+        b,
+        in_flight,
+        gb,
+    )
 
 
 def _config_path(path: str) -> Path:

@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 ESTIMATORS: tuple[str, ...] = (
-    "group_mean", "group_mean_std", "batch_mean", "group_mean_whitened", "reinforce_pp",
-)  # fmt: skip
+    "group_mean",
+    "group_mean_std",
+    "batch_mean",
+    "group_mean_whitened",
+    "reinforce_pp",
+)
 
 
 def _group_index(group_ids: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,17 +96,19 @@ def reinforce_pp_returns(
     return token_rewards.flip(-1).cumsum(-1).flip(-1) * mask
 
 
-def whiten(values: Tensor, mask: Tensor, group: object = None, eps: float = 1e-6) -> Tensor:
+def whiten(
+    values: Tensor, mask: Tensor, group: ProcessGroup | None = None, eps: float = 1e-6
+) -> Tensor:
     """(values - mean) / (std + eps) over the masked entries, zero elsewhere; the mean and the
     (population) std are taken over every rank of `group` when one is given (two all-reduces)."""
     mask = mask.to(values.dtype)
     totals = torch.stack([(values * mask).sum(), mask.sum()])
     if group is not None:
-        torch.distributed.all_reduce(totals, group=group)  # type: ignore[arg-type]
+        torch.distributed.all_reduce(totals, group=group)
     mean = totals[0] / totals[1].clamp(min=1.0)
     square = ((values - mean) * mask).square().sum()
     if group is not None:
-        torch.distributed.all_reduce(square, group=group)  # type: ignore[arg-type]
+        torch.distributed.all_reduce(square, group=group)
     std = (square / totals[1].clamp(min=1.0)).sqrt()
     return (values - mean) / (std + eps) * mask
 

@@ -58,8 +58,16 @@ def rpg_reinforce_loss(divergence: Divergence, terms: TokenTerms, config: LossCo
     if config.clip == "dual":
         c_kl = divergence.kl_weight(config.beta, log_w, log_r, log_rho)
         c_kl_over_w = divergence.kl_weight_over_w(config.beta, log_w, log_r, log_rho)
-        clipped = rpg_reinforce_clip(terms.logprobs, w, adv, c_kl, c_kl_over_w, config.eps_low,
-                                     config.eps_high, config.dual_clip_c)  # fmt: skip
+        clipped = rpg_reinforce_clip(
+            terms.logprobs,
+            w,
+            adv,
+            c_kl,
+            c_kl_over_w,
+            config.eps_low,
+            config.eps_high,
+            config.dual_clip_c,
+        )
         return Surrogate(clipped.loss, clipped)
     if config.clip == "truncate":
         log_w_bar = log_w.clamp(math.log1p(-config.eps_low), math.log1p(config.eps_high))

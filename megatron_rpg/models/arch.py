@@ -15,8 +15,11 @@ from typing import Any
 from megatron_rpg.models.families import Family, family_for
 
 # Llama-3 RoPE frequency scaling: Megatron implements it with these fixed constants.
-_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}  # fmt: skip
+_LLAMA3_ROPE = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class ModelArch:
 
     @classmethod
     def from_hf(cls, source: str | Path | dict[str, Any] | Any) -> ModelArch:
-        hf = _read(source)
+        hf = read_hf_config(source)
         family = family_for(str(_field(hf, "model_type")))
         family.check(hf)
         if hf.get("hidden_act", "silu") != "silu":
@@ -75,7 +78,9 @@ class ModelArch:
         )
 
 
-def _read(source: str | Path | dict[str, Any] | Any) -> dict[str, Any]:
+def read_hf_config(source: str | Path | dict[str, Any] | Any) -> dict[str, Any]:
+    """A Hugging Face config as a dict: from a config.json (or a directory holding one), a
+    transformers PretrainedConfig, or a dict."""
     if isinstance(source, dict):
         return source
     if hasattr(source, "to_dict"):  # a transformers PretrainedConfig

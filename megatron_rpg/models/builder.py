@@ -67,16 +67,18 @@ def _leave_uninitialized(weight: torch.Tensor) -> None:
     partition tagging (perform_initialization stays on) but skips drawing random numbers."""
 
 
-def transformer_config(  # type: ignore[no-untyped-def]
+def transformer_config(
     arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype, initialize: bool = True
-):
+) -> Any:
     from megatron.core.transformer import TransformerConfig
 
     check_layout(arch, parallel)
     vpp = parallel.virtual_pipeline_parallel
-    skip_init = {} if initialize else {
-        "init_method": _leave_uninitialized, "output_layer_init_method": _leave_uninitialized
-    }  # fmt: skip
+    skip_init = (
+        {}
+        if initialize
+        else {"init_method": _leave_uninitialized, "output_layer_init_method": _leave_uninitialized}
+    )
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -113,7 +115,7 @@ def transformer_config(  # type: ignore[no-untyped-def]
     )
 
 
-def _layer_spec(arch: ModelArch):  # type: ignore[no-untyped-def]
+def _layer_spec(arch: ModelArch) -> Any:
     from megatron.core.models.gpt import gpt_layer_specs
 
     if torch.cuda.is_available():
@@ -159,7 +161,7 @@ def build_model_chunks(
                 post_process=parallel_state.is_pipeline_last_stage(False, vp_stage),
                 share_embeddings_and_output_weights=arch.tie_word_embeddings,
                 position_embedding_type="rope",
-                rotary_base=arch.rope_theta,  # type: ignore[arg-type]
+                rotary_base=arch.rope_theta,  # type: ignore[arg-type]  # typed int, used as float
                 rope_scaling=arch.llama3_rope_factor is not None,
                 rope_scaling_factor=arch.llama3_rope_factor or 8.0,
                 seq_len_interpolation_factor=arch.rope_interpolation_factor,

@@ -114,12 +114,17 @@ class WeightStream:
     def bucket_metadata(self) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
         """Per bucket, what `buckets()` will yield: (hf_name, shape, dtype) of each tensor."""
         return [
-            [(hf_name, tuple(t.shape), t.dtype)
-             for planned in bucket
-             for hf_name, t in to_hf(planned.name, torch.empty(planned.shape, dtype=planned.dtype,
-                                                               device="meta"), self.arch)]
+            [
+                (hf_name, tuple(t.shape), t.dtype)
+                for planned in bucket
+                for hf_name, t in to_hf(
+                    planned.name,
+                    torch.empty(planned.shape, dtype=planned.dtype, device="meta"),
+                    self.arch,
+                )
+            ]
             for bucket in _buckets(self.plan, self.bucket_bytes)
-        ]  # fmt: skip
+        ]
 
     @property
     def metadata(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -165,8 +170,11 @@ class WeightStream:
             if dist.get_world_size(pp_group) > 1:
                 src = dist.get_global_rank(pp_group, bucket[0].stage)
                 dist.broadcast(flat, src=src, group=pp_group)
-            yield [pair for view, t in zip(views, bucket, strict=True)
-                   for pair in to_hf(t.name, view, arch)]  # fmt: skip
+            yield [
+                pair
+                for view, t in zip(views, bucket, strict=True)
+                for pair in to_hf(t.name, view, arch)
+            ]
 
 
 def iter_hf_weights(

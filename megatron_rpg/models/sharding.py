@@ -52,10 +52,12 @@ def tp_join(shards: list[Tensor], partition_dim: int, gated: bool) -> Tensor:
     if gated:
         halves = [s.chunk(2, dim=partition_dim) for s in shards]
         return torch.cat(
-            [torch.cat([h[0] for h in halves], partition_dim),
-             torch.cat([h[1] for h in halves], partition_dim)],
+            [
+                torch.cat([h[0] for h in halves], partition_dim),
+                torch.cat([h[1] for h in halves], partition_dim),
+            ],
             dim=partition_dim,
-        )  # fmt: skip
+        )
     return torch.cat(shards, dim=partition_dim)
 
 

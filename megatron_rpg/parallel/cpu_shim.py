@@ -7,6 +7,9 @@ patches are not inherited with the spawn start method.
 
 Not covered (no CPU code path of ours uses them): the distributed optimizer's checkpoint resume
 (patch 11 of the recipe) and batched p2p sync (we run pipelines with batch_p2p_comm=False).
+
+Every `type: ignore` here marks a deliberate replacement of a torch or Megatron attribute
+(method-assign, assignment): what a shim is; mypy rightly flags each one.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ def _quiet_expected_warnings() -> None:
     """Megatron warns at import that Transformer Engine and Apex are missing (never installed
     on CPUs) and that cuda_graph_scope 'full' is deprecated (no CUDA graphs on CPUs): nine lines
     on every rank's stderr that tell a CPU user nothing."""
-    for message in (r"(Transformer Engine and )?Apex (are|is) not installed",
-                    r"full scope is deprecated"):  # fmt: skip
+    for message in (
+        r"(Transformer Engine and )?Apex (are|is) not installed",
+        r"full scope is deprecated",
+    ):
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 

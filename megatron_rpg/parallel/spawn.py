@@ -182,16 +182,19 @@ class RankPool:
             try:
                 rank, ok, payload = self._results.get(timeout=LIVENESS_POLL_S)
             except queue.Empty:
-                dead = [r for r, p in enumerate(self._procs)
-                        if not p.is_alive() and r not in results]  # fmt: skip
+                dead = [
+                    r for r, p in enumerate(self._procs) if not p.is_alive() and r not in results
+                ]
                 waited_out = grace_ends is not None and time.monotonic() > grace_ends
                 if not dead and not waited_out:
                     continue  # as long as it takes: a stuck collective times out in the rank
                 self.close(force=True)
                 if error is not None:
                     raise error from None
-                raise RankError(dead[0], f"ranks {dead} died without a result (killed: "
-                                "out of memory, a signal?)") from None  # fmt: skip
+                raise RankError(
+                    dead[0],
+                    f"ranks {dead} died without a result (killed: out of memory, a signal?)",
+                ) from None
             results[rank] = pickle.loads(payload) if ok else payload
             if not ok and error is None:
                 error = RankError(rank, payload)

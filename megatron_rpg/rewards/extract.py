@@ -19,8 +19,9 @@ import re
 MAX_CHARS = 20_000  # characters read from the end of a response
 # blanks, not \s: \s would also take newlines, and a search from every line start over all the
 # newlines after it is quadratic (20,000 empty lines: seconds)
-ANSWER_LINE = re.compile(r"^[ \t]*\**answer\**[ \t]*[:：][ \t]*(.+?)[ \t\r]*$",
-                         re.IGNORECASE | re.MULTILINE)  # fmt: skip
+ANSWER_LINE = re.compile(
+    r"^[ \t]*\**answer\**[ \t]*[:：][ \t]*(.+?)[ \t\r]*$", re.IGNORECASE | re.MULTILINE
+)
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 

@@ -77,8 +77,10 @@ class _Worker:
 class GraderPool:
     def __init__(self, workers: int = 2, timeout_s: float = 10.0, memory_mb: int = 1024):
         if workers < 1 or timeout_s <= 0 or memory_mb < 16:
-            raise ValueError(f"GraderPool(workers={workers}, timeout_s={timeout_s}, "
-                             f"memory_mb={memory_mb}): need >= 1, > 0, >= 16")  # fmt: skip
+            raise ValueError(
+                f"GraderPool(workers={workers}, timeout_s={timeout_s}, "
+                f"memory_mb={memory_mb}): need >= 1, > 0, >= 16"
+            )
         self.timeout_s, self.memory_mb = timeout_s, memory_mb
         self.context = mp.get_context("spawn")
         self.workers = [_Worker(self.context, memory_mb) for _ in range(workers)]
@@ -109,13 +111,16 @@ class GraderPool:
                         self._replace(index)
                         continue
                     worker.item, worker.deadline = item, time.monotonic() + self.timeout_s
-            busy = {w.connection: i for i, w in enumerate(self.workers) if w.item is not None}
+            busy: dict[Any, int] = {
+                w.connection: i for i, w in enumerate(self.workers) if w.item is not None
+            }
             if not busy:  # every send found a dead worker: hand out the next items
                 continue
-            timeout = max(0.0, min(self.workers[i].deadline for i in busy.values())
-                          - time.monotonic())  # fmt: skip
+            timeout = max(
+                0.0, min(self.workers[i].deadline for i in busy.values()) - time.monotonic()
+            )
             for connection in wait(list(busy), timeout=timeout):
-                index = busy[connection]  # type: ignore[index]
+                index = busy[connection]
                 worker = self.workers[index]
                 try:
                     score, error = worker.connection.recv()
@@ -123,7 +128,9 @@ class GraderPool:
                     stats["crashes"] += 1
                     self._replace(index)
                     continue
-                scores[worker.item], worker.item = score, None  # type: ignore[index]
+                graded, worker.item = worker.item, None
+                assert graded is not None  # busy workers hold an item
+                scores[graded] = score
                 if error is not None:
                     stats["errors"] += 1
                     stats["first_error"] = stats["first_error"] or error

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from megatron_rpg.rewards import overlong_penalty
+from megatron_rpg.rewards import overlong_penalty, task_reward
 from megatron_rpg.rollout.protocol import Response, SamplingParams
 
 Generate = Callable[[Sequence[Sequence[int]], SamplingParams], list[list[Response]]]
@@ -34,6 +34,7 @@ class CollectSettings:
     max_rounds: int = 1
     overlong_buffer: int = 0
     overlong_penalty: float = 1.0
+    incorrect_reward: float = 0.0  # the task reward of a wrong answer (right: 1)
     max_prompt_tokens: int | None = None  # longer prompts are skipped (and counted)
 
 
@@ -41,7 +42,7 @@ class CollectSettings:
 class Group:
     prompt: list[int]
     responses: list[Response]
-    rewards: list[float]  # scores plus the overlong shaping
+    rewards: list[float]  # scores on the reward scale plus the overlong shaping
     scores: list[float]  # the task's grades
     filler: bool = False  # dynamic sampling ran out of rounds: no part in the loss
 
@@ -59,7 +60,8 @@ def grade_groups(
     grade: Grade,
     settings: CollectSettings,
 ) -> list[tuple[list[float], list[float]]]:
-    """Per group: (task scores, rewards = scores plus DAPO overlong shaping), per response."""
+    """Per group: (task scores, rewards = scores on the reward scale (rewards/shaping.py) plus
+    DAPO's overlong shaping), per response."""
     items = [
         (tokenizer.decode(r.token_ids), task.answer(problem))
         for problem, group in zip(problems, groups, strict=True)
@@ -70,9 +72,17 @@ def grade_groups(
     out = []
     for group in groups:
         group_scores = [next(scores) for _ in group]
-        shaping = [overlong_penalty(len(r.token_ids), limit, settings.overlong_buffer,
-                                    settings.overlong_penalty) for r in group]  # fmt: skip
-        out.append((group_scores, [s + p for s, p in zip(group_scores, shaping, strict=True)]))
+        shaping = [
+            overlong_penalty(
+                len(r.token_ids), limit, settings.overlong_buffer, settings.overlong_penalty
+            )
+            for r in group
+        ]
+        rewards = [
+            task_reward(s, settings.incorrect_reward) + p
+            for s, p in zip(group_scores, shaping, strict=True)
+        ]
+        out.append((group_scores, rewards))
     return out
 
 
@@ -121,6 +131,7 @@ def collect_groups(
     kept: list[Group] = []
     dropped: list[Group] = []
     sampled: list[float] = []
+    grades: list[float] = []
     rounds = skipped = 0
     while len(kept) < settings.prompts and rounds < max(settings.max_rounds, 1):
         need = settings.prompts - len(kept)
@@ -135,6 +146,7 @@ def collect_groups(
         graded = grade_groups(problems, responses, task, tokenizer, grade, settings)
         for prompt, group, (scores, rewards) in zip(prompts, responses, graded, strict=True):
             sampled.extend(rewards)
+            grades.extend(scores)
             uniform = len(set(scores)) == 1
             target = dropped if settings.dynamic_sampling and uniform else kept
             target.append(Group(prompt, group, rewards, scores))
@@ -142,6 +154,7 @@ def collect_groups(
     fillers = [replace(g, filler=True) for g in dropped[: settings.prompts - len(kept)]]
     metrics = {
         "reward/sampled_mean": sum(sampled) / len(sampled),
+        "reward/sampled_accuracy": sum(grades) / len(grades),  # every response graded this step
         "dynamic/rounds": float(rounds),
         "dynamic/dropped_groups": float(len(dropped)),
         "dynamic/filler_groups": float(len(fillers)),

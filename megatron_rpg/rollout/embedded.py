@@ -75,8 +75,9 @@ class EmbeddedEngine:
             nbytes += tensor.numel() * tensor.element_size()
         missing = sorted(set(params) - received)
         if missing:
-            raise ValueError(f"update_weights: the stream did not send {missing[:3]} "
-                             f"({len(missing)} missing)")  # fmt: skip
+            raise ValueError(
+                f"update_weights: the stream did not send {missing[:3]} ({len(missing)} missing)"
+            )
         self.weights_complete = True
         return nbytes
 

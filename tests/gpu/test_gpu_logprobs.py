@@ -56,9 +56,18 @@ def test_one_training_step_of_a_tiny_policy_on_gpu():
     assert cpu_shim.apply() is False
     initialize_model_parallel(ParallelConfig(), seed=0)
     try:
-        hf = dict(model_type="qwen3", vocab_size=1000, hidden_size=256, intermediate_size=512,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  head_dim=64, rms_norm_eps=1e-6, max_position_embeddings=128)  # fmt: skip
+        hf = dict(
+            model_type="qwen3",
+            vocab_size=1000,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=128,
+        )
         arch = ModelArch.from_hf(hf)
         chunks = build_model_chunks(arch, ParallelConfig(), torch.bfloat16)
         chunks = [c.cuda() for c in chunks]

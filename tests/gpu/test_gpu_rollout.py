@@ -23,10 +23,18 @@ def test_vllm_generate_and_sync_from_megatron(tmp_path):
     from megatron_rpg.rollout import SamplingParams, sync_weights
     from megatron_rpg.rollout.vllm_engine import VLLMEngine
 
-    config = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=512, tie_word_embeddings=False,
-                  architectures=["LlamaForCausalLM"])  # fmt: skip
+    config = dict(
+        model_type="llama",
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     init_process_group("nccl")
     initialize_model_parallel(ParallelConfig(), seed=0)
@@ -42,8 +50,10 @@ def test_vllm_generate_and_sync_from_megatron(tmp_path):
     ours = forward_backward(chunks, [{"tokens": tokens}], LogprobOptions(arch.vocab_size))
     theirs = torch.tensor([r.logprobs for r in groups[0]], device="cuda")
     gap = (ours[0]["logprobs"][:, 3:] - theirs).abs()
-    print(f"sync {stats.bytes / 1e6:.1f} MB in {stats.seconds:.3f} s; log-prob gap mean "
-          f"{gap.mean():.2e} max {gap.max():.2e}")  # fmt: skip
+    print(
+        f"sync {stats.bytes / 1e6:.1f} MB in {stats.seconds:.3f} s; log-prob gap mean "
+        f"{gap.mean():.2e} max {gap.max():.2e}"
+    )
     assert gap.max() < 1e-2
     engine.close()
     dist.destroy_process_group()
