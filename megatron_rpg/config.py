@@ -10,49 +10,21 @@ message names the key, the value and what is allowed. Range checks live in each 
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-UNBOUNDED = {"infinity": True}  # field metadata: a float field that may be .inf
-
-
-class ConfigError(ValueError):
-    """A config value is unknown or invalid; `key` is its dotted path (e.g. `loss.beta`)."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"config key {key!r}: got {value!r}; allowed: {allowed}")
-
-    def under(self, section: str) -> ConfigError:
-        return ConfigError(
-            f"{section}.{self.key}" if section else self.key, self.value, self.allowed
-        )
-
-
-def _check(key: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, allowed)
-
-
-class _Section:
-    """Base of every config section: type-check all fields, then the section's own `validate`."""
-
-    def __post_init__(self) -> None:
-        _validate_fields(self)
-        self.validate()
-
-    def validate(self) -> None:
-        """Range checks of the section; raise ConfigError naming the field."""
+# ConfigError and LossConfig are re-exported: a run's config is where users look for them
+from megatron_rpg.config_schema import ConfigError as ConfigError
+from megatron_rpg.config_schema import Section, build, check
+from megatron_rpg.losses import LOSSES
+from megatron_rpg.losses.config import LossConfig as LossConfig
 
 
 @dataclass
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """Policy architecture: a Hugging Face config.json (file or directory); initial weights from
     a Megatron checkpoint (`megatron-rpg convert hf-to-mcore`), or random then the SFT warm-up;
     tokenizer: a sentencepiece model file (empty: trained into the run directory from the task's
@@ -65,7 +37,7 @@ class ModelConfig(_Section):
 
 
 @dataclass
-class ParallelConfig(_Section):
+class ParallelConfig(Section):
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline_parallel: int = 1
@@ -76,18 +48,18 @@ class ParallelConfig(_Section):
 
     def validate(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "virtual_pipeline_parallel"):
-            _check(name, getattr(self, name), getattr(self, name) >= 1, "an integer >= 1")
-        _check(
+            check(name, getattr(self, name), getattr(self, name) >= 1, "an integer >= 1")
+        check(
             "sequence_parallel",
             self.sequence_parallel,
             not self.sequence_parallel or self.tensor_parallel > 1,
             "true only with tensor_parallel > 1",
         )
-        _check("timeout_minutes", self.timeout_minutes, self.timeout_minutes >= 1, ">= 1")
+        check("timeout_minutes", self.timeout_minutes, self.timeout_minutes >= 1, ">= 1")
 
 
 @dataclass
-class RolloutConfig(_Section):
+class RolloutConfig(Section):
     engine: Literal["embedded", "vllm"] = "embedded"
     n: int = 8  # responses per prompt
     temperature: float = 1.0
@@ -105,57 +77,26 @@ class RolloutConfig(_Section):
     request_retries: int = 2  # then the step fails with the server named
 
     def validate(self) -> None:
-        _check("n", self.n, self.n >= 1, "an integer >= 1")
-        _check("temperature", self.temperature, self.temperature > 0, "> 0")
-        _check("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
-        _check("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 disables it)")
-        _check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
-        _check("tensor_parallel", self.tensor_parallel, self.tensor_parallel >= 1, ">= 1")
-        _check("engine_nodes", self.engine_nodes, self.engine_nodes >= 0, ">= 0")
-        _check(
+        check("n", self.n, self.n >= 1, "an integer >= 1")
+        check("temperature", self.temperature, self.temperature > 0, "> 0")
+        check("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")
+        check("top_k", self.top_k, self.top_k >= 0, ">= 0 (0 disables it)")
+        check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
+        check("tensor_parallel", self.tensor_parallel, self.tensor_parallel >= 1, ">= 1")
+        check("engine_nodes", self.engine_nodes, self.engine_nodes >= 0, ">= 0")
+        check(
             "gpu_memory_utilization",
             self.gpu_memory_utilization,
             0 < self.gpu_memory_utilization < 1,
             "in (0, 1)",
         )
-        _check("kv_cache_gb", self.kv_cache_gb, self.kv_cache_gb > 0, "> 0")
-        _check("request_timeout_s", self.request_timeout_s, self.request_timeout_s > 0, "> 0")
-        _check("request_retries", self.request_retries, self.request_retries >= 0, ">= 0")
+        check("kv_cache_gb", self.kv_cache_gb, self.kv_cache_gb > 0, "> 0")
+        check("request_timeout_s", self.request_timeout_s, self.request_timeout_s > 0, "> 0")
+        check("request_retries", self.request_retries, self.request_retries >= 0, ">= 0")
 
 
 @dataclass
-class LossConfig(_Section):
-    """Knobs of the loss library (megatron_rpg.losses; spec sections 1-5, 8).
-
-    beta: KL coefficient; clip: 'none', 'dual' (RPG-Style Clip / PPO dual-clip) or 'truncate'
-    (truncated importance weight inside the stop-gradient, RPG-REINFORCE only); eps_low/eps_high:
-    ratio clip range (1 - eps_low, 1 + eps_high); dual_clip_c: dual-clip bound c > 1 (inf disables);
-    agg: aggregation over tokens; kl_anchor: 'old' (pi_ref = pi_old, the paper's iterative
-    reference update) or 'ref' (a separate reference model); rollout_is: truncated importance
-    sampling against the rollout engine's log-probs, per 'token' or 'sequence', capped at
-    rollout_is_cap.
-    """
-
-    beta: float = 1e-4
-    clip: Literal["none", "dual", "truncate"] = "dual"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip_c: float = field(default=10.0, metadata=UNBOUNDED)
-    agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
-    kl_anchor: Literal["old", "ref"] = "old"
-    rollout_is: Literal["none", "token", "sequence"] = "none"
-    rollout_is_cap: float = field(default=2.0, metadata=UNBOUNDED)
-
-    def validate(self) -> None:
-        _check("beta", self.beta, self.beta >= 0 and math.isfinite(self.beta), "finite, >= 0")
-        _check("eps_low", self.eps_low, 0 <= self.eps_low < 1, "in [0, 1)")
-        _check("eps_high", self.eps_high, self.eps_high >= 0, ">= 0")
-        _check("dual_clip_c", self.dual_clip_c, self.dual_clip_c > 1, "> 1 (inf disables it)")
-        _check("rollout_is_cap", self.rollout_is_cap, self.rollout_is_cap > 0, "> 0 (inf allowed)")
-
-
-@dataclass
-class AlgorithmConfig(_Section):
+class AlgorithmConfig(Section):
     loss: str = "rpg_reinforce_urkl"  # a name from megatron_rpg.losses.LOSSES
     advantage: Literal[
         "group_mean", "group_mean_std", "batch_mean", "group_mean_whitened", "reinforce_pp"
@@ -174,32 +115,30 @@ class AlgorithmConfig(_Section):
     incorrect_reward: float = 0.0  # reward of a response graded wrong (right: 1); DAPO's scorer: -1
 
     def validate(self) -> None:
-        from megatron_rpg.losses import LOSSES  # imported here: the loss library imports us
-
-        _check("loss", self.loss, self.loss in LOSSES, f"one of {sorted(LOSSES)}")
-        _check("kl_in_reward", self.kl_in_reward, self.kl_in_reward >= 0, ">= 0")
-        _check("ppo_epochs", self.ppo_epochs, self.ppo_epochs >= 1, ">= 1")
-        _check(
+        check("loss", self.loss, self.loss in LOSSES, f"one of {sorted(LOSSES)}")
+        check("kl_in_reward", self.kl_in_reward, self.kl_in_reward >= 0, ">= 0")
+        check("ppo_epochs", self.ppo_epochs, self.ppo_epochs >= 1, ">= 1")
+        check(
             "ref_update_interval",
             self.ref_update_interval,
             self.ref_update_interval >= 0,
             ">= 0 (0: never)",
         )
-        _check(
+        check(
             "dynamic_sampling_max_rounds",
             self.dynamic_sampling_max_rounds,
             self.dynamic_sampling_max_rounds >= 1,
             ">= 1",
         )
-        _check("overlong_buffer", self.overlong_buffer, self.overlong_buffer >= 0, ">= 0")
-        _check("overlong_penalty", self.overlong_penalty, self.overlong_penalty >= 0, ">= 0")
-        _check(
+        check("overlong_buffer", self.overlong_buffer, self.overlong_buffer >= 0, ">= 0")
+        check("overlong_penalty", self.overlong_penalty, self.overlong_penalty >= 0, ">= 0")
+        check(
             "incorrect_reward",
             self.incorrect_reward,
             self.incorrect_reward < 1,
             "< 1 (the reward of a right answer)",
         )
-        _check(
+        check(
             "ref_update_kl_target",
             self.ref_update_kl_target,
             self.ref_update_kl_target >= 0,
@@ -208,7 +147,7 @@ class AlgorithmConfig(_Section):
 
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Section):
     """task 'arithmetic': the embedded synthetic task (data/arithmetic.py; max_operand,
     operators); 'math': prompts and answers from the JSON lines file train_path, graded by
     math-verify on the Answer: line or last \\boxed{} (answer_extraction 'strict'), or else the
@@ -230,12 +169,12 @@ class DataConfig(_Section):
     chat_template: Literal["auto", "on", "off"] = "auto"
 
     def validate(self) -> None:
-        _check("max_operand", self.max_operand, self.max_operand >= 1, ">= 1")
+        check("max_operand", self.max_operand, self.max_operand >= 1, ">= 1")
         known = bool(self.operators) and set(self.operators) <= set("+-*")
-        _check("operators", self.operators, known, "characters of '+-*'")
-        _check("prompts_per_step", self.prompts_per_step, self.prompts_per_step >= 1, ">= 1")
-        _check("max_prompt_tokens", self.max_prompt_tokens, self.max_prompt_tokens >= 1, ">= 1")
-        _check(
+        check("operators", self.operators, known, "characters of '+-*'")
+        check("prompts_per_step", self.prompts_per_step, self.prompts_per_step >= 1, ">= 1")
+        check("max_prompt_tokens", self.max_prompt_tokens, self.max_prompt_tokens >= 1, ">= 1")
+        check(
             "train_path",
             self.train_path,
             self.task != "math" or bool(self.train_path),
@@ -244,7 +183,7 @@ class DataConfig(_Section):
 
 
 @dataclass
-class SFTConfig(_Section):
+class SFTConfig(Section):
     """Supervised warm-up run by `train` before RL on a fresh model (steps=0: none). On the
     arithmetic task each example's answer is right with probability correct_fraction, else a
     random number of the answer range (see data/arithmetic.py)."""
@@ -255,16 +194,16 @@ class SFTConfig(_Section):
     correct_fraction: float = 1.0
 
     def validate(self) -> None:
-        _check("steps", self.steps, self.steps >= 0, ">= 0")
-        _check("lr", self.lr, self.lr > 0, "> 0")
-        _check("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
-        _check(
+        check("steps", self.steps, self.steps >= 0, ">= 0")
+        check("lr", self.lr, self.lr > 0, "> 0")
+        check("batch_size", self.batch_size, self.batch_size >= 1, ">= 1")
+        check(
             "correct_fraction", self.correct_fraction, 0 <= self.correct_fraction <= 1, "in [0, 1]"
         )
 
 
 @dataclass
-class OptimizerConfig(_Section):
+class OptimizerConfig(Section):
     """AdamW with grad-norm clipping and linear warm-up then constant LR (spec section 9)."""
 
     lr: float = 1e-6
@@ -278,15 +217,15 @@ class OptimizerConfig(_Section):
     mini_batch_size: int = 32  # sequences per optimizer step
 
     def validate(self) -> None:
-        _check("lr", self.lr, self.lr > 0, "> 0")
-        _check("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
-        _check("clip_grad", self.clip_grad, self.clip_grad >= 0, ">= 0 (0 disables)")
-        _check("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
+        check("lr", self.lr, self.lr > 0, "> 0")
+        check("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        check("clip_grad", self.clip_grad, self.clip_grad >= 0, ">= 0 (0 disables)")
+        check("warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
         for name in ("adam_beta1", "adam_beta2"):
-            _check(name, getattr(self, name), 0 <= getattr(self, name) < 1, "in [0, 1)")
-        _check("adam_eps", self.adam_eps, self.adam_eps > 0, "> 0")
-        _check("micro_batch_size", self.micro_batch_size, self.micro_batch_size >= 1, ">= 1")
-        _check(
+            check(name, getattr(self, name), 0 <= getattr(self, name) < 1, "in [0, 1)")
+        check("adam_eps", self.adam_eps, self.adam_eps > 0, "> 0")
+        check("micro_batch_size", self.micro_batch_size, self.micro_batch_size >= 1, ">= 1")
+        check(
             "mini_batch_size",
             self.mini_batch_size,
             self.mini_batch_size >= self.micro_batch_size
@@ -296,7 +235,7 @@ class OptimizerConfig(_Section):
 
 
 @dataclass
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     run_dir: str = "runs/default"
     tensorboard: bool = False  # needs the tensorboard package
     wandb_project: str = ""  # empty: no wandb
@@ -304,19 +243,19 @@ class LoggingConfig(_Section):
 
 
 @dataclass
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     save_interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 2
     resume: bool = False
     verify_checksums: bool = True  # sha256 of every file, checked on resume
 
     def validate(self) -> None:
-        _check("save_interval", self.save_interval, self.save_interval >= 0, ">= 0")
-        _check("keep_last", self.keep_last, self.keep_last >= 1, ">= 1")
+        check("save_interval", self.save_interval, self.save_interval >= 0, ">= 0")
+        check("keep_last", self.keep_last, self.keep_last >= 1, ">= 1")
 
 
 @dataclass
-class RunConfig(_Section):
+class RunConfig(Section):
     seed: int = 1234
     train_steps: int = 400
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -335,25 +274,25 @@ class RunConfig(_Section):
     eval_limit: int = 0  # first N problems of each benchmark; 0: all
 
     def validate(self) -> None:
-        _check("train_steps", self.train_steps, self.train_steps >= 1, ">= 1")
-        _check("seed", self.seed, self.seed >= 0, ">= 0")
-        _check("eval_interval", self.eval_interval, self.eval_interval >= 0, ">= 0")
-        _check("eval_k", self.eval_k, self.eval_k >= 1, ">= 1")
-        _check("eval_limit", self.eval_limit, self.eval_limit >= 0, ">= 0")
-        from megatron_rpg.evaluation import BENCHMARKS  # here: evaluation imports the rewards
+        check("train_steps", self.train_steps, self.train_steps >= 1, ">= 1")
+        check("seed", self.seed, self.seed >= 0, ">= 0")
+        check("eval_interval", self.eval_interval, self.eval_interval >= 0, ">= 0")
+        check("eval_k", self.eval_k, self.eval_k >= 1, ">= 1")
+        check("eval_limit", self.eval_limit, self.eval_limit >= 0, ">= 0")
+        from megatron_rpg.data.benchmarks import BENCHMARKS
 
         unknown = [
             b
             for b in self.eval_benchmarks.split(",")
             if b and b not in BENCHMARKS and not b.endswith(".jsonl")
         ]
-        _check(
+        check(
             "eval_benchmarks",
             self.eval_benchmarks,
             not unknown,
             f"comma-separated names of {sorted(BENCHMARKS)} or .jsonl files",
         )
-        _check(
+        check(
             "algorithm.overlong_buffer",
             self.algorithm.overlong_buffer,
             self.algorithm.overlong_buffer < self.rollout.max_tokens,
@@ -366,7 +305,7 @@ class RunConfig(_Section):
                 ("ref_update_kl_target", a.ref_update_kl_target, 0.0),
                 ("kl_in_reward", a.kl_in_reward, 0.0),
             ):
-                _check(
+                check(
                     f"algorithm.{key}",
                     value,
                     value == default,
@@ -374,15 +313,22 @@ class RunConfig(_Section):
                     "step: this knob would do nothing); loss.kl_anchor=ref for a reference "
                     "model",
                 )
+        check(
+            "sft.steps",
+            self.sft.steps,
+            self.sft.steps == 0 or self.data.task == "arithmetic",
+            "0 with data.task 'math' (the warm-up writes the arithmetic task's answers; start "
+            "math from a pretrained model.checkpoint)",
+        )
         sequences = self.data.prompts_per_step * self.rollout.n
-        _check(
+        check(
             "optimizer.mini_batch_size",
             self.optimizer.mini_batch_size,
             sequences % self.optimizer.mini_batch_size == 0,
             f"a divisor of data.prompts_per_step x rollout.n ({sequences})",
         )
         updates = self.optimizer_steps_per_step()
-        _check(
+        check(
             "algorithm.ref_update_interval",
             self.algorithm.ref_update_interval,
             self.algorithm.ref_update_interval % updates == 0,
@@ -398,87 +344,6 @@ class RunConfig(_Section):
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def _validate_fields(obj: Any) -> None:
-    """Type-check a dataclass built in code (the loader coerces; this only checks)."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = _coerce(f.name, getattr(obj, f.name), hints[f.name])
-        if isinstance(value, float) and not f.metadata.get("infinity"):
-            _check(f.name, value, math.isfinite(value), "a finite number")
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):
-            value = "on" if value else "off"  # YAML 1.1 reads an unquoted on/off as a boolean
-        _check(key, value, value in choices, f"one of {list(choices)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if tp is bool:
-        _check(key, value, isinstance(value, bool), "true or false")
-        return value
-    if tp is int:
-        _check(key, value, isinstance(value, int) and not isinstance(value, bool), "an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(key, value, "a number") from None
-        _check(
-            key,
-            value,
-            isinstance(value, int | float)
-            and not isinstance(value, bool)
-            and not math.isnan(value),
-            "a number",
-        )
-        return float(value)
-    if tp is str:
-        _check(
-            key,
-            value,
-            isinstance(value, str | int | float) and not isinstance(value, bool),
-            "a string",
-        )
-        return str(value)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return value if isinstance(value, tp) else _build(tp, value, key)
-    raise TypeError(f"unsupported config type {tp!r} for {key!r}")
-
-
-def _build(cls: Any, data: Any, prefix: str = "") -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(prefix or "<root>", data, f"a mapping of {cls.__name__} fields")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise ConfigError(
-                _join(prefix, str(key)), data[key], f"a key of {cls.__name__}: {sorted(names)}"
-            )
-    kwargs = {k: _coerce(_join(prefix, k), v, hints[k]) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:  # raised by cls's own checks, with a key local to cls
-        raise err.under(prefix) from None
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -552,7 +417,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(str(path), loaded, "a YAML mapping at the top level")
         data = loaded or {}
     data = _merge(data, parse_overrides(overrides or []))
-    return _build(RunConfig, data)
+    return build(RunConfig, data)
 
 
 def check_input_paths(cfg: RunConfig) -> None:

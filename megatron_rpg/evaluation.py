@@ -18,75 +18,23 @@ and each is averaged over problems, with a percentile bootstrap 95% interval ove
 from __future__ import annotations
 
 import math
-import os
 import random
-import subprocess
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from megatron_rpg.data import PROMPT_TEMPLATES, read_records
+from megatron_rpg.data import PROMPT_TEMPLATES
+
+# the benchmarks' names and files live in data/; re-exported for evaluation's users
+from megatron_rpg.data.benchmarks import BENCHMARKS as BENCHMARKS
+from megatron_rpg.data.benchmarks import DATA_DIR as DATA_DIR
+from megatron_rpg.data.benchmarks import benchmark_name as benchmark_name
+from megatron_rpg.data.benchmarks import load_benchmark as load_benchmark
 from megatron_rpg.rewards.extract import extract_answer
 from megatron_rpg.rewards.math import MATH_GRADERS
 from megatron_rpg.rewards.sandbox import GraderPool
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def shared_data_dir() -> Path:
-    """The shipped data sets: $MEGATRON_RPG_DATA, else ../shared/data beside the project, else
-    beside the checkout this one was cloned from (a CI clone elsewhere on the same machine)."""
-    if os.environ.get("MEGATRON_RPG_DATA"):
-        return Path(os.environ["MEGATRON_RPG_DATA"])
-    beside = PROJECT_ROOT.parent / "shared" / "data"
-    if beside.is_dir():
-        return beside
-    try:
-        origin = subprocess.run(
-            ["git", "config", "--get", "remote.origin.url"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=PROJECT_ROOT,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        origin = ""
-    if origin and Path(origin).is_dir():
-        cloned_from = Path(origin).resolve().parent / "shared" / "data"
-        if cloned_from.is_dir():
-            return cloned_from
-    return beside  # absent: load_benchmark names the missing file
-
-
-DATA_DIR = shared_data_dir()
-BENCHMARKS = {
-    "aime24": "aime24.jsonl",
-    "aime25": "aime25.jsonl",
-    "amc23": "amc23.jsonl",
-    "math500": "math500.jsonl",
-    "gsm8k": "gsm8k_test.jsonl",
-}
 Generate = Callable[[list[str], int], list[list[str]]]
-
-
-def benchmark_name(name: str) -> str:
-    """A shipped benchmark's name, or a JSON lines file's stem."""
-    return name if name in BENCHMARKS else Path(name).stem
-
-
-def load_benchmark(name: str, data_dir: str | Path = DATA_DIR) -> list[dict[str, str]]:
-    """The problems of a shipped benchmark, or of a JSON lines file with `problem` and `answer`
-    (a task's held-out split); a bad line is named by file, line number and field."""
-    if name in BENCHMARKS:
-        path = Path(data_dir) / BENCHMARKS[name]
-    elif name.endswith(".jsonl"):
-        path = Path(name)
-    else:
-        raise ValueError(f"benchmark {name!r} is not one of {sorted(BENCHMARKS)} or a .jsonl file")
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark {name}: no file {path}")
-    return read_records(path, {"problem": "problem", "answer": "answer"})
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -11,24 +11,34 @@ generator; on the arithmetic task each answer is right with probability sft.corr
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
+from megatron_rpg.config import SFTConfig
+from megatron_rpg.data import ArithmeticTask
 from megatron_rpg.forward_backward import LogprobOptions, forward_backward
+from megatron_rpg.parallel import ParallelLayout
 from megatron_rpg.progress import Progress
-
-if TYPE_CHECKING:
-    from megatron_rpg.trainer import Trainer
+from megatron_rpg.tokenizer import Tokenizer
 
 
-def supervised_warmup(trainer: Trainer) -> None:
-    c = trainer.config.sft
-    task, tokenizer, layout = trainer.task, trainer.tokenizer, trainer.layout
-    optimizer = trainer.make_optimizer(c.lr, weight_decay=0.0)
-    options = LogprobOptions(trainer.arch.vocab_size)
-    rng = random.Random(trainer.config.seed)
-    progress = Progress(c.steps, "sft", enabled=trainer.rank == 0)
+def supervised_warmup(
+    c: SFTConfig,
+    policy: list[Any],
+    optimizer: Any,
+    task: ArithmeticTask,
+    tokenizer: Tokenizer,
+    layout: ParallelLayout,
+    vocab_size: int,
+    seed: int,
+    show_progress: bool = False,
+) -> None:
+    """`c.steps` steps of `optimizer` (its own, lr c.lr) on the model chunks `policy`.
+    Collective over the model's ranks."""
+    options = LogprobOptions(vocab_size)
+    rng = random.Random(seed)
+    progress = Progress(c.steps, "sft", enabled=show_progress)
 
     def loss_fn(lp: torch.Tensor, entropy: torch.Tensor, batch: dict) -> tuple:
         value = -(lp * batch["mask"]).sum() / batch["count"]
@@ -49,10 +59,10 @@ def supervised_warmup(trainer: Trainer) -> None:
         mine = slice(layout.dp_rank, None, layout.data_parallel)
         micro = {"tokens": tokens[mine], "mask": mask[mine], "count": mask.sum().float()}
 
-        for chunk in trainer.policy:
+        for chunk in policy:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        out = forward_backward(trainer.policy, [micro], options, loss_fn)
+        out = forward_backward(policy, [micro], options, loss_fn)
         optimizer.step()
         loss = float(out[0]["loss"]) * layout.data_parallel if out else float("nan")
         progress.update(1, loss=loss)

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from megatron_rpg.checkpoint import train_state
 from megatron_rpg.checkpoint.mcore import load_mcore, model_files
 from megatron_rpg.config import ConfigError, RunConfig, config_to_dict, config_yaml, save_config
-from megatron_rpg.data import build_task
+from megatron_rpg.data import ArithmeticTask, MathDataset, Task, build_task
 from megatron_rpg.forward_backward import LogprobOptions, forward_backward
 from megatron_rpg.losses import compute_advantages, policy_loss
 from megatron_rpg.losses.advantages import reinforce_pp_returns, whiten
@@ -54,6 +54,7 @@ from megatron_rpg.rollout.build import build_engine
 from megatron_rpg.rollout.collect import CollectSettings, collect_groups
 from megatron_rpg.rollout.placement import rollout_placement
 from megatron_rpg.rollout.protocol import EngineError
+from megatron_rpg.sft import supervised_warmup
 from megatron_rpg.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 Batch = dict[str, torch.Tensor]
@@ -105,7 +106,7 @@ class Trainer:
             )
         self.rank = dist.get_rank()
         self.run_dir = Path(c.logging.run_dir)
-        self.task: Any = build_task(c.data)
+        self.task: Task = build_task(c.data)
         self.tokenizer = self._tokenizer()
         if self.tokenizer.vocab_size > self.arch.vocab_size:
             raise ConfigError(
@@ -134,9 +135,19 @@ class Trainer:
         self.grading_failures = 0  # graded 0 after a timeout, crash or grader error
         resumed = self._resume() if resume else False
         if not resumed and c.sft.steps and not c.model.checkpoint:
-            from megatron_rpg.sft import supervised_warmup
-
-            supervised_warmup(self)
+            assert isinstance(self.task, ArithmeticTask)  # RunConfig.validate: sft needs it
+            optimizer = self.make_optimizer(c.sft.lr, weight_decay=0.0)
+            supervised_warmup(
+                c.sft,
+                self.policy,
+                optimizer,
+                self.task,
+                self.tokenizer,
+                self.layout,
+                self.arch.vocab_size,
+                c.seed,
+                self.rank == 0,
+            )
             if self.reference is not None:  # regularize toward the warmed-up model, not the
                 self.reference.update_reference(self.policy)  # random one it started from
         self.log = None
@@ -160,9 +171,9 @@ class Trainer:
         if c.model.tokenizer:
             path = Path(c.model.tokenizer)
             return load_tokenizer(path, chat) if path.is_dir() else Tokenizer(path, chat)
-        if c.model.checkpoint and c.data.task == "math":
+        if c.model.checkpoint and isinstance(self.task, MathDataset):
             return load_tokenizer(c.model.checkpoint, chat)
-        if c.data.task == "math":
+        if not isinstance(self.task, ArithmeticTask):
             raise ConfigError(
                 "model.tokenizer",
                 "",

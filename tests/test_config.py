@@ -76,6 +76,7 @@ def test_saved_config_reproduces_the_run(tmp_path):
             "a multiple of the optimizer steps per RL step (16 =",
         ),
         (["algorithm.incorrect_reward=1"], "algorithm.incorrect_reward", "< 1"),
+        (["sft.steps=5"], "sft.steps", "0 with data.task 'math'"),
         (["algorithm.ref_update_kl_target=0.1"], "algorithm.ref_update_kl_target", "kl_anchor=ref"),
         (
             ["algorithm.ref_update_interval=-1", "loss.kl_anchor=ref"],

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from megatron_rpg.data.arithmetic import ArithmeticTask, Problem
 from megatron_rpg.data.math import PROMPT_TEMPLATE, PROMPT_TEMPLATES, MathDataset
 from megatron_rpg.data.records import read_records, take
+from megatron_rpg.data.task import Task
 
 if TYPE_CHECKING:
     from megatron_rpg.config import DataConfig
@@ -31,6 +32,7 @@ __all__ = [
     "ArithmeticTask",
     "MathDataset",
     "Problem",
+    "Task",
     "build_task",
     "read_records",
     "take",

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from megatron_rpg.config import LossConfig
 from megatron_rpg.losses.clipping import ppo_dual_clip
+from megatron_rpg.losses.config import LossConfig
 from megatron_rpg.losses.kl import k3
 from megatron_rpg.losses.registry import Surrogate, TokenTerms, register_loss
 

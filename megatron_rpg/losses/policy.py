@@ -16,8 +16,8 @@ import math
 import torch
 from torch import Tensor
 
-from megatron_rpg.config import LossConfig
 from megatron_rpg.losses.aggregation import aggregate, masked_mean
+from megatron_rpg.losses.config import LossConfig
 from megatron_rpg.losses.kl import k1, k3
 from megatron_rpg.losses.registry import LOSSES, LossSpec, TokenTerms
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from megatron_rpg.config import LossConfig
 from megatron_rpg.losses.clipping import ClippedLoss
+from megatron_rpg.losses.config import LossConfig
 
 
 @dataclass(frozen=True)

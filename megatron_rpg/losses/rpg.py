@@ -17,13 +17,13 @@ import math
 
 import torch
 
-from megatron_rpg.config import LossConfig
 from megatron_rpg.losses.clipping import (
     ClippedLoss,
     ppo_dual_clip,
     rpg_reinforce_clip,
     truncation_masks,
 )
+from megatron_rpg.losses.config import LossConfig
 from megatron_rpg.losses.kl import DIVERGENCES, Divergence
 from megatron_rpg.losses.registry import Surrogate, TokenTerms, register_loss
 

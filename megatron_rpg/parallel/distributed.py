@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rpg.config import ConfigError, ParallelConfig
-from megatron_rpg.parallel import cpu_shim
+from megatron_rpg.parallel.cpu_shim import apply as apply_cpu_shim
 from megatron_rpg.parallel.seeding import seed_everything
 
 # Process groups created by initialize_model_parallel. Megatron's destroy_model_parallel only drops
@@ -73,7 +73,7 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int) -> ParallelLa
 
     if not dist.is_initialized():
         raise RuntimeError("call init_process_group() before initialize_model_parallel()")
-    cpu_shim.apply()
+    apply_cpu_shim()
     world = dist.get_world_size()
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
     if world % model_parallel:

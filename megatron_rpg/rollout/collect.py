@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from megatron_rpg.data.task import Task
 from megatron_rpg.rewards import overlong_penalty, task_reward
 from megatron_rpg.rollout.protocol import Response, SamplingParams
 
@@ -55,7 +56,7 @@ def round_seed(seed: int, step: int, round_: int) -> int:
 def grade_groups(
     problems: list[Any],
     groups: list[list[Response]],
-    task: Any,
+    task: Task,
     tokenizer: Any,
     grade: Grade,
     settings: CollectSettings,
@@ -90,7 +91,7 @@ SKIPPED_PER_PROMPT_LIMIT = 100  # then no prompt of the task fits: a config erro
 
 
 def draw_prompts(
-    task: Any, tokenizer: Any, seed: int, position: int, count: int, max_tokens: int | None
+    task: Task, tokenizer: Any, seed: int, position: int, count: int, max_tokens: int | None
 ) -> tuple[list[Any], list[list[int]], int, int]:
     """`count` problems whose encoded prompts have at most `max_tokens` tokens, in the task's
     order from `position` (longer ones are skipped, as verl's filter_overlong_prompts): the
@@ -117,7 +118,7 @@ def draw_prompts(
 
 
 def collect_groups(
-    task: Any,
+    task: Task,
     tokenizer: Any,
     generate: Generate,
     grade: Grade,

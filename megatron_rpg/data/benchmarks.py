@@ -1,0 +1,67 @@
+"""The shipped benchmarks (AIME24/25, AMC23, MATH-500, GSM8K test) and held-out JSON lines files:
+where they are and how they are read. Evaluation (evaluation.py) and the config's checks use it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from megatron_rpg.data.records import read_records
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def shared_data_dir() -> Path:
+    """The shipped data sets: $MEGATRON_RPG_DATA, else ../shared/data beside the project, else
+    beside the checkout this one was cloned from (a CI clone elsewhere on the same machine)."""
+    if os.environ.get("MEGATRON_RPG_DATA"):
+        return Path(os.environ["MEGATRON_RPG_DATA"])
+    beside = PROJECT_ROOT.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    try:
+        origin = subprocess.run(
+            ["git", "config", "--get", "remote.origin.url"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=PROJECT_ROOT,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        origin = ""
+    if origin and Path(origin).is_dir():
+        cloned_from = Path(origin).resolve().parent / "shared" / "data"
+        if cloned_from.is_dir():
+            return cloned_from
+    return beside  # absent: load_benchmark names the missing file
+
+
+DATA_DIR = shared_data_dir()
+BENCHMARKS = {
+    "aime24": "aime24.jsonl",
+    "aime25": "aime25.jsonl",
+    "amc23": "amc23.jsonl",
+    "math500": "math500.jsonl",
+    "gsm8k": "gsm8k_test.jsonl",
+}
+
+
+def benchmark_name(name: str) -> str:
+    """A shipped benchmark's name, or a JSON lines file's stem."""
+    return name if name in BENCHMARKS else Path(name).stem
+
+
+def load_benchmark(name: str, data_dir: str | Path = DATA_DIR) -> list[dict[str, str]]:
+    """The problems of a shipped benchmark, or of a JSON lines file with `problem` and `answer`
+    (a task's held-out split); a bad line is named by file, line number and field."""
+    if name in BENCHMARKS:
+        path = Path(data_dir) / BENCHMARKS[name]
+    elif name.endswith(".jsonl"):
+        path = Path(name)
+    else:
+        raise ValueError(f"benchmark {name!r} is not one of {sorted(BENCHMARKS)} or a .jsonl file")
+    if not path.is_file():
+        raise FileNotFoundError(f"benchmark {name}: no file {path}")
+    return read_records(path, {"problem": "problem", "answer": "answer"})
