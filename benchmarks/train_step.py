@@ -3,8 +3,9 @@
   time per phase (rollout, log-probs, update, sync), median over steps; training tokens/s;
   achieved FLOP/s of the update (6 N tokens / update time, N = parameters in matmuls) as a
   ratio of a plain fp32 matmul's FLOP/s (2048 x 2048 x 2048, best of 5);
-  the update's forward/backward on one step's batch, length-bucketed micro-batches (ours)
-  against the same micro-batches padded to the batch's width (the naive way);
+  the update's forward/backward on one step's batch: ours (length-bucketed micro-batches, the
+  loss's gradients through the output layer in the forward pass) against the same with the output
+  layer recomputed in backward, and against micro-batches padded to the batch's width;
   with --trl-python, TRL's GRPOTrainer on the same model, data and settings
   (benchmarks/trl_grpo_step.py, in the virtualenv that has TRL).
 
@@ -39,21 +40,25 @@ def matmul_flops() -> float:
     return 2 * 2048**3 / best
 
 
-def padded_vs_bucketed(trainer: Any) -> dict[str, float]:
-    """Forward/backward of the update on one rollout batch: the trainer's length-bucketed
-    micro-batches and the same rows in row order padded to the batch's width, alternated, the
-    best of two runs each (whichever ran first alone would carry the first run's overheads and
-    the machine's drift)."""
+def update_variants(trainer: Any) -> dict[str, float]:
+    """Forward/backward of the update on one rollout batch, three ways: the trainer's
+    (length-bucketed micro-batches, the loss's gradients through the output layer in the forward
+    pass), the same micro-batches with the output layer recomputed in backward
+    (optimizer.loss_in_forward=false), and the same rows in row order padded to the batch's
+    width with the recompute (the naive way). Alternated, the best of two runs each (whichever
+    ran first alone would carry the first run's overheads and the machine's drift)."""
+    import dataclasses
+
     import torch
 
     from megatron_rpg.forward_backward import forward_backward
     from megatron_rpg.losses import compute_advantages
     from megatron_rpg.rl_batch import length_bucketed
+    from megatron_rpg.update import MiniBatch, policy_losses
 
     c = trainer.config
-    batch, _ = trainer._rollout()
+    batch, _ = trainer.rollout()
     advantages = compute_advantages(c.algorithm.advantage, batch.rewards, batch.group_ids)
-    counts = (float(batch.response_mask.sum()), float(len(batch)))
     micro = c.optimizer.micro_batch_size
 
     def padded(index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -67,20 +72,29 @@ def padded_vs_bucketed(trainer: Any) -> dict[str, float]:
     def bucketed(index: torch.Tensor) -> dict[str, torch.Tensor]:
         return {**batch.rows(index), "advantages": advantages[index]}
 
-    layouts = {
-        "padded": [padded(rows) for rows in torch.arange(len(batch)).split(micro)],
-        "bucketed": [bucketed(rows) for rows in length_bucketed(batch.lengths(), micro)],
+    tokens, sequences = float(batch.response_mask.sum()), float(len(batch))
+    bucketed_micros = [bucketed(rows) for rows in length_bucketed(batch.lengths(), micro)]
+    padded_micros = [padded(rows) for rows in torch.arange(len(batch)).split(micro)]
+    recompute = dataclasses.replace(
+        c, optimizer=dataclasses.replace(c.optimizer, loss_in_forward=False)
+    )
+    variants = {
+        "in_forward": (MiniBatch(bucketed_micros, tokens, sequences), c),
+        "recompute": (MiniBatch(bucketed_micros, tokens, sequences), recompute),
+        "padded": (MiniBatch(padded_micros, tokens, sequences), recompute),
     }
     out: dict[str, float] = {"tokens": float(batch.lengths().sum())}
-    for name in ("bucketed", "padded", "bucketed", "padded"):  # alternated; best of two each
-        micros = layouts[name]
-        for chunk in trainer.policy:
-            chunk.zero_grad_buffer()
-        start = time.perf_counter()
-        forward_backward(trainer.policy, micros, trainer.options, trainer.loss_fn(counts))
-        seconds = time.perf_counter() - start
-        out[f"{name}_s"] = min(seconds, out.get(f"{name}_s", float("inf")))
-        out[f"{name}_slots"] = float(sum(m["tokens"].numel() for m in micros))
+    for _ in range(2):
+        for name, (mini, config) in variants.items():
+            loss_fn, token_loss_fn = policy_losses(config, mini)
+            assert (token_loss_fn is not None) == (name == "in_forward")
+            for chunk in trainer.policy:
+                chunk.zero_grad_buffer()
+            start = time.perf_counter()
+            forward_backward(trainer.policy, mini.micros, trainer.options, loss_fn, token_loss_fn)
+            seconds = time.perf_counter() - start
+            out[f"{name}_s"] = min(seconds, out.get(f"{name}_s", float("inf")))
+            out[f"{name}_slots"] = float(sum(m["tokens"].numel() for m in mini.micros))
     return out
 
 
@@ -112,7 +126,7 @@ def measure(config_path: str, steps: int, overrides: list[str], run_dir: str) ->
         if p.dim() == 2 and (tied or "word_embeddings" not in n)
     )
     history = [trainer.train_step() for _ in range(steps + warmup)][warmup:]
-    update = padded_vs_bucketed(trainer)
+    update = update_variants(trainer)
     trainer.close()
     sequences = config.data.prompts_per_step * config.rollout.n
     return {
@@ -199,10 +213,12 @@ def main() -> None:
     )
     u = r["update"]
     print(
-        f"update forward/backward on one batch ({u['tokens']:.0f} tokens): padded "
-        f"{u['padded_s']:.2f} s ({u['padded_slots']:.0f} token slots), length-bucketed "
-        f"{u['bucketed_s']:.2f} s ({u['bucketed_slots']:.0f}): "
-        f"{u['padded_s'] / u['bucketed_s']:.2f}x faster"
+        f"update forward/backward on one batch ({u['tokens']:.0f} tokens): ours (length-bucketed, "
+        f"{u['in_forward_slots']:.0f} token slots; loss gradients in the forward pass) "
+        f"{u['in_forward_s']:.2f} s; with the output layer recomputed in backward "
+        f"{u['recompute_s']:.2f} s: {u['recompute_s'] / u['in_forward_s']:.2f}x; padded to the "
+        f"batch's width ({u['padded_slots']:.0f} slots) and recomputed {u['padded_s']:.2f} s: "
+        f"{u['padded_s'] / u['in_forward_s']:.2f}x"
     )
     if args.trl_python:
         trl = trl_step(args.trl_python, args.config, args.steps)

@@ -69,10 +69,16 @@ def _train(args: argparse.Namespace) -> int:
     import os
     import signal
 
+    from megatron_rpg.preemption import StopSignals
+
+    # under srun / torchrun: this process is a rank; a signal from here on is kept, not fatal
+    stop = StopSignals() if "RANK" in os.environ else None
+
+    from megatron_rpg.build import check_before_ranks
     from megatron_rpg.config import check_input_paths
     from megatron_rpg.resume_check import check_resume
     from megatron_rpg.run_dir import claimed_run_dir
-    from megatron_rpg.trainer import check_before_ranks, run_training
+    from megatron_rpg.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
     check_input_paths(cfg)
@@ -97,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
             from megatron_rpg.parallel import init_process_group
 
             init_process_group(cfg.parallel.backend, cfg.parallel.timeout_minutes)
-            run_training(cfg, resume)
+            run_training(cfg, resume, stop)
             return 0
         from megatron_rpg.parallel import RankError, RankPool
 

@@ -215,6 +215,9 @@ class OptimizerConfig(Section):
     adam_eps: float = 1e-8
     micro_batch_size: int = 4  # sequences per forward/backward
     mini_batch_size: int = 32  # sequences per optimizer step
+    # a token-separable loss's gradients through the output layer in the forward pass, chunk by
+    # chunk (no recompute of the logits in backward; forward_backward.py); off: the recompute path
+    loss_in_forward: bool = True
 
     def validate(self) -> None:
         check("lr", self.lr, self.lr > 0, "> 0")
@@ -248,10 +251,15 @@ class CheckpointConfig(Section):
     keep_last: int = 2
     resume: bool = False
     verify_checksums: bool = True  # sha256 of every file, checked on resume
+    # save and stop before a step (and its save) that would end later than this many minutes
+    # after the process started, estimated from the longest step and save so far; 0: off.
+    # slurm/common.sh sets it from the job's time left (a TIMEOUT job is not requeued).
+    stop_after_minutes: float = 0.0
 
     def validate(self) -> None:
         check("save_interval", self.save_interval, self.save_interval >= 0, ">= 0")
         check("keep_last", self.keep_last, self.keep_last >= 1, ">= 1")
+        check("stop_after_minutes", self.stop_after_minutes, self.stop_after_minutes >= 0, ">= 0")
 
 
 @dataclass
@@ -340,7 +348,7 @@ class RunConfig(Section):
     def optimizer_steps_per_step(self) -> int:
         """Optimizer steps in one RL step: ppo_epochs x mini-batches of the step's sequences."""
         sequences = self.data.prompts_per_step * self.rollout.n
-        return self.algorithm.ppo_epochs * max(sequences // self.optimizer.mini_batch_size, 1)
+        return self.algorithm.ppo_epochs * (sequences // self.optimizer.mini_batch_size)
 
 
 # --------------------------------------------------------------------------- loading

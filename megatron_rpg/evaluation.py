@@ -21,7 +21,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_rpg.data import PROMPT_TEMPLATES
 
@@ -33,8 +33,14 @@ from megatron_rpg.data.benchmarks import load_benchmark as load_benchmark
 from megatron_rpg.rewards.extract import extract_answer
 from megatron_rpg.rewards.math import MATH_GRADERS
 from megatron_rpg.rewards.sandbox import GraderPool
+from megatron_rpg.rollout.protocol import SamplingParams
+from megatron_rpg.rollout.text import Generates, TextGenerator
+
+if TYPE_CHECKING:
+    from megatron_rpg.config import RunConfig
 
 Generate = Callable[[list[str], int], list[list[str]]]
+EVAL_PROBLEMS = 256  # greedy_accuracy reads the task's first 256 problems
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -101,16 +107,78 @@ def evaluate(
     benchmarks: dict[str, list[dict[str, str]]],
     generate: Generate,
     k: int,
-    pool: GraderPool,
+    pool: GraderPool | None,
     answer_extraction: str = "strict",
     prompt_template: str = "dapo",
 ) -> dict[str, Any]:
-    """Each benchmark's problems in `prompt_template` (data/math.py), k samples each, graded."""
+    """Each benchmark's problems in `prompt_template` (data/math.py), k samples each, graded.
+    pool None: generation only, nothing graded ({}): the ranks other than 0 of a collective
+    engine, which take part in generating."""
     results = {}
     for name, problems in benchmarks.items():
         prompts = [PROMPT_TEMPLATES[prompt_template].format(problem=p["problem"]) for p in problems]
-        results[name] = score_benchmark(problems, generate(prompts, k), k, pool, answer_extraction)
+        texts = generate(prompts, k)
+        if pool is not None:
+            results[name] = score_benchmark(problems, texts, k, pool, answer_extraction)
     return results
+
+
+def greedy_accuracy(
+    task: Any,
+    tokenizer: Any,
+    engine: Generates,
+    grade: Callable[[list[tuple[str, Any]]], list[float]],
+    max_tokens: int,
+) -> float:
+    """Greedy accuracy over the task's first EVAL_PROBLEMS problems, in the training prompt.
+    With a collective engine and grader (rollout/collective.py), on every rank."""
+    problems = task.problems[:EVAL_PROBLEMS]
+    prompts = [tokenizer.encode_prompt(task.prompt(p)) for p in problems]
+    params = SamplingParams(
+        top_k=1, max_tokens=max_tokens, stop_token_ids=(tokenizer.eos_id,), seed=0
+    )
+    groups = engine.generate(prompts, params)
+    texts = [tokenizer.decode(g[0].token_ids) for g in groups]
+    scores = grade([(t, task.answer(p)) for p, t in zip(problems, texts, strict=True)])
+    return sum(scores) / len(scores)
+
+
+def run_benchmarks(
+    config: RunConfig, engine: Generates, tokenizer: Any, pool: GraderPool | None
+) -> dict[str, float]:
+    """A run's periodic evaluation: mean@k, pass@k and maj@k of config.eval_benchmarks (the
+    first eval_limit problems of each) with the rollout engine. With a collective engine, on
+    every rank; pool None (ranks other than 0): generation only, {}."""
+    c = config
+    names = [n for n in c.eval_benchmarks.split(",") if n]
+    if not names:
+        return {}
+    params = SamplingParams(
+        temperature=c.rollout.temperature,
+        top_p=c.rollout.top_p,
+        max_tokens=c.rollout.max_tokens,
+        seed=c.seed,
+    )
+    results = evaluate(
+        {name: load_benchmark(name)[: c.eval_limit or None] for name in names},
+        TextGenerator(engine, tokenizer, params),
+        c.eval_k,
+        pool,
+        c.data.answer_extraction,
+        c.data.prompt_template,
+    )
+    return benchmark_metrics(results, c.eval_k)
+
+
+def benchmark_metrics(results: dict[str, Any], k: int) -> dict[str, float]:
+    """evaluate()'s results as flat metrics: eval/<name>/mean@k and its _low/_high bounds, ..."""
+    out = {}
+    for name, result in results.items():
+        for metric in ("mean", "pass", "maj"):
+            key = f"eval/{benchmark_name(name)}/{metric}@{k}"
+            out[key] = result[f"{metric}@{k}"]
+            out[f"{key}_low"], out[f"{key}_high"] = result[f"{metric}@{k}_ci95"]
+    return out
 
 
 def to_markdown(results: dict[str, Any]) -> str:

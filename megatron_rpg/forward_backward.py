@@ -15,10 +15,12 @@ Megatron divides each micro-batch's loss by the number of micro-batches and aver
 over data-parallel ranks; we multiply both back, so the gradients are those of the sum of the
 shares over all micro-batches and ranks (loss library contract, docs/losses.md).
 
-A token-separable loss can be given instead as token_loss_fn(logprobs [c], entropy [c], batch,
-rows) -> per-token terms [c], for the flattened tokens `rows` of the micro-batch's [b * (s-1)]; with
-the fused path its gradients are then computed in the forward pass (fused_logprobs_loss: three
-matmuls per chunk of logits instead of four).
+A token-separable loss (every loss in megatron_rpg.losses: separable_policy_loss) can also be given
+per token: token_loss_fn(micro_batch) -> terms(logprobs [c], entropy [c], rows) -> [c], the
+micro-batch's share as per-token terms of its flattened [b * (s-1)] tokens `rows`. With the fused
+path its gradients are then computed in the forward pass, chunk by chunk (fused_logprobs_loss:
+three matmuls per chunk of logits instead of four, no recompute), and loss_fn runs on the detached
+log-probs for its metrics only. Unfused, token_loss_fn is not used.
 """
 
 from __future__ import annotations
@@ -33,15 +35,17 @@ import torch
 from torch import Tensor, nn
 
 from megatron_rpg.logprobs import (
+    TokenLoss,
     fused_logprobs,
     fused_logprobs_loss,
     vocab_parallel_logprobs_and_entropy,
 )
 from megatron_rpg.models.builder import unwrap
+from megatron_rpg.parallel.groups import ProcessGroup, ProcessGroups
 
 Batch = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor, Batch], tuple[Tensor, dict[str, Any]]]
-TokenLossFn = Callable[[Tensor, Tensor, Batch, slice], Tensor]
+TokenLossFn = Callable[[Batch], TokenLoss]
 
 
 @dataclass(frozen=True)
@@ -80,21 +84,24 @@ def final_hidden_states(gpt: Any) -> Iterator[None]:
         del layer.forward
 
 
-def sequence_logprobs(
-    model: nn.Module, tokens: Tensor, options: LogprobOptions
-) -> tuple[Tensor, Tensor] | Tensor:
-    """Next-token (log-probs, entropies) [b, s-1] on the last stage, else the stage output."""
-    from megatron.core import parallel_state
-
+def model_inputs(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """(position ids [b, s], causal mask [1, 1, s, s], True where attention is masked)."""
     b, s = tokens.shape
     position_ids = torch.arange(s, device=tokens.device).expand(b, s)
     causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu(1)[None, None]
+    return position_ids, causal
+
+
+def sequence_logprobs(
+    model: nn.Module, tokens: Tensor, options: LogprobOptions, tp_group: ProcessGroup
+) -> tuple[Tensor, Tensor] | Tensor:
+    """Next-token (log-probs, entropies) [b, s-1] on the last stage, else the stage output."""
+    position_ids, causal = model_inputs(tokens)
     gpt = unwrap(model)
     if not gpt.post_process:
         return model(tokens, position_ids, causal)
-    group = parallel_state.get_tensor_model_parallel_group()
     targets = tokens[:, 1:]
-    args = (options.temperature, group, options.chunk_size, options.vocab_size)
+    args = (options.temperature, tp_group, options.chunk_size, options.vocab_size)
     if options.fused:
         with final_hidden_states(gpt):
             hidden = model(tokens, position_ids, causal)  # [b, s, H]
@@ -104,25 +111,24 @@ def sequence_logprobs(
 
 
 def _token_loss_forward(
-    model: nn.Module, batch: Batch, options: LogprobOptions, token_loss_fn: TokenLossFn
+    model: nn.Module,
+    batch: Batch,
+    options: LogprobOptions,
+    token_loss: TokenLoss,
+    tp_group: ProcessGroup,
 ) -> Tensor:
     """Last stage, fused: [loss, logprobs..., entropy...] with the loss's gradients in forward."""
-    from megatron.core import parallel_state
-
     tokens = batch["tokens"]
-    b, s = tokens.shape
-    position_ids = torch.arange(s, device=tokens.device).expand(b, s)
-    causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu(1)[None, None]
     gpt = unwrap(model)
     with final_hidden_states(gpt):
-        hidden = model(tokens, position_ids, causal)
+        hidden = model(tokens, *model_inputs(tokens))
     loss, logprobs, entropy = fused_logprobs_loss(
         hidden[:, :-1],
         output_weight(gpt),
         tokens[:, 1:],
-        lambda lp, ent, rows: token_loss_fn(lp, ent, batch, rows),
+        token_loss,
         options.temperature,
-        parallel_state.get_tensor_model_parallel_group(),
+        tp_group,
         options.chunk_size,
         options.vocab_size,
     )
@@ -135,15 +141,16 @@ def forward_backward(
     options: LogprobOptions,
     loss_fn: LossFn | None = None,
     token_loss_fn: TokenLossFn | None = None,
+    groups: ProcessGroups | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the schedule. Forward only (no loss): per micro-batch {"logprobs", "entropy"} on the
-    last pipeline stage. Training: per micro-batch the metrics of loss_fn there ({"logprobs",
-    "entropy"} with token_loss_fn). [] elsewhere. Gradients accumulate in the chunks' (DDP)
-    gradient buffers; the caller steps the optimizer."""
+    """Run the schedule (groups: the layout's; omitted: Megatron's current ones). Forward only
+    (no loss): per micro-batch {"logprobs", "entropy"} on the last pipeline stage. Training: per
+    micro-batch the metrics of loss_fn there. [] elsewhere. Gradients accumulate in the chunks'
+    (DDP) gradient buffers; the caller steps the optimizer."""
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
-    if loss_fn is not None and token_loss_fn is not None:
-        raise ValueError("give loss_fn or token_loss_fn, not both")
+    if token_loss_fn is not None and loss_fn is None:
+        raise ValueError("token_loss_fn is a per-token form of loss_fn: give loss_fn too")
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i, mb in enumerate(micro_batches):
         by_shape.setdefault(tuple(mb["tokens"].shape), []).append(i)
@@ -154,7 +161,12 @@ def forward_backward(
         for n, indices in enumerate(by_shape.values()):
             config.finalize_model_grads_func = finalize if n == len(by_shape) - 1 else None
             outputs = _schedule(
-                model_chunks, [micro_batches[i] for i in indices], options, loss_fn, token_loss_fn
+                model_chunks,
+                [micro_batches[i] for i in indices],
+                options,
+                loss_fn,
+                token_loss_fn,
+                groups or ProcessGroups.current(),
             )
             for i, out in zip(indices, outputs, strict=False):  # [] off the last stage
                 results[i] = out
@@ -169,25 +181,22 @@ def _schedule(
     options: LogprobOptions,
     loss_fn: LossFn | None,
     token_loss_fn: TokenLossFn | None,
+    groups: ProcessGroups,
 ) -> list[dict[str, Any]]:
     """One run of Megatron's schedule over micro-batches of one shape."""
-    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     micro_size, seq_length = micro_batches[0]["tokens"].shape
-    scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+    scale = len(micro_batches) * groups.dp_size
     separable = token_loss_fn is not None and options.fused
 
     def loss_func(batch: Batch, output: Tensor) -> tuple[Tensor, dict[str, Any]]:
         if separable:  # [loss, logprobs..., entropy...] from _token_loss_forward
-            shape = (micro_size, seq_length - 1)
-            logprobs, entropy = output[1:].reshape(2, *shape)
-            return output[0] * scale, {"logprobs": logprobs, "entropy": entropy}
+            assert loss_fn is not None
+            logprobs, entropy = output[1:].detach().reshape(2, micro_size, seq_length - 1)
+            _, metrics = loss_fn(logprobs, entropy, batch)  # detached: metrics only
+            return output[0] * scale, metrics
         logprobs, entropy = output[0], output[1]
-        if token_loss_fn is not None:  # unfused path: evaluate the terms on all tokens at once
-            terms = token_loss_fn(logprobs.reshape(-1), entropy.reshape(-1), batch, slice(None))
-            detached = {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
-            return terms.sum() * scale, detached
         if loss_fn is None:
             return output.sum() * 0.0, {"logprobs": logprobs.detach(), "entropy": entropy.detach()}
         loss, metrics = loss_fn(logprobs, entropy, batch)
@@ -197,9 +206,9 @@ def _schedule(
         batch = next(data_iterator)
         if separable and unwrap(model).post_process:
             assert token_loss_fn is not None
-            output = _token_loss_forward(model, batch, options, token_loss_fn)
+            output = _token_loss_forward(model, batch, options, token_loss_fn(batch), groups.tp)
             return output, functools.partial(loss_func, batch)
-        out = sequence_logprobs(model, batch["tokens"], options)
+        out = sequence_logprobs(model, batch["tokens"], options, groups.tp)
         if isinstance(out, Tensor):  # not the last stage: activations for the next one
             return out, None
         return torch.stack(out), functools.partial(loss_func, batch)
@@ -210,7 +219,7 @@ def _schedule(
         for mb in micro_batches
     ]
     data = [iter(micro_batches) for _ in model_chunks]
-    forward_only = loss_fn is None and token_loss_fn is None
+    forward_only = loss_fn is None
     with torch.no_grad() if forward_only else contextlib.nullcontext():
         return get_forward_backward_func()(
             forward_step_func=forward_step,
@@ -223,24 +232,24 @@ def _schedule(
         )
 
 
-def full_logits(model_chunks: list[nn.Module], tokens: Tensor, vocab_size: int) -> Tensor | None:
+def full_logits(
+    model_chunks: list[nn.Module],
+    tokens: Tensor,
+    vocab_size: int,
+    groups: ProcessGroups | None = None,
+) -> Tensor | None:
     """Logits [b, s, vocab_size] for one batch through the schedule, all-gathered over the TP group
     on the last pipeline stage (None elsewhere). For checks (conversion --verify), not training:
     it materializes the full vocabulary."""
-    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     b, s = tokens.shape
-    position_ids = torch.arange(s, device=tokens.device).expand(b, s)
-    causal = torch.ones(s, s, dtype=torch.bool, device=tokens.device).triu(1)[None, None]
+    position_ids, causal = model_inputs(tokens)
+    tp = (groups or ProcessGroups.current()).tp
 
     def gather(logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        group = parallel_state.get_tensor_model_parallel_group()
-        parts = [
-            torch.empty_like(logits)
-            for _ in range(parallel_state.get_tensor_model_parallel_world_size())
-        ]
-        torch.distributed.all_gather(parts, logits.contiguous(), group=group)
+        parts = [torch.empty_like(logits) for _ in range(torch.distributed.get_world_size(tp))]
+        torch.distributed.all_gather(parts, logits.contiguous(), group=tp)
         return logits.sum() * 0.0, {"logits": torch.cat(parts, -1)[..., :vocab_size]}
 
     def forward_step(data: Iterator[Tensor], model: nn.Module) -> tuple[Tensor, Any]:

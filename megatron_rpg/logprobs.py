@@ -22,12 +22,13 @@ Megatron pads the vocabulary to a multiple of 128 (and of TP); `vocab_size` (the
 padded entries out of the softmax, as vLLM and Hugging Face compute it.
 
 `fused_logprobs` goes from the final hidden states and the output layer's weight shard: logits exist
-one chunk at a time, in forward and (recomputed) in backward. The trainer's path.
+one chunk at a time, in forward and (recomputed) in backward. The old and reference log-probs'
+path, and the update's when a loss is not token-separable.
 
-`fused_logprobs_loss` is for token-separable losses: the loss's gradient with respect to each
-token's log-prob is known inside the chunk, so the logits' gradients, and from them the hidden
-states' and weight's, are computed in the forward pass (no recompute). Tested and benchmarked
-(benchmarks/logprobs.py), not yet used by the trainer.
+`fused_logprobs_loss` is for token-separable losses (the trainer's update): the loss's gradient
+with respect to each token's log-prob is known inside the chunk, so the logits' gradients, and from
+them the hidden states' and weight's, are computed in the forward pass (no recompute;
+benchmarks/logprobs.py, benchmarks/train_step.py).
 
 The autograd Functions' `type: ignore[override]`: torch's stubs declare forward/backward as
 (ctx, *args, **kwargs); ours name their arguments.
@@ -57,15 +58,9 @@ ProcessGroup = Any  # torch.distributed.ProcessGroup | None
 def _default_group(group: ProcessGroup) -> ProcessGroup:
     """`group`, else Megatron's tensor-parallel group when model parallelism is initialized (a
     TP shard of logits is never read as the whole vocabulary), else None: the whole vocabulary."""
-    if group is not None:
-        return group
-    try:
-        from megatron.core import parallel_state
-    except ImportError:
-        return None
-    if parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_tensor_model_parallel_group()
-    return None
+    from megatron_rpg.parallel.groups import current_tp_group
+
+    return group if group is not None else current_tp_group()
 
 
 def _world(group: ProcessGroup) -> tuple[int, int]:
@@ -224,6 +219,18 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def _through_linear(grad_x: Tensor, h: Tensor, weight_rows: Tensor, grad_weight: Tensor) -> Tensor:
+    """Backward through logits = h @ weight_rows^T for one chunk: adds grad_x^T h into
+    grad_weight (fp32, in place: no [V, H] temporary; a bf16 product is accumulated in fp32) and
+    returns grad_h = grad_x @ weight_rows [c, H]."""
+    grad_x = grad_x.to(weight_rows.dtype)
+    if grad_x.dtype == grad_weight.dtype:
+        grad_weight.addmm_(grad_x.t(), h)
+    else:
+        grad_weight += (grad_x.t() @ h).to(grad_weight.dtype)
+    return grad_x @ weight_rows
+
+
 class _FusedLinearLogprobs(torch.autograd.Function):
     """(hidden [N, H], weight [V_local, H], targets [N]) -> (log p(target) [N], entropy [N]).
 
@@ -281,12 +288,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 None if grad_logprobs is None else grad_logprobs[rows],
                 None if grad_entropy is None else grad_entropy[rows],
                 ctx.temperature,
-            ).to(weight.dtype)
-            grad_hidden[rows] = (grad_x @ real_rows).to(hidden.dtype)
-            if grad_x.dtype == grad_weight.dtype:
-                grad_weight[: shard.valid].addmm_(grad_x.t(), h)  # no [V, H] temporary
-            else:  # bf16 matmul, accumulated in fp32
-                grad_weight[: shard.valid] += (grad_x.t() @ h).to(grad_weight.dtype)
+            )
+            grad_hidden[rows] = _through_linear(grad_x, h, real_rows, grad_weight[: shard.valid])
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.group)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
@@ -340,12 +343,7 @@ class _FusedLinearTokenLoss(torch.autograd.Function):
             total += terms.detach()
             logprobs[rows], entropy[rows] = lp.detach(), ent.detach()
             grad_x = _chunk_grad_logits(x, lse, mean_x, tgt, grad_lp, grad_ent, temperature)
-            grad_x = grad_x.to(weight.dtype)
-            grad_hidden[rows] = (grad_x @ real_rows).to(hidden.dtype)
-            if grad_x.dtype == grad_weight.dtype:
-                grad_weight[: shard.valid].addmm_(grad_x.t(), h)
-            else:
-                grad_weight[: shard.valid] += (grad_x.t() @ h).to(grad_weight.dtype)
+            grad_hidden[rows] = _through_linear(grad_x, h, real_rows, grad_weight[: shard.valid])
         _all_reduce(grad_hidden, dist.ReduceOp.SUM, group)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         ctx.mark_non_differentiable(logprobs, entropy)

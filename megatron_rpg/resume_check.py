@@ -40,6 +40,7 @@ IGNORED = {
     "model.checkpoint": "initial weights of a fresh run",
     "sft": "the warm-up runs on a fresh model only",
     "checkpoint.resume": "how this run was started",
+    "checkpoint.stop_after_minutes": "how long this job may run",
 }
 
 

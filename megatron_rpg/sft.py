@@ -20,7 +20,7 @@ from megatron_rpg.data import ArithmeticTask
 from megatron_rpg.forward_backward import LogprobOptions, forward_backward
 from megatron_rpg.parallel import ParallelLayout
 from megatron_rpg.progress import Progress
-from megatron_rpg.tokenizer import Tokenizer
+from megatron_rpg.tokenizer import HFTokenizer, Tokenizer
 
 
 def supervised_warmup(
@@ -28,7 +28,7 @@ def supervised_warmup(
     policy: list[Any],
     optimizer: Any,
     task: ArithmeticTask,
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | HFTokenizer,
     layout: ParallelLayout,
     vocab_size: int,
     seed: int,
@@ -62,7 +62,7 @@ def supervised_warmup(
         for chunk in policy:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        out = forward_backward(policy, [micro], options, loss_fn)
+        out = forward_backward(policy, [micro], options, loss_fn, groups=layout.groups)
         optimizer.step()
         loss = float(out[0]["loss"]) * layout.data_parallel if out else float("nan")
         progress.update(1, loss=loss)

@@ -41,19 +41,43 @@ mrpg_plan() {
         "${MRPG_CONTAINER_IMAGE:+, container $MRPG_CONTAINER_IMAGE}"
 }
 
-# Run the command once per task (RANK, LOCAL_RANK from Slurm). USR1/TERM to this batch shell
-# (--signal=B:USR1@N, scancel --signal, preemption) are forwarded to every task; the trainer
-# checkpoints and exits 0; the job then requeues itself and the next run resumes (--resume).
+# Minutes this job has left (squeue's %L: [D-]HH:MM:SS, MM:SS or UNLIMITED) less
+# MRPG_EXIT_MARGIN_MINUTES (default 3) for the ranks to exit and the job to requeue: the
+# trainer's checkpoint.stop_after_minutes, so that a run whose time limit comes first saves
+# before it and is requeued (a job that reaches its limit ends as TIMEOUT, which --requeue does
+# not requeue). 0 when the job has no limit.
+mrpg_minutes_left() {
+    local left days=0 total=0 part
+    left=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null || true)
+    [[ $left =~ ^([0-9]+-)?[0-9:]+$ ]] || { echo 0; return; }
+    if [[ $left == *-* ]]; then days=${left%%-*}; left=${left#*-}; fi
+    IFS=: read -r -a parts <<<"$left"
+    while [ "${#parts[@]}" -lt 3 ]; do parts=(0 "${parts[@]}"); done  # MM:SS, SS
+    for part in "${parts[@]}"; do total=$((total * 60 + 10#$part)); done
+    total=$(((days * 86400 + total) / 60 - ${MRPG_EXIT_MARGIN_MINUTES:-3}))
+    echo $((total > 1 ? total : 1))
+}
+
+# Run the command once per task (RANK, LOCAL_RANK from Slurm), each task with the job's
+# --cpus-per-task (srun does not inherit it since Slurm 22.05: without it every task of a node
+# shares one core). USR1/TERM to this batch shell (--signal=B:USR1@N, scancel --signal,
+# preemption) are forwarded to every task. A run that stopped early (on a signal, or before the
+# time limit: checkpoint.stop_after_minutes) has checkpointed and says so in
+# MRPG_STOPPED_EARLY_FILE; the job then requeues itself and the next run resumes (--resume).
 mrpg_run() {
-    local preempted=0 rc=0 srun_pid container=()
+    local rc=0 srun_pid container=()
     if [ -n "${MRPG_CONTAINER_IMAGE:-}" ]; then
-        container=(--container-image="$MRPG_CONTAINER_IMAGE")
+        container=(--container-image="$MRPG_CONTAINER_IMAGE" --container-workdir="$PWD")
         [ -n "${MRPG_CONTAINER_MOUNTS:-}" ] && container+=(--container-mounts="$MRPG_CONTAINER_MOUNTS")
     fi
+    export MRPG_STOPPED_EARLY_FILE="$PWD/.mrpg/stopped-$SLURM_JOB_ID"
+    mkdir -p .mrpg
+    rm -f "$MRPG_STOPPED_EARLY_FILE"
     mrpg_plan
-    trap 'preempted=1; kill -USR1 "$srun_pid" 2>/dev/null || true' USR1 TERM
-    # shellcheck disable=SC2016,SC2086  # $SLURM_*: each task's bash; MRPG_SRUN_ARGS: words  # MRPG_SRUN_ARGS: several words by design
-    srun --kill-on-bad-exit=1 ${MRPG_SRUN_ARGS:-} "${container[@]}" bash -c \
+    trap 'kill -USR1 "$srun_pid" 2>/dev/null || true' USR1 TERM
+    # shellcheck disable=SC2016,SC2086  # $SLURM_*: each task's bash; MRPG_SRUN_ARGS: words
+    srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${MRPG_SRUN_ARGS:-} \
+        "${container[@]}" bash -c \
         'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID \
                 WORLD_SIZE=$SLURM_NTASKS; exec "$@"' \
         _ "$@" &
@@ -64,8 +88,9 @@ mrpg_run() {
         kill -0 "$srun_pid" 2>/dev/null || break
     done
     trap - USR1 TERM
-    if [ "$preempted" = 1 ] && [ "$rc" = 0 ]; then
-        echo "job $SLURM_JOB_ID: checkpoint written after a signal; requeueing"
+    if [ "$rc" = 0 ] && [ -f "$MRPG_STOPPED_EARLY_FILE" ]; then
+        echo "job $SLURM_JOB_ID: stopped at $(cat "$MRPG_STOPPED_EARLY_FILE"); requeueing"
+        rm -f "$MRPG_STOPPED_EARLY_FILE"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi
@@ -83,6 +108,7 @@ mrpg_serve() {
     address=$(scontrol show node "$host" | grep -oP 'NodeAddr=\K\S+' || echo "$host")
     # the flags VLLMServerEngine needs live in one place: megatron_rpg/rollout/vllm_server.py
     srun --nodes=1 --ntasks=1 --nodelist="$host" --kill-on-bad-exit=1 \
+        --cpus-per-task="${MRPG_ENGINE_CPUS:-${SLURM_CPUS_ON_NODE:-1}}" \
         "$MRPG_PYTHON" -m megatron_rpg.rollout.vllm_server "$MRPG_ENGINE_MODEL" --port 8000 \
         --tensor-parallel "$tp" --data-parallel $((gpus / tp)) &
     export MRPG_ENGINE_URL="http://$address:8000"
@@ -111,5 +137,6 @@ mrpg_train() {
         MRPG_SRUN_ARGS+=" --nodelist=$(IFS=,; echo "${MRPG_HOSTS[*]:0:trainer_nodes}")"
         export MRPG_SRUN_ARGS
     fi
-    mrpg_run "$MRPG_PYTHON" -m megatron_rpg.cli train --config "$config" --resume "${overrides[@]}"
+    mrpg_run "$MRPG_PYTHON" -m megatron_rpg.cli train --config "$config" --resume "${overrides[@]}" \
+        "checkpoint.stop_after_minutes=$(mrpg_minutes_left)"
 }

@@ -13,4 +13,5 @@
 #SBATCH --output=slurm-%x-%j.out
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
 mrpg_run "$MRPG_PYTHON" -m megatron_rpg.cli train --config examples/tiny_cpu.yaml --resume \
-    parallel.tensor_parallel=2 parallel.backend=gloo logging.run_dir=runs/slurm_tiny "$@"
+    parallel.tensor_parallel=2 parallel.backend=gloo logging.run_dir=runs/slurm_tiny \
+    "checkpoint.stop_after_minutes=$(mrpg_minutes_left)" "$@"

@@ -94,14 +94,22 @@ def in_layout(name, weights, tp, pp, fused, temperature, token_loss=False):
     def loss_fn(lp, ent, batch):
         return (batch["upstream"][0] * lp + batch["upstream"][1] * ent).sum(), {}
 
-    def token_loss_fn(lp, ent, batch, rows):
-        u, v = batch["upstream"][0].reshape(-1)[rows], batch["upstream"][1].reshape(-1)[rows]
-        return u * lp + v * ent
+    def loss_fn_with_metrics(lp, ent, batch):
+        return loss_fn(lp, ent, batch)[0], {"logprobs": lp, "entropy": ent}
+
+    def token_loss_fn(batch):
+        def terms(lp, ent, rows):
+            u, v = batch["upstream"][0].reshape(-1)[rows], batch["upstream"][1].reshape(-1)[rows]
+            return u * lp + v * ent
+
+        return terms
 
     if token_loss:
-        trained = forward_backward(ddp, mine, options, token_loss_fn=token_loss_fn)
-        for out, fwd in zip(trained, forward, strict=True):  # training also reports them
+        trained = forward_backward(ddp, mine, options, loss_fn_with_metrics, token_loss_fn)
+        for out, fwd in zip(trained, forward, strict=True):  # loss_fn saw the same log-probs
             torch.testing.assert_close(out["logprobs"], fwd["logprobs"], atol=1e-6, rtol=0)
+            # fused: loss_fn ran for metrics only, on detached log-probs (gradients came in forward)
+            assert out["logprobs"].requires_grad is not fused
     else:
         forward_backward(ddp, mine, options, loss_fn)
     grads = {
@@ -253,3 +261,73 @@ def loading_errors(name, weights):
         except (KeyError, ValueError) as err:
             out[key] = (type(err).__name__, str(err))
     return out
+
+
+def update_paths(name, weights, tp, pp, loss_name, loss_overrides, with_old):
+    """The trainer's micro-batch losses (update.policy_losses) on rollout-like micro-batches: the
+    gradients with the loss taken in the forward pass against the recompute path's, on this
+    rank's shard: max |difference| / max |gradient| over every parameter, and the metrics."""
+    import dataclasses
+
+    from megatron_rpg.config import RunConfig
+    from megatron_rpg.forward_backward import LogprobOptions, forward_backward
+    from megatron_rpg.losses import LossConfig
+    from megatron_rpg.models import load_full_state_dict, sharded_parameters
+    from megatron_rpg.update import MiniBatch, policy_losses
+
+    layout, arch, chunks = _setup(CONFIGS[name], tp, pp)
+    for chunk in chunks:
+        load_full_state_dict(chunk, weights)
+    ddp = wrap_ddp(chunks)
+    options = LogprobOptions(vocab_size=arch.vocab_size, temperature=0.7)
+    mine = micro_batches()[layout.dp_rank :: layout.data_parallel]
+    forward = forward_backward(ddp, mine, options)  # the last stage's log-probs
+    g = torch.Generator().manual_seed(5)
+    micros = []
+    for i, mb in enumerate(mine):
+        b, s = mb["tokens"].shape
+        lp = forward[i]["logprobs"] if forward else torch.zeros(b, s - 1)
+        mask = torch.zeros(b, s - 1, dtype=torch.bool)
+        mask[:, 3:] = torch.rand(b, s - 4, generator=g) < 0.9
+        micro = {
+            "tokens": mb["tokens"],
+            "response_mask": mask,
+            "advantages": torch.randn(b, generator=g),
+            "rollout_logprobs": lp + 0.3 * torch.randn(b, s - 1, generator=g),
+        }
+        if loss_overrides.get("kl_anchor") == "ref":
+            micro["ref_logprobs"] = lp + 0.3 * torch.randn(b, s - 1, generator=g)
+        if with_old:
+            micro["old_logprobs"] = lp + 0.2 * torch.randn(b, s - 1, generator=g)
+        micros.append(micro)
+    base = RunConfig()
+    loss = LossConfig(**{**dataclasses.asdict(base.loss), **loss_overrides})
+    algorithm = dataclasses.replace(base.algorithm, loss=loss_name)
+    config = dataclasses.replace(base, loss=loss, algorithm=algorithm)
+    tokens = float(sum(m["response_mask"].sum() for m in micros))
+    mini = MiniBatch(micros, num_tokens=2 * tokens, num_sequences=16.0)  # a larger step's counts
+
+    def gradients(loss_in_forward):
+        c = dataclasses.replace(
+            config, optimizer=dataclasses.replace(config.optimizer, loss_in_forward=loss_in_forward)
+        )
+        loss_fn, token_loss_fn = policy_losses(c, mini)
+        for chunk in ddp:
+            chunk.zero_grad_buffer()
+        out = forward_backward(ddp, mini.micros, options, loss_fn, token_loss_fn)
+        grads = {n: p.main_grad.clone() for c in chunks for n, p, _, _ in sharded_parameters(c)}
+        metrics = [{k: float(v) for k, v in m.items()} for m in out]
+        return grads, metrics, token_loss_fn is not None
+
+    fused, fused_metrics, used = gradients(True)
+    recompute, recompute_metrics, _ = gradients(False)
+    error = max(
+        float((fused[n] - recompute[n]).abs().max() / recompute[n].abs().max().clamp(min=1e-30))
+        for n in fused
+    )
+    return {
+        "error": error,
+        "used_token_path": used,
+        "metrics": (fused_metrics, recompute_metrics),
+        "largest": max(float(t.abs().max()) for t in recompute.values()),
+    }

@@ -1,7 +1,7 @@
 """DAPO dynamic sampling in the rollout loop, without ranks: groups are kept on the spread of
 their task scores (not of the shaped rewards), and filler groups are marked."""
 
-from megatron_rpg.rollout.collect import CollectSettings, collect_groups
+from megatron_rpg.rollout.collect import CollectSettings, collect_groups, groups_to_batch
 from megatron_rpg.rollout.protocol import Response, SamplingParams
 
 
@@ -74,6 +74,20 @@ def test_a_step_out_of_rounds_marks_its_filler_groups():
     assert metrics["dynamic/rounds"] == 2 and metrics["dynamic/filler_groups"] == 3
     # the shaped rewards of the all-wrong problem 0 differ (lengths 1..4, buffer 3): no signal
     assert len(set(groups[0].scores)) == 1 and len(set(groups[0].rewards)) > 1
+
+
+def test_the_batch_masks_filler_groups_out_of_the_loss():
+    """The trainer's rollout without ranks: one round keeps problem 100 (half right) and fills
+    with the dropped 99 (all right), whose tokens take no part in the loss."""
+    groups, metrics, position = collect_groups(
+        Task(), Tokenizer(), generate, grade, settings(2, 1), seed=0, step=0, position=99
+    )
+    batch = groups_to_batch(groups, pad_id=0)
+    assert metrics["dynamic/filler_groups"] == 1 and position == 101
+    assert batch.tokens[:, 0].tolist() == [100] * 4 + [99] * 4  # kept first, then the filler
+    masked = batch.response_mask.sum(dim=1).tolist()
+    assert masked == [1, 2, 3, 4, 0, 0, 0, 0]
+    assert batch.rewards[0] == 1.0 and batch.rewards[1] < 0  # right and short; wrong
 
 
 class LongPrompts(Tokenizer):

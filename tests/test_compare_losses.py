@@ -76,3 +76,14 @@ def test_comparison_runs_end_to_end_and_each_run_is_reproducible(tmp_path):
         ]
 
     assert metrics(rerun) == metrics(run_dir)
+
+
+def test_t_quantiles_match_the_published_table():
+    """The intervals' Student t quantiles (0.975) against the standard table, at any number of
+    seeds (the table used to stop at 10 seeds and fall back to the normal's 1.96)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compare_losses import t_quantile_975
+
+    table = {1: 12.706, 2: 4.303, 4: 2.776, 9: 2.262, 10: 2.228, 20: 2.086, 30: 2.042, 120: 1.980}
+    for df, want in table.items():
+        assert abs(t_quantile_975(df) - want) < 1e-3, df

@@ -15,6 +15,8 @@ from megatron_rpg.losses import (
     count_sequences,
     count_tokens,
     policy_loss,
+    separable_policy_loss,
+    token_weights,
 )
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")
@@ -52,6 +54,15 @@ def test_micro_batch_sums_with_global_counts_equal_full_batch(mode):
     if mode == "token-mean":  # a mean of micro-batch token means is not the token mean
         local = [aggregate(losses[i : i + 2], mask[i : i + 2], mode) for i in (0, 2, 4, 6)]
         assert abs(torch.stack(local).mean().item() - full.item()) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+def test_token_weights_reproduce_the_aggregation(mode):
+    weighted = (token_weights(MASK, mode, 7.0, 3.0, torch.float64) * LOSS_MATRIX).sum()
+    assert weighted.item() == pytest.approx(aggregate(LOSS_MATRIX, MASK, mode, 7.0, 3.0).item())
+    assert (token_weights(MASK, mode) * LOSS_MATRIX).sum().item() == pytest.approx(
+        aggregate(LOSS_MATRIX, MASK, mode).item()
+    )
 
 
 def test_empty_mask_gives_zero_loss_and_zero_gradient():
@@ -261,3 +272,57 @@ def test_every_surrogate_is_finite_where_the_ratio_underflows(name, clip, anchor
     )
     loss.backward()
     assert math.isfinite(loss.item()) and torch.isfinite(lp.grad).all(), (loss, lp.grad)
+
+
+# ----------------------------------------------------------------------------- token path
+
+
+@pytest.mark.parametrize("on_policy", [False, True], ids=["old", "on_policy"])
+@pytest.mark.parametrize("rollout_is", ["none", "token", "sequence"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+@pytest.mark.parametrize(("name", "clip"), VALID_CLIPS)
+def test_separable_form_sums_to_the_loss_chunk_by_chunk(name, clip, agg, rollout_is, on_policy):
+    """The fused path's per-token terms, computed a few flattened tokens at a time (chunks that
+    cut through sequences), sum to policy_loss in value and gradient; ratios away from 1 so that
+    clips are active, a reference anchor, counts of a larger step."""
+    if on_policy and rollout_is == "sequence":
+        with pytest.raises(ValueError, match="rollout_is='sequence'"):
+            separable_policy_loss(
+                name,
+                None,
+                torch.zeros(3),
+                torch.ones(3, 5, dtype=torch.bool),
+                rollout_logprobs=torch.zeros(3, 5),
+                config=LossConfig(rollout_is="sequence"),
+            )
+        return
+    generator = torch.Generator().manual_seed(7)
+    shape = (3, 5)
+    lp = (-torch.rand(shape, generator=generator) * 3).requires_grad_()
+    old = None if on_policy else lp.detach() + torch.randn(shape, generator=generator) * 0.5
+    ref = lp.detach() + torch.randn(shape, generator=generator) * 0.3
+    rollout = lp.detach() + torch.randn(shape, generator=generator) * 0.4
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 1, 0, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([0.8, -1.1, 0.3])
+    config = LossConfig(
+        beta=0.2 if LOSSES[name].has_kl else 0.0,
+        clip=clip,
+        agg=agg,
+        kl_anchor="ref",
+        rollout_is=rollout_is,
+        eps_low=0.1,
+        eps_high=0.1,
+        dual_clip_c=1.5,
+    )
+    counts = {"num_tokens": 11.0, "num_sequences": 4.0}
+    args = (adv, mask, ref, None if rollout_is == "none" else rollout, config)
+    whole, _ = policy_loss(name, lp, lp.detach() if on_policy else old, *args, **counts)
+    (want,) = torch.autograd.grad(whole, lp)
+    terms = separable_policy_loss(name, old, *args, **counts)
+    flat = lp.reshape(-1)
+    parts = [terms(flat[rows], rows) for rows in (slice(0, 4), slice(4, 11), slice(11, 15))]
+    total = torch.cat(parts).sum()
+    (got,) = torch.autograd.grad(total, lp)
+    assert total.item() == pytest.approx(whole.item(), rel=1e-12, abs=1e-15)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    assert want.abs().max() > 0

@@ -11,7 +11,14 @@ import torch
 from megatron_rpg.config import ConfigError, ParallelConfig
 from megatron_rpg.models import ModelArch, check_layout, padded_vocab_size, tp_join
 
-from model_cases import CONFIGS, full_weights, in_layout, micro_batches, reference
+from model_cases import (
+    CONFIGS,
+    full_weights,
+    in_layout,
+    micro_batches,
+    reference,
+    update_paths,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,7 @@ TOKEN_LOSS_CASES = [(1, 1, True), (4, 1, True), (2, 2, True), (2, 1, False)]
 
 @pytest.mark.parametrize(("tp", "pp", "fused"), TOKEN_LOSS_CASES)
 def test_token_separable_loss_path_matches_reference(pool4, weights, references, tp, pp, fused):
-    """token_loss_fn: gradients from the fused forward pass (or evaluated on all tokens)."""
+    """token_loss_fn: gradients from the fused forward pass (unfused: loss_fn, as always)."""
     check("qwen3", pool4, weights, references, tp, pp, fused, 0.7, token_loss=True)
 
 
@@ -211,3 +218,35 @@ def test_length_bucketed_update_gives_the_padded_gradients(pool2, weights, tp, p
         assert rank["relative"] <= 1e-5 and rank["largest"] > 0
         assert len(rank["widths"]) > 1  # several schedule runs
         assert rank["columns"][1] < 0.8 * rank["columns"][0]  # the padding is gone
+
+
+UPDATE_CASES = [
+    ("rpg_reinforce_urkl", {"clip": "dual", "rollout_is": "token"}, 2, 1, False),
+    (
+        "rpg_reinforce_urkl",
+        {"clip": "dual", "rollout_is": "sequence", "kl_anchor": "ref"},
+        2,
+        2,
+        True,
+    ),
+    ("grpo", {"agg": "seq-mean-token-mean", "kl_anchor": "ref", "beta": 0.04}, 1, 2, True),
+    ("rpg_fkl", {"clip": "none", "agg": "seq-mean-token-sum", "beta": 0.1}, 4, 1, True),
+]
+
+
+@pytest.mark.parametrize(("loss", "overrides", "tp", "pp", "with_old"), UPDATE_CASES)
+def test_update_in_forward_equals_the_recompute_path(
+    pool4, weights, loss, overrides, tp, pp, with_old
+):
+    """The trainer's loss (update.policy_losses) with its gradients taken in the forward pass
+    gives the recompute path's gradients (1e-5 of each tensor's largest entry) and metrics."""
+    results = pool4.run(update_paths, "qwen3", weights["qwen3"], tp, pp, loss, overrides, with_old)
+    for r in results:
+        assert r["used_token_path"]
+        assert r["largest"] > 0
+        assert r["error"] < 1e-5, r["error"]
+        fused, recompute = r["metrics"]
+        for a, b in zip(fused, recompute, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

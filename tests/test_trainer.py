@@ -57,8 +57,9 @@ EVERY_STEP = [
 ]
 
 
-def train(*args, **popen):
+def train(*args, env=None, **popen):
     command = [sys.executable, "-m", "megatron_rpg.cli", "train", "--config", str(CONFIG), *args]
+    env = {**os.environ, **(env or {})}
     if popen:
         return subprocess.Popen(
             command,
@@ -67,8 +68,9 @@ def train(*args, **popen):
             stderr=subprocess.STDOUT,
             text=True,
             cwd=ROOT,
+            env=env,
         )
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
 
 
 def metrics(run_dir):
@@ -135,6 +137,27 @@ def test_killed_run_resumes_bit_identically(uninterrupted, tmp_path):
     done = train(*TINY, f"logging.run_dir={run_dir}", "--resume")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resume: continuing from" in done.stdout
+    assert without_timing(metrics(run_dir)) == without_timing(metrics(whole))
+
+
+def test_a_time_limit_saves_before_it_and_resumes_to_the_same_run(uninterrupted, tmp_path):
+    """checkpoint.stop_after_minutes (Slurm's time left): after a step, when the next step and
+    its save would end past the limit, the run checkpoints, tells the launcher (the file
+    slurm/common.sh requeues on) and exits 0; resumed, it ends as the uninterrupted run."""
+    whole, _ = uninterrupted
+    run_dir, flag = tmp_path / "limited", tmp_path / "stopped"
+    env = {"MRPG_STOPPED_EARLY_FILE": str(flag)}
+    done = train(
+        *TINY, f"logging.run_dir={run_dir}", "checkpoint.stop_after_minutes=0.0001", env=env
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "stopping on the time limit: checkpoint" in done.stdout
+    assert flag.read_text() == "step 1: the time limit\n"  # one step always runs
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step_00000001"]
+    flag.unlink()
+    done = train(*TINY, f"logging.run_dir={run_dir}", "--resume", env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resume: continuing from" in done.stdout and not flag.exists()
     assert without_timing(metrics(run_dir)) == without_timing(metrics(whole))
 
 

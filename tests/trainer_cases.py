@@ -25,18 +25,23 @@ def non_finite_step_is_skipped(config_path, overrides):
     from megatron_rpg.trainer import Trainer
 
     trainer = Trainer(load_config(config_path, overrides))
-    honest = trainer.loss_fn
+    honest = trainer.losses
 
-    def poisoned(counts):
-        inner = honest(counts)
+    def poisoned(mini):
+        inner, inner_terms = honest(mini)
+        factor = math.nan if trainer.step == 1 else 1.0
 
         def loss(lp, entropy, micro):
             value, metrics = inner(lp, entropy, micro)
-            return value * (math.nan if trainer.step == 1 else 1.0), metrics
+            return value * factor, metrics
 
-        return loss
+        def token_loss(micro):  # the fused path takes its gradients from these
+            terms = inner_terms(micro)
+            return lambda lp, entropy, rows: terms(lp, entropy, rows) * factor
 
-    trainer.loss_fn = poisoned
+        return loss, token_loss if inner_terms is not None else None
+
+    trainer.losses = poisoned
     snapshot = lambda: [p.detach().clone() for m in trainer.policy for p in m.parameters()]  # noqa: E731
     trainer.train_step()
     before = snapshot()
@@ -61,7 +66,7 @@ def dynamic_sampling_rollouts(config_path, overrides):
     trainer = Trainer(load_config(config_path, overrides))
     out = []
     for _ in range(2):
-        batch, metrics = trainer._rollout()
+        batch, metrics = trainer.rollout()
         varied = [
             len(set(batch.rewards[batch.group_ids == g].tolist())) > 1
             for g in range(int(batch.group_ids.max()) + 1)

@@ -11,7 +11,10 @@
 A checkpoint is assembled in a hidden temporary directory and renamed when every rank has
 finished; only the newest `keep_last` are kept. `latest_valid()` walks the checkpoints newest
 first and skips (with a warning) one without COMPLETE or whose files do not match their sha256;
-when every one fails, it raises rather than start over.
+when every one fails, it raises rather than start over. Hashing is shared: at a save and at a
+resume, rank r of W hashes (and fsyncs) the files r, r + W, r + 2W, ... of the checkpoint in
+sorted order, so a 70B checkpoint's ~1 TB is read once, by every rank in parallel, not by rank 0
+alone while the others wait.
 """
 
 from __future__ import annotations
@@ -41,33 +44,68 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
+def _chunk_key(name: str, index: int, count: int) -> str:
+    """ "model" / "reference" for one model chunk; "model0", "model1", ... for virtual stages."""
+    return name if count == 1 else f"{name}{index}"
+
+
 def sharded_state(
     policy_chunks: list[Any],
     optimizer: Any,
     reference_chunks: list[Any] | None,
     is_loading: bool,
 ) -> dict[str, Any]:
+    """The Megatron sharded state of the policy's chunks (unwrapped), the optimizer and the
+    reference model's chunks (their keys prefixed "reference.")."""
     count = len(policy_chunks)
     state: dict[str, Any] = {}
     model_state: dict[str, Any] = {}
     for i, chunk in enumerate(policy_chunks):
-        key = "model" if count == 1 else f"model{i}"
+        key = _chunk_key("model", i, count)
         state[key] = model_state[key] = chunk.sharded_state_dict()
     for i, chunk in enumerate(reference_chunks or []):
-        key = "reference" if count == 1 else f"reference{i}"
-        state[key] = chunk.sharded_state_dict(prefix="reference.")
+        state[_chunk_key("reference", i, count)] = chunk.sharded_state_dict(prefix="reference.")
     merged = {k: v for chunk_state in model_state.values() for k, v in chunk_state.items()}
     state["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading)
     return state
 
 
-def _manifest(directory: Path, checksums: bool) -> dict[str, Any]:
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
-    return {
-        "versions": versions(),
-        "git_revision": git_revision(),
-        "sha256": {str(p.relative_to(directory)): sha256(p) for p in files} if checksums else {},
-    }
+def load_sharded_state(
+    loaded: dict[str, Any],
+    policy_chunks: list[Any],
+    optimizer: Any,
+    reference_chunks: list[Any] | None,
+) -> None:
+    """Put what load_train_checkpoint returned for sharded_state(...) back into the parts."""
+    count = len(policy_chunks)
+    for i, chunk in enumerate(policy_chunks):
+        chunk.load_state_dict(loaded[_chunk_key("model", i, count)])
+    for i, chunk in enumerate(reference_chunks or []):
+        state = loaded[_chunk_key("reference", i, count)]
+        chunk.load_state_dict({k.removeprefix("reference."): v for k, v in state.items()})
+    optimizer.load_state_dict(loaded["optimizer"])
+
+
+def _my_share(items: list[Any]) -> list[Any]:
+    """This rank's share of a list every rank holds in the same order: items rank, rank + W..."""
+    return items[dist.get_rank() :: dist.get_world_size()]
+
+
+def _gathered(local: Any) -> list[Any]:
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, local)
+    return everyone
+
+
+def _hash_and_sync(directory: Path, checksums: bool) -> dict[str, str]:
+    """Collective: the sha256 of every file under `directory` (each rank its share, fsynced)."""
+    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    digests = {}
+    for name in _my_share(files):
+        fsync(directory / name)
+        if checksums:
+            digests[name] = sha256(directory / name)
+    return {name: digest for part in _gathered(digests) for name, digest in part.items()}
 
 
 def save_train_checkpoint(
@@ -134,16 +172,17 @@ def _write_staging(
     version, internal, gauss = random.getstate()  # plain ints and a float: weights_only loads it
     rng = {"torch": torch.get_rng_state(), "python": [version, *internal], "python_gauss": gauss}
     torch.save(rng, staging / "rng" / f"rank_{rank}.pt")
-    dist.barrier()
     if rank == 0:
         (staging / "state.json").write_text(json.dumps(train_state, indent=2, sort_keys=True))
         (staging / "config.yaml").write_text(config_yaml)
         for name, content in (model_files or {}).items():
             (staging / "dist" / name).write_bytes(content)
-        (staging / "manifest.json").write_text(json.dumps(_manifest(staging, checksums), indent=2))
-        for path in staging.rglob("*"):
-            if path.is_file():
-                fsync(path)
+    dist.barrier()
+    digests = _hash_and_sync(staging, checksums)
+    if rank == 0:
+        manifest = {"versions": versions(), "git_revision": git_revision(), "sha256": digests}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        fsync(staging / "manifest.json")
         (staging / MARKER).write_text(str(step))
     dist.barrier()
 
@@ -159,15 +198,17 @@ def _prune(directory: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def verify(directory: Path) -> str | None:
-    """Why this checkpoint cannot be used, or None."""
+def verify(directory: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """Why this checkpoint cannot be used, or None; share (r, W): hash only the manifest's files
+    r, r + W, ... (one rank's part of a parallel check)."""
     if not (directory / MARKER).is_file():
         return "incomplete (no COMPLETE marker)"
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError) as err:
         return f"unreadable manifest.json ({err})"
-    for name, digest in manifest.get("sha256", {}).items():
+    index, count = share
+    for name, digest in sorted(manifest.get("sha256", {}).items())[index::count]:
         path = directory / name
         if not path.is_file():
             return f"missing file {name}"
@@ -177,21 +218,22 @@ def verify(directory: Path) -> str | None:
 
 
 def latest_valid(run_dir: str | Path) -> Path | None:
-    """The newest usable checkpoint, None when there is none at all (rank 0 checks; the answer
-    is broadcast). Checkpoints that all fail verify() raise: starting over on them is the
-    user's call, not resume's."""
-    choice: list[Any] = [None, []]
-    if dist.get_rank() == 0:
-        root = Path(run_dir) / "checkpoints"
-        for candidate in sorted(root.glob("step_*"), reverse=True):
-            problem = verify(candidate)
-            if problem is None:
-                choice[0] = str(candidate)
-                break
-            warnings.warn(f"skipping checkpoint {candidate}: {problem}", stacklevel=2)
-            choice[1].append(f"{candidate.name}: {problem}")
-    dist.broadcast_object_list(choice, src=0)
-    directory, problems = choice
+    """The newest usable checkpoint, None when there is none at all. Collective: rank 0 lists
+    the candidates, every rank verifies its share of each one's files. Checkpoints that all fail
+    verify() raise: starting over on them is the user's call, not resume's."""
+    root = Path(run_dir) / "checkpoints"
+    listed: list[Any] = [sorted(map(str, root.glob("step_*")), reverse=True)]
+    dist.broadcast_object_list(listed, src=0)  # the same candidates, in order, on every rank
+    directory, problems = None, []
+    share = (dist.get_rank(), dist.get_world_size())
+    for candidate in map(Path, listed[0]):
+        found = [p for p in _gathered(verify(candidate, share)) if p is not None]
+        if not found:
+            directory = str(candidate)
+            break
+        if dist.get_rank() == 0:
+            warnings.warn(f"skipping checkpoint {candidate}: {found[0]}", stacklevel=2)
+        problems.append(f"{candidate.name}: {found[0]}")
     if directory is None and problems:
         raise RuntimeError(
             f"resume: no usable checkpoint in {Path(run_dir) / 'checkpoints'} ("

@@ -11,6 +11,9 @@ Pass N_tokens / N_seqs of the whole step (all micro-batches, all data-parallel r
 the returned values over micro-batches and ranks then gives exactly the full-batch loss, and
 summing (not averaging) the gradients over data-parallel ranks gives its gradient.
 N_seqs counts sequences with at least one valid token. Without counts, this batch's are used.
+Every mode is a weighted sum over tokens, sum_{b,t} w_{b,t} L_{b,t}, with weights that depend only
+on the mask and the counts (token_weights): a loss whose per-token terms depend only on their own
+token is separable, which the fused token-loss path uses (losses/policy.py: separable_policy_loss).
 """
 
 from __future__ import annotations
@@ -54,6 +57,29 @@ def aggregate(
         raise ValueError(f"loss aggregation mode {mode!r} is not one of {AGG_MODES}")
     denominator = count_sequences(mask) if num_sequences is None else num_sequences
     return per_sequence.sum() / _at_least_one(denominator, token_loss)
+
+
+def token_weights(
+    response_mask: Tensor,
+    mode: str,
+    num_tokens: float | Tensor | None = None,
+    num_sequences: float | Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """w [batch, response_len] with aggregate(L, mask, mode, counts) = sum_{b,t} w_{b,t} L_{b,t}:
+    m / N_tokens, m / N_seqs, or m / (sum_t m) / N_seqs."""
+    mask = response_mask.to(dtype)
+    if mode == "token-mean":
+        denominator = count_tokens(mask) if num_tokens is None else num_tokens
+        return mask / _at_least_one(denominator, mask)
+    if mode == "seq-mean-token-sum":
+        per_token = mask
+    elif mode == "seq-mean-token-mean":
+        per_token = mask / mask.sum(dim=-1, keepdim=True).clamp(min=1.0)
+    else:
+        raise ValueError(f"loss aggregation mode {mode!r} is not one of {AGG_MODES}")
+    denominator = count_sequences(mask) if num_sequences is None else num_sequences
+    return per_token / _at_least_one(denominator, mask)
 
 
 def _at_least_one(count: float | Tensor, like: Tensor) -> Tensor:

@@ -11,12 +11,15 @@ C)). The gap metrics are reported whenever rollout_logprobs are given.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor
 
-from megatron_rpg.losses.aggregation import aggregate, masked_mean
+from megatron_rpg.losses.aggregation import aggregate, masked_mean, token_weights
 from megatron_rpg.losses.config import LossConfig
 from megatron_rpg.losses.kl import k1, k3
 from megatron_rpg.losses.registry import LOSSES, LossSpec, TokenTerms
@@ -55,6 +58,70 @@ def policy_loss(
     )
     loss = aggregate(token_loss, response_mask, config.agg, num_tokens, num_sequences)
     return loss, metrics
+
+
+def separable_policy_loss(
+    name: str,
+    old_logprobs: Tensor | None,
+    advantages: Tensor,
+    response_mask: Tensor,
+    ref_logprobs: Tensor | None = None,
+    rollout_logprobs: Tensor | None = None,
+    config: LossConfig | None = None,
+    *,
+    num_tokens: float | Tensor | None = None,
+    num_sequences: float | Tensor | None = None,
+) -> Callable[[Tensor, slice], Tensor]:
+    """policy_loss as a sum of per-token terms: terms(logprobs [c], rows) -> [c] for the tokens
+    `rows` of the flattened [batch * response_len] tensors, with
+
+        sum over all rows of terms(lp[rows], rows) = policy_loss(name, lp, ...)
+
+    in value and gradient. Every registered surrogate is per token (TokenTerms); the aggregation
+    is sum_{b,t} w_{b,t} L_{b,t} with weights from the mask and counts (token_weights); the rollout
+    importance weights are stop-gradient. So a chunk of tokens is computed alone, which the fused
+    path uses to take the loss's gradients in the forward pass (forward_backward: token_loss_fn).
+    old_logprobs None: pi_old is the current policy (a single on-policy update), whose log-probs
+    each chunk supplies itself; a sequence-level rollout weight then needs the whole sequence's,
+    and is refused (ValueError).
+    """
+    config = config or LossConfig()
+    mask = response_mask.bool()
+    weights = token_weights(mask, config.agg, num_tokens, num_sequences, advantages.dtype)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None].expand(mask.shape)
+    chunk_config, chunk_rollout = config, rollout_logprobs
+    if config.rollout_is == "sequence" and rollout_logprobs is not None:
+        if old_logprobs is None:
+            raise ValueError(
+                "loss.rollout_is='sequence' weighs a sequence by all its tokens' pi_old: the token "
+                "path needs old_logprobs"
+            )
+        seq = rollout_is_weights(
+            old_logprobs, rollout_logprobs, mask, "sequence", config.rollout_is_cap
+        )
+        weights = weights * seq  # stop-gradient: the same factor for every chunk of a sequence
+        chunk_config, chunk_rollout = dataclasses.replace(config, rollout_is="none"), None
+
+    def flat(tensor: Tensor | None, rows: slice) -> Tensor | None:
+        return None if tensor is None else tensor.reshape(-1)[rows][None]
+
+    def terms(logprobs: Tensor, rows: slice) -> Tensor:
+        lp = logprobs[None]
+        old = flat(old_logprobs, rows)
+        token_loss, _ = token_policy_loss(
+            name,
+            lp,
+            lp.detach() if old is None else old,
+            cast(Tensor, flat(advantages, rows)),
+            cast(Tensor, flat(mask, rows)),
+            flat(ref_logprobs, rows),
+            flat(chunk_rollout, rows),
+            chunk_config,
+        )
+        return (token_loss * cast(Tensor, flat(weights, rows)))[0]
+
+    return terms
 
 
 def token_policy_loss(

@@ -26,6 +26,7 @@ from megatron_rpg.models.arch import ModelArch
 from megatron_rpg.models.builder import unwrap
 from megatron_rpg.models.hf_mapping import megatron_names, to_hf
 from megatron_rpg.models.sharding import full_name, sharded_parameters, tp_join
+from megatron_rpg.parallel.groups import ProcessGroup, ProcessGroups
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,11 @@ class PlannedTensor:
         )
 
 
-def export_plan(model_chunks: list[Any], arch: ModelArch) -> list[PlannedTensor]:
+def export_plan(
+    model_chunks: list[Any], arch: ModelArch, groups: ProcessGroups
+) -> list[PlannedTensor]:
     """Every full tensor of the model in HF order; one all_gather_object over the world."""
-    from megatron.core import parallel_state
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    stage = parallel_state.get_pipeline_model_parallel_rank()
+    tp, stage = groups.tp_size, groups.pp_rank
     local = {}
     for chunk in model_chunks:
         for name, param, split, gated in sharded_parameters(chunk):
@@ -81,12 +81,9 @@ def _buckets(plan: list[PlannedTensor], bucket_bytes: int) -> Iterator[list[Plan
         yield bucket
 
 
-def _gather_into(out: Tensor, param: Tensor, planned: PlannedTensor) -> None:
+def _gather_into(out: Tensor, param: Tensor, planned: PlannedTensor, group: ProcessGroup) -> None:
     """Write the full tensor of a (possibly TP-sharded) parameter into `out`: all-gathered over
     the TP group in rank order, straight into `out` when the shards are its row blocks."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(group)
     if planned.split is None or tp == 1:
         out.copy_(param)
@@ -103,12 +100,14 @@ class WeightStream:
     before any data moves: vLLM's transfer engines announce it first) and the tensors when
     iterated. Constructing it is collective (the plan); so is iterating it."""
 
-    def __init__(self, model_chunks: list[Any], arch: ModelArch, bucket_bytes: int):
+    def __init__(
+        self, model_chunks: list[Any], arch: ModelArch, bucket_bytes: int, groups: ProcessGroups
+    ):
         if bucket_bytes < 1:
             raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
         self.model_chunks = [unwrap(chunk) for chunk in model_chunks]  # DDP-wrapped or not
-        self.arch, self.bucket_bytes = arch, bucket_bytes
-        self.plan = export_plan(self.model_chunks, arch)
+        self.arch, self.bucket_bytes, self.groups = arch, bucket_bytes, groups
+        self.plan = export_plan(self.model_chunks, arch, groups)
 
     @property
     def bucket_metadata(self) -> list[list[tuple[str, tuple[int, ...], torch.dtype]]]:
@@ -144,12 +143,9 @@ class WeightStream:
         """Yield each bucket's (hf_name, full tensor) pairs on every rank (see the module
         docstring). Tensors of a bucket stay valid until the next bucket is fetched: they are
         views of one buffer that every bucket reuses."""
-        from megatron.core import parallel_state
-
         plan, arch = self.plan, self.arch
         params = {name: p for c in self.model_chunks for name, p, _, _ in sharded_parameters(c)}
-        my_stage = parallel_state.get_pipeline_model_parallel_rank()
-        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        my_stage, pp_group = self.groups.pp_rank, self.groups.pp
         device = next(iter(params.values())).device
         buckets = list(_buckets(plan, self.bucket_bytes))
         dtype = plan[0].dtype
@@ -166,7 +162,7 @@ class WeightStream:
                 offset += numel
             if bucket[0].stage == my_stage:
                 for view, t in zip(views, bucket, strict=True):
-                    _gather_into(view, params[t.name].detach(), t)
+                    _gather_into(view, params[t.name].detach(), t, self.groups.tp)
             if dist.get_world_size(pp_group) > 1:
                 src = dist.get_global_rank(pp_group, bucket[0].stage)
                 dist.broadcast(flat, src=src, group=pp_group)
@@ -178,7 +174,11 @@ class WeightStream:
 
 
 def iter_hf_weights(
-    model_chunks: list[Any], arch: ModelArch, bucket_bytes: int = 512 * 2**20
+    model_chunks: list[Any],
+    arch: ModelArch,
+    bucket_bytes: int = 512 * 2**20,
+    groups: ProcessGroups | None = None,
 ) -> WeightStream:
-    """The export stream: iterate it for (hf_name, full tensor) on every rank."""
-    return WeightStream(model_chunks, arch, bucket_bytes)
+    """The export stream: iterate it for (hf_name, full tensor) on every rank (groups: the
+    layout's; omitted: Megatron's current ones)."""
+    return WeightStream(model_chunks, arch, bucket_bytes, groups or ProcessGroups.current())

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from megatron_rpg.parallel.groups import ProcessGroups
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -76,13 +78,16 @@ def full_name(model: Any, name: str) -> str:
 
 
 @torch.no_grad()
-def load_full_state_dict(model: Any, full: Mapping[str, Tensor] | Callable[[str], Tensor]) -> None:
+def load_full_state_dict(
+    model: Any,
+    full: Mapping[str, Tensor] | Callable[[str], Tensor],
+    groups: ProcessGroups | None = None,
+) -> None:
     """Copy this rank's shard of every parameter from full tensors (no communication). `full` is
-    a state dict or a getter fetching one full tensor at a time (streaming conversion)."""
-    from megatron.core import parallel_state
-
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    a state dict or a getter fetching one full tensor at a time (streaming conversion); groups:
+    the layout's (omitted: Megatron's current ones), for this rank's TP place."""
+    groups = groups or ProcessGroups.current()
+    tp_size, tp_rank = groups.tp_size, groups.tp_rank
     get = full.__getitem__ if isinstance(full, Mapping) else full
     for name, param, split, gated in sharded_parameters(model):
         key = full_name(model, name)

@@ -6,11 +6,13 @@ from megatron_rpg.parallel.distributed import (
     init_process_group,
     initialize_model_parallel,
 )
+from megatron_rpg.parallel.groups import ProcessGroups
 from megatron_rpg.parallel.seeding import seed_everything
 from megatron_rpg.parallel.spawn import RankError, RankPool, every_core, run_on_ranks
 
 __all__ = [
     "ParallelLayout",
+    "ProcessGroups",
     "RankError",
     "RankPool",
     "destroy_model_parallel",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megatron_rpg.config import ConfigError, ParallelConfig
 from megatron_rpg.parallel.cpu_shim import apply as apply_cpu_shim
+from megatron_rpg.parallel.groups import ProcessGroups
 from megatron_rpg.parallel.seeding import seed_everything
 
 # Process groups created by initialize_model_parallel. Megatron's destroy_model_parallel only drops
@@ -45,6 +46,11 @@ class ParallelLayout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    groups: ProcessGroups = field(compare=False, repr=False)  # passed to what communicates
+
+    def __getstate__(self) -> dict:
+        """Process groups live in this process: a pickled layout (a rank's result) has None."""
+        return {**self.__dict__, "groups": None}
 
 
 def resolve_backend(backend: str) -> str:
@@ -108,6 +114,7 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int) -> ParallelLa
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
+        groups=ProcessGroups.current(),
     )
 
 

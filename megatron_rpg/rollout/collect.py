@@ -5,6 +5,7 @@ same on every rank, so every rank runs this loop in lockstep and ends with the s
 
     groups, metrics, position = collect_groups(task, tokenizer, generate, grade, settings,
                                                seed=..., position=...)
+    batch = groups_to_batch(groups, tokenizer.pad_id)  # the update's batch
 
 With dynamic sampling, a group whose task scores are all equal (all right or all wrong, as
 DAPO's filter on accuracy; the overlong shaping may still differ) carries no signal: it is
@@ -17,11 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from megatron_rpg.data.task import Task
 from megatron_rpg.rewards import overlong_penalty, task_reward
+from megatron_rpg.rl_batch import RolloutBatch, build_batch
 from megatron_rpg.rollout.protocol import Response, SamplingParams
+
+if TYPE_CHECKING:
+    from megatron_rpg.config import RunConfig
 
 Generate = Callable[[Sequence[Sequence[int]], SamplingParams], list[list[Response]]]
 Grade = Callable[[list[tuple[str, Any]]], list[float]]
@@ -37,6 +44,28 @@ class CollectSettings:
     overlong_penalty: float = 1.0
     incorrect_reward: float = 0.0  # the task reward of a wrong answer (right: 1)
     max_prompt_tokens: int | None = None  # longer prompts are skipped (and counted)
+
+
+def collect_settings(config: RunConfig, eos_id: int) -> CollectSettings:
+    """The run config's rollout (data, rollout and algorithm sections)."""
+    c, a = config, config.algorithm
+    return CollectSettings(
+        prompts=c.data.prompts_per_step,
+        params=SamplingParams(
+            n=c.rollout.n,
+            temperature=c.rollout.temperature,
+            top_p=c.rollout.top_p,
+            top_k=c.rollout.top_k,
+            max_tokens=c.rollout.max_tokens,
+            stop_token_ids=(eos_id,),
+        ),
+        dynamic_sampling=a.dynamic_sampling,
+        max_rounds=a.dynamic_sampling_max_rounds,
+        overlong_buffer=a.overlong_buffer,
+        overlong_penalty=a.overlong_penalty,
+        incorrect_reward=a.incorrect_reward,
+        max_prompt_tokens=c.data.max_prompt_tokens,
+    )
 
 
 @dataclass
@@ -162,3 +191,17 @@ def collect_groups(
         "data/skipped_long_prompts": float(skipped),
     }
     return kept + fillers, metrics, position
+
+
+def groups_to_batch(groups: list[Group], pad_id: int) -> RolloutBatch:
+    """The update's batch (rl_batch.py) of collected groups: a filler group's tokens are masked
+    out of the loss and its token mean."""
+    batch = build_batch(
+        [g.prompt for g in groups],
+        [g.responses for g in groups],
+        [g.rewards for g in groups],
+        pad_id,
+    )
+    fillers = torch.tensor([g.filler for g in groups for _ in g.responses])
+    batch.response_mask[fillers] = False
+    return batch

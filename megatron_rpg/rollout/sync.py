@@ -14,6 +14,7 @@ from typing import Any
 
 from megatron_rpg.models import ModelArch
 from megatron_rpg.models.export import iter_hf_weights
+from megatron_rpg.parallel.groups import ProcessGroups
 from megatron_rpg.rollout.protocol import RolloutEngine
 
 
@@ -32,9 +33,10 @@ def sync_weights(
     arch: ModelArch,
     engine: RolloutEngine | None,
     bucket_bytes: int = 512 * 2**20,
+    groups: ProcessGroups | None = None,
 ) -> SyncStats:
     start = time.perf_counter()
-    stream = iter_hf_weights(model_chunks, arch, bucket_bytes)
+    stream = iter_hf_weights(model_chunks, arch, bucket_bytes, groups)
     if engine is None:
         nbytes = sum(t.numel() * t.element_size() for _, t in stream)
     else:

@@ -1,0 +1,57 @@
+"""The rollout engine seen from every rank of a run: each rank gets the same responses and the
+same grades, so that every rank runs the step's loop (rollout/collect.py) in lockstep.
+
+A colocated vLLM engine is collective itself (each rank's engine samples its share). The embedded
+engine and a vLLM server are driven by rank 0, which broadcasts what they return, and broadcasts a
+failure too, so that no rank waits in a collective for an answer that will not come. Grading runs
+on rank 0 and is broadcast the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import torch.distributed as dist
+
+from megatron_rpg.parallel import every_core
+from megatron_rpg.rollout.protocol import EngineError, Response, SamplingParams
+
+T = TypeVar("T")
+
+
+class CollectiveEngine:
+    """`generate` on every rank (collective) over this rank's engine (None off rank 0 when the
+    engine is not colocated)."""
+
+    def __init__(self, engine: Any, rank: int):
+        self.engine, self.rank = engine, rank
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[list[Response]]:
+        if self.engine is not None and self.engine.collective:
+            groups: list[list[Response]] = self.engine.generate(prompts, params)
+            return groups
+        payload: list[Any] = [None]
+        failure: Exception | None = None
+        if self.rank == 0:
+            try:
+                with every_core():  # the other ranks wait in the broadcast below
+                    payload = [(self.engine.generate(prompts, params), None)]
+            except Exception as err:
+                failure, payload = err, [(None, f"{type(err).__name__}: {err}")]
+        dist.broadcast_object_list(payload, src=0)
+        groups, error = payload[0]
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise EngineError(f"rank 0's rollout engine failed: {error}")
+        return cast(list[list[Response]], groups)
+
+
+def on_rank0(compute: Callable[[], T]) -> T:
+    """Collective: compute() on rank 0, its result on every rank."""
+    payload: list[Any] = [compute() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(payload, src=0)
+    return cast(T, payload[0])

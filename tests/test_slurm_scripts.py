@@ -1,0 +1,95 @@
+"""slurm/common.sh with stub Slurm commands on PATH (no Slurm needed): the time left becomes the
+trainer's stop_after_minutes, srun is asked for the job's cores per task and the container's
+working directory, and a run that stopped early is requeued (one that finished is not)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUBS = {
+    "scontrol": """case "$1 $2" in
+    "show hostnames") echo node1 ;;
+    "show node") echo "NodeName=node1 NodeAddr=127.0.0.1" ;;
+    *) echo "scontrol $*" >>"$STUB_LOG" ;;
+esac""",
+    "squeue": 'echo "$STUB_TIME_LEFT"',
+    "srun": """echo "srun $*" >>"$STUB_LOG"
+if [ -n "${STUB_STOP_EARLY:-}" ]; then echo "step 3: a signal" >"$MRPG_STOPPED_EARLY_FILE"; fi""",
+}
+
+
+def common_sh(tmp_path, script, **env):
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    for name, body in STUBS.items():
+        (stubs / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    environment = {
+        "PATH": f"{stubs}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_NTASKS": "2",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "MRPG_PYTHON": "python3",
+        "STUB_LOG": str(tmp_path / "calls.log"),
+        "STUB_TIME_LEFT": "UNLIMITED",
+        **env,
+    }
+    return subprocess.run(
+        ["bash", "-c", f'source "{ROOT}/slurm/common.sh"; {script}'],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("left", "minutes"),
+    [
+        ("1-02:03:04", (86400 + 2 * 3600 + 3 * 60 + 4) // 60 - 3),
+        ("45:00", 42),
+        ("2:10:00", 127),
+        ("UNLIMITED", 0),
+        ("0:30", 1),
+        ("", 0),
+    ],
+)
+def test_time_left_becomes_stop_after_minutes(tmp_path, left, minutes):
+    done = common_sh(tmp_path, "mrpg_minutes_left", STUB_TIME_LEFT=left)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(minutes)
+
+
+def test_srun_gets_cores_per_task_and_the_container_workdir(tmp_path):
+    done = common_sh(
+        tmp_path,
+        "mrpg_run echo trained",
+        SLURM_CPUS_PER_TASK="12",
+        MRPG_CONTAINER_IMAGE="nvcr.io/x:1",
+        MRPG_CONTAINER_MOUNTS="/lustre:/lustre",
+    )
+    assert done.returncode == 0, done.stderr
+    call = (tmp_path / "calls.log").read_text()  # one srun; its bash -c script spans lines
+    assert call.count("srun ") == 1
+    assert call.startswith("srun --kill-on-bad-exit=1 --cpus-per-task=12 ")
+    for flag in (
+        "--container-image=nvcr.io/x:1",
+        f"--container-workdir={tmp_path}",
+        "--container-mounts=/lustre:/lustre",
+    ):
+        assert flag in call.split(), call
+    assert "requeue" not in (tmp_path / "calls.log").read_text()  # finished: not requeued
+
+
+def test_a_run_that_stopped_early_is_requeued(tmp_path):
+    done = common_sh(tmp_path, "mrpg_run echo trained; echo not reached", STUB_STOP_EARLY="1")
+    assert done.returncode == 0, done.stderr
+    assert "stopped at step 3: a signal; requeueing" in done.stdout
+    assert "not reached" not in done.stdout
+    assert "scontrol requeue 7" in (tmp_path / "calls.log").read_text()
+    assert not (tmp_path / ".mrpg" / "stopped-7").exists()  # the next run starts clean
