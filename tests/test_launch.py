@@ -1,6 +1,7 @@
 """The launch plan against a hand calculation for the 70B recipe, refusals of layouts that cannot
 run, and the shell scripts (bash -n, shellcheck)."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -164,3 +165,59 @@ def test_install_requirements_come_from_registries(requirements):
         if requirement:
             assert "@" not in requirement, f"{requirements.name}:{number}: {line}"
             assert "==" in requirement or not pinned, f"{requirements.name}:{number}: {line}"
+
+
+@pytest.mark.parametrize(
+    ("model", "gpus", "tp"),
+    [
+        ("qwen2.5-7b", 8, 4),
+        ("qwen2.5-7b", 16, 4),
+        ("qwen2.5-7b", 1, 1),
+        ("llama3.1-70b", 8, 8),
+        ("qwen3-4b", 8, 8),
+        ("qwen3-4b", 6, 4),
+    ],
+)
+def test_evaluation_tp_auto_fits_the_heads(model, gpus, tp):
+    """slurm/eval.sh's default (--tensor-parallel auto): TP8 does not fit Qwen2.5-7B's 28 heads
+    (4 KV heads); 4 is the largest that divides 28 and divides or is a multiple of 4."""
+    from megatron_rpg.models import ModelArch
+    from megatron_rpg.models.arch import read_hf_config
+    from megatron_rpg.rollout.placement import largest_engine_tp
+
+    arch = ModelArch.from_hf(read_hf_config(ROOT / "examples" / "models" / model))
+    assert largest_engine_tp(arch, gpus) == tp
+
+
+def test_launch_submits_the_checked_config_with_a_task_per_gpu(tmp_path):
+    """`launch --script`: sbatch gets this config file (CONFIG, which the recipes read), one task
+    per GPU and the overrides; a missing initial checkpoint is refused before anything queues."""
+    stub = tmp_path / "sbatch"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$@" >"{tmp_path}/sbatch.args"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    base = [sys.executable, "-m", "megatron_rpg.cli", "launch", "--config", str(RECIPE_70B)]
+    hf = f"model.hf_config={ROOT / 'examples/models/llama3.1-70b'}"
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    args = ["--nodes", "8", "--gpus-per-node", "8", "--script", "slurm/rpg_70b.sh", hf]
+    args += [f"data.train_path={data}"]
+    done = subprocess.run([*base, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr
+    submitted = (tmp_path / "sbatch.args").read_text().split()
+    assert submitted[:4] == [
+        "--nodes=8",
+        "--gpus-per-node=8",
+        "--ntasks-per-node=8",
+        f"--export=ALL,CONFIG={RECIPE_70B}",
+    ]
+    assert submitted[4:] == ["slurm/rpg_70b.sh", hf, f"data.train_path={data}"]
+    missing = subprocess.run(
+        [*base, *args, f"model.checkpoint={tmp_path / 'nowhere'}"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert missing.returncode != 0 and "model.checkpoint" in missing.stderr
+    assert (tmp_path / "sbatch.args").read_text().split()[4:] == submitted[4:]  # not submitted

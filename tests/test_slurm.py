@@ -75,6 +75,12 @@ def test_tiny_job_trains_on_two_tasks(tmp_path):
     assert steps(tmp_path) == [1, 2, 3, 4]
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= record["reward/mean"] <= 1.0 and "kl/k3" in record
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["job"]["slurm_job_id"] == str(job)  # which job wrote the run
+    assert manifest["versions"]["cuda"] == "none" and "vllm" in manifest["versions"]
+    # the job's time left became the trainer's deadline (stop_after_minutes: 30 - 3 minutes)
+    stop_after = manifest["config"]["checkpoint"]["stop_after_minutes"]
+    assert 20 <= stop_after <= 27, stop_after
 
 
 def test_failing_job_status_reaches_sbatch(tmp_path):

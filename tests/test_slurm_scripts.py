@@ -16,6 +16,7 @@ STUBS = {
     *) echo "scontrol $*" >>"$STUB_LOG" ;;
 esac""",
     "squeue": 'echo "$STUB_TIME_LEFT"',
+    "curl": "exit 7",  # nothing listens: the engine never becomes healthy
     "srun": """echo "srun $*" >>"$STUB_LOG"
 if [ -n "${STUB_STOP_EARLY:-}" ]; then echo "step 3: a signal" >"$MRPG_STOPPED_EARLY_FILE"; fi""",
 }
@@ -93,3 +94,16 @@ def test_a_run_that_stopped_early_is_requeued(tmp_path):
     assert "not reached" not in done.stdout
     assert "scontrol requeue 7" in (tmp_path / "calls.log").read_text()
     assert not (tmp_path / ".mrpg" / "stopped-7").exists()  # the next run starts clean
+
+
+def test_an_engine_server_that_dies_at_start_ends_the_job_at_once(tmp_path):
+    """mrpg_serve watches the server's srun step while it waits for /health (30 minutes)."""
+    model = tmp_path / "hf"
+    model.mkdir()
+    missing = common_sh(tmp_path, "mrpg_serve", MRPG_ENGINE_MODEL=str(model))
+    assert missing.returncode != 0 and "no config.json there" in missing.stderr
+    (model / "config.json").write_text("{}")
+    done = common_sh(tmp_path, "mrpg_serve", MRPG_ENGINE_MODEL=str(model), SLURM_CPUS_ON_NODE="64")
+    assert done.returncode != 0
+    assert "exited before it was healthy" in done.stderr
+    assert "--cpus-per-task=64" in (tmp_path / "calls.log").read_text()

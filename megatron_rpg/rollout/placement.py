@@ -41,6 +41,18 @@ class RolloutPlacement:
         return f"vLLM: {where}, weights by {self.transfer}"
 
 
+def engine_tp_fits(arch: ModelArch, tp: int) -> bool:
+    """vLLM's rule: tp divides the attention heads, and divides or is a multiple of the KV heads."""
+    groups = arch.num_query_groups
+    return arch.num_attention_heads % tp == 0 and (groups % tp == 0 or tp % groups == 0)
+
+
+def largest_engine_tp(arch: ModelArch, devices: int) -> int:
+    """The largest engine tensor parallelism on at most `devices` GPUs that fits the model
+    (Qwen2.5-7B's 28 heads on 8 GPUs: 4)."""
+    return max(tp for tp in range(1, max(devices, 1) + 1) if engine_tp_fits(arch, tp))
+
+
 def rollout_placement(
     rollout: RolloutConfig,
     arch: ModelArch,
@@ -68,7 +80,7 @@ def rollout_placement(
                 )
         return RolloutPlacement("embedded", False, 1, 1, "")
     heads, groups = arch.num_attention_heads, arch.num_query_groups
-    if heads % tp or (groups % tp and tp % groups):
+    if not engine_tp_fits(arch, tp):
         raise ConfigError(
             "rollout.tensor_parallel",
             tp,
