@@ -173,10 +173,18 @@ class Trainer:
         metrics["time/rollout"] = time.perf_counter() - start
         return groups_to_batch(groups, self.tokenizer.pad_id), metrics
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, stop: StopSignals | None = None) -> dict[str, float] | None:
+        """One RL step; None when `stop` reports a signal after the rollout: the step is
+        abandoned before it changes anything (the counters and RNG states are those of its
+        start, which a resumed run repeats: sampling is seeded by (seed, step))."""
         c, a, groups = self.config, self.config.algorithm, self.layout.groups
         start = time.perf_counter()
+        position, rng = self.data_position, train_state.rng_state()
         batch, rollout_metrics = self.rollout()
+        if stop is not None and stop.check() is not None:  # the rollout is most of a step
+            self.data_position = position
+            train_state.set_rng_state(rng)
+            return None
         engine = self.engine.engine
         if engine is not None:
             engine.sleep()  # a colocated engine frees its memory for training
@@ -326,9 +334,13 @@ class Trainer:
         progress.update(self.step)
         history: list[dict[str, float]] = []
         longest_step = longest_save = 0.0
+        saved: Path | None = None  # the checkpoint of this step, when one was written
         while self.step < c.train_steps:
             start = time.monotonic()
-            metrics = self.train_step()
+            metrics = self.train_step(stop if history else None)  # the first step always runs
+            if metrics is None:
+                self._stop(f"a signal (step {self.step + 1} abandoned after its rollout)", saved)
+                break
             longest_step = max(longest_step, time.monotonic() - start)
             history.append(metrics)
             if self.log is not None:
@@ -352,15 +364,19 @@ class Trainer:
                 break
             reason = stop.check(c.checkpoint.stop_after_minutes, longest_step + longest_save)
             if reason is not None:
-                path = saved or self.save_checkpoint()
-                if self.rank == 0:
-                    print(f"stopping on {reason}: checkpoint {path} (step {self.step})", flush=True)
-                    mark_stopped_early(self.step, reason)
+                self._stop(reason, saved)
                 break
         progress.close()
         if self.log is not None:
             print(self.log.close(), flush=True)
         return history
+
+    def _stop(self, reason: str, saved: Path | None = None) -> None:
+        """Checkpoint (unless `saved` already holds this step) and tell the launcher."""
+        path = saved or self.save_checkpoint()
+        if self.rank == 0:
+            print(f"stopping on {reason}: checkpoint {path} (step {self.step})", flush=True)
+            mark_stopped_early(self.step, reason)
 
     def close(self) -> None:
         """Stop the grader pool and the rollout engine (before the process group goes)."""

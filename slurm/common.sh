@@ -97,12 +97,17 @@ mrpg_run() {
     return "$rc"
 }
 
-# vLLM on a node of its own (MRPG_ENGINE_NODES=1): `vllm serve` on the job's last node, data
-# parallel over its GPUs (MRPG_ENGINE_TP per engine), started with dummy weights (the trainer
-# sends them over NCCL) from the HF directory MRPG_ENGINE_MODEL (config and tokenizer); the
-# trainer's tasks run on the other nodes and find it at MRPG_ENGINE_URL.
+# vLLM on a node of its own (the config's rollout.engine_nodes=1): `vllm serve` on the job's last
+# node, data parallel over its GPUs, each engine with the config's rollout.tensor_parallel, dtype,
+# GPU memory share and longest sequence (what the launch plan checked: vllm_server --config),
+# dummy weights (the trainer sends them over NCCL), the HF directory MRPG_ENGINE_MODEL for the
+# config and tokenizer. The server listens on the node's cluster address only and requires a
+# key made for this job (MRPG_ENGINE_API_KEY, which the trainer's tasks inherit); the trainer
+# finds it at MRPG_ENGINE_URL. Arguments: the config file and its overrides.
 mrpg_serve() {
-    local host=${MRPG_HOSTS[-1]} gpus=${SLURM_GPUS_ON_NODE:-8} tp=${MRPG_ENGINE_TP:-8} i server
+    local config=$1 host=${MRPG_HOSTS[-1]} gpus=${SLURM_GPUS_ON_NODE:-8} i server override sets=()
+    shift
+    for override in "$@"; do sets+=(--set "$override"); done
     : "${MRPG_ENGINE_MODEL:?set MRPG_ENGINE_MODEL to the HF directory of the model (config, tokenizer)}"
     if [ ! -f "$MRPG_ENGINE_MODEL/config.json" ]; then
         echo "MRPG_ENGINE_MODEL=$MRPG_ENGINE_MODEL: no config.json there (a HF model directory)" >&2
@@ -110,11 +115,13 @@ mrpg_serve() {
     fi
     local address
     address=$(scontrol show node "$host" | grep -oP 'NodeAddr=\K\S+' || echo "$host")
+    MRPG_ENGINE_API_KEY=${MRPG_ENGINE_API_KEY:-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')}
+    export MRPG_ENGINE_API_KEY
     # the flags VLLMServerEngine needs live in one place: megatron_rpg/rollout/vllm_server.py
     srun --nodes=1 --ntasks=1 --nodelist="$host" --kill-on-bad-exit=1 \
         --cpus-per-task="${MRPG_ENGINE_CPUS:-${SLURM_CPUS_ON_NODE:-1}}" \
-        "$MRPG_PYTHON" -m megatron_rpg.rollout.vllm_server "$MRPG_ENGINE_MODEL" --port 8000 \
-        --tensor-parallel "$tp" --data-parallel $((gpus / tp)) &
+        "$MRPG_PYTHON" -m megatron_rpg.rollout.vllm_server "$MRPG_ENGINE_MODEL" \
+        --host "$address" --port 8000 --config "$config" "${sets[@]}" --gpus "$gpus" &
     server=$!
     export MRPG_ENGINE_URL="http://$address:8000"
     for ((i = 0; i < 1800; i++)); do
@@ -129,18 +136,30 @@ mrpg_serve() {
     return 1
 }
 
+# The value of a config key with overrides, as the trainer will read it.
+mrpg_config_value() {
+    "$MRPG_PYTHON" -c 'import sys
+from megatron_rpg.config import load_config
+value = load_config(sys.argv[1], sys.argv[3:])
+for part in sys.argv[2].split("."):
+    value = getattr(value, part)
+print(value)' "$@"
+}
+
 # The GPU recipes' body: check the layout and memory plan on the job's nodes, then train from
 # the Megatron checkpoint $CKPT (resuming the run's own checkpoints when requeued); with
-# MRPG_ENGINE_NODES=1 the engine gets the last node and the trainer the others.
+# rollout.engine_nodes=1 (in the config or an override) the engine gets the last node and the
+# trainer the others.
 mrpg_train() {
-    local config=$1 engine_nodes=${MRPG_ENGINE_NODES:-0}
+    local config=$1 engine_nodes
     shift
     : "${CKPT:?set CKPT to a Megatron checkpoint of the model (megatron-rpg convert hf-to-mcore)}"
-    local overrides=("model.checkpoint=$CKPT" "rollout.engine_nodes=$engine_nodes" "$@")
+    local overrides=("model.checkpoint=$CKPT" "$@")
+    engine_nodes=$(mrpg_config_value "$config" rollout.engine_nodes "${overrides[@]}")
     "$MRPG_PYTHON" -m megatron_rpg.cli launch --config "$config" --nodes "$SLURM_JOB_NUM_NODES" \
         --gpus-per-node "${SLURM_GPUS_ON_NODE:-8}" --dry-run "${overrides[@]}"
     if [ "$engine_nodes" -gt 0 ]; then
-        mrpg_serve
+        mrpg_serve "$config" "${overrides[@]}"
         local trainer_nodes=$((SLURM_JOB_NUM_NODES - engine_nodes))
         MRPG_SRUN_ARGS="--nodes=$trainer_nodes --ntasks=$((trainer_nodes * ${SLURM_NTASKS_PER_NODE:-8}))"
         MRPG_SRUN_ARGS+=" --nodelist=$(IFS=,; echo "${MRPG_HOSTS[*]:0:trainer_nodes}")"

@@ -34,9 +34,16 @@ def model_dir(parent, hf_config, state_dict=None):
 
 @contextlib.contextmanager
 def running_server(
-    directory, tensor_parallel=1, load_format="dummy", max_model_len=64, dtype="float32", log=None
+    directory,
+    tensor_parallel=1,
+    load_format="dummy",
+    max_model_len=64,
+    dtype="float32",
+    log=None,
+    api_key=None,
 ):
-    """Yield (url, process) of a healthy server; kill its process group afterwards."""
+    """Yield (url, process) of a healthy server (requiring `api_key` if given); kill its process
+    group afterwards."""
     port = free_port()
     command = server_command(
         directory,
@@ -50,7 +57,7 @@ def running_server(
     out = open(log or os.devnull, "w")  # noqa: SIM115
     process = subprocess.Popen(
         command,
-        env=server_environment(kv_cache_gb=1, threads=1),
+        env=server_environment(kv_cache_gb=1, threads=1, api_key=api_key),
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -221,3 +221,19 @@ def test_launch_submits_the_checked_config_with_a_task_per_gpu(tmp_path):
     )
     assert missing.returncode != 0 and "model.checkpoint" in missing.stderr
     assert (tmp_path / "sbatch.args").read_text().split()[4:] == submitted[4:]  # not submitted
+
+
+def test_the_engine_server_takes_its_settings_from_the_checked_config():
+    """vllm_server --config (slurm/common.sh's mrpg_serve): the plan's engine, not env values."""
+    from megatron_rpg.rollout.vllm_server import engine_settings
+
+    hf = f"model.hf_config={ROOT / 'examples' / 'models' / 'qwen2.5-7b'}"
+    tp, dp, dtype, max_len, share = engine_settings(
+        str(ROOT / "examples" / "rpg_7b.yaml"),
+        [hf, "rollout.tensor_parallel=2", "rollout.gpu_memory_utilization=0.8"],
+        8,
+    )
+    config = load_config(ROOT / "examples" / "rpg_7b.yaml", [hf])
+    assert (tp, dp, share) == (2, 4, 0.8)
+    assert max_len == config.data.max_prompt_tokens + config.rollout.max_tokens
+    assert dtype in ("bfloat16", "float32")

@@ -100,10 +100,16 @@ def test_an_engine_server_that_dies_at_start_ends_the_job_at_once(tmp_path):
     """mrpg_serve watches the server's srun step while it waits for /health (30 minutes)."""
     model = tmp_path / "hf"
     model.mkdir()
-    missing = common_sh(tmp_path, "mrpg_serve", MRPG_ENGINE_MODEL=str(model))
+    serve = f"mrpg_serve {ROOT / 'examples' / 'tiny_cpu.yaml'} rollout.tensor_parallel=1"
+    missing = common_sh(tmp_path, serve, MRPG_ENGINE_MODEL=str(model))
     assert missing.returncode != 0 and "no config.json there" in missing.stderr
     (model / "config.json").write_text("{}")
-    done = common_sh(tmp_path, "mrpg_serve", MRPG_ENGINE_MODEL=str(model), SLURM_CPUS_ON_NODE="64")
+    done = common_sh(tmp_path, serve, MRPG_ENGINE_MODEL=str(model), SLURM_CPUS_ON_NODE="64")
     assert done.returncode != 0
     assert "exited before it was healthy" in done.stderr
-    assert "--cpus-per-task=64" in (tmp_path / "calls.log").read_text()
+    call = (tmp_path / "calls.log").read_text().split()
+    assert "--cpus-per-task=64" in call
+    # the config is the one source of the engine's settings; the cluster address, not 0.0.0.0
+    assert call[call.index("--config") + 1].endswith("tiny_cpu.yaml")
+    assert call[call.index("--set") + 1] == "rollout.tensor_parallel=1"
+    assert call[call.index("--host") + 1] == "127.0.0.1"

@@ -4,6 +4,8 @@ runs that learn in both placements, a bf16 engine against the fp32 trainer, and 
 dies mid-run."""
 
 import time
+import urllib.error
+import urllib.request
 from functools import partial
 
 import pytest
@@ -146,8 +148,12 @@ def test_server_engine_learns_and_a_dead_server_stops_the_run_resumably(tmp_path
         "rollout.request_retries=1",
         f"logging.run_dir={run_dir}",
     ]
-    with running_server(TINY_MODEL, max_model_len=32) as (url, server):
-        process = train(*common, f"rollout.server_url={url}", popen=True)
+    key = {"MRPG_ENGINE_API_KEY": "this-job"}  # as slurm/common.sh makes one per job
+    with running_server(TINY_MODEL, max_model_len=32, api_key="this-job") as (url, server):
+        with pytest.raises(urllib.error.HTTPError) as refused:  # a client without the key
+            urllib.request.urlopen(url + "/v1/models", timeout=30)
+        assert refused.value.code == 401
+        process = train(*common, f"rollout.server_url={url}", env=key, popen=True)
         log = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and process.poll() is None:
@@ -161,8 +167,8 @@ def test_server_engine_learns_and_a_dead_server_stops_the_run_resumably(tmp_path
     assert process.returncode != 0
     assert f"vllm serve at {url}" in output, output[-3000:]
     assert [m["step"] for m in metrics(run_dir)][-1] >= 45
-    with running_server(TINY_MODEL, max_model_len=32) as (url, _):
-        done = train(*common, f"rollout.server_url={url}", "--resume")
+    with running_server(TINY_MODEL, max_model_len=32, api_key="this-job") as (url, _):
+        done = train(*common, f"rollout.server_url={url}", "--resume", env=key)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resume: continuing from" in done.stdout
     assert [m["step"] for m in metrics(run_dir)][-1] == 160

@@ -85,3 +85,37 @@ def whiten_halves(values, mask):
     rank = dist.get_rank()
     half = slice(rank * len(values) // 2, (rank + 1) * len(values) // 2)
     return whiten(values[half], mask[half], group=dist.group.WORLD)
+
+
+def signal_during_a_rollout(config_path, overrides, run_dir):
+    """A signal arrives while step 3's responses are sampled: the run abandons that step, keeps
+    its checkpoint of step 2 and stops; resumed, it ends as an uninterrupted run. Rank 0 returns
+    (uninterrupted history, the stopped run's, the resumed run's); the others None."""
+    import torch.distributed as dist
+
+    from megatron_rpg.parallel import destroy_model_parallel
+    from megatron_rpg.preemption import StopSignals
+    from megatron_rpg.trainer import Trainer, run_training
+
+    whole = run_training(load_config(config_path, [*overrides, f"logging.run_dir={run_dir}/a"]))
+    destroy_model_parallel()
+    stopped_config = load_config(config_path, [*overrides, f"logging.run_dir={run_dir}/b"])
+    trainer = Trainer(stopped_config)
+    stop = StopSignals()
+    generate = trainer.engine.generate
+
+    def generate_then_signal(prompts, params):
+        out = generate(prompts, params)
+        if trainer.step == 2:
+            stop.received = True  # as the handler does on SIGUSR1
+        return out
+
+    trainer.engine.generate = generate_then_signal
+    try:
+        stopped = trainer.train(stop)
+    finally:
+        trainer.close()
+    destroy_model_parallel()
+    resumed = run_training(stopped_config, resume=True)
+    destroy_model_parallel()
+    return (whole, stopped, resumed) if dist.get_rank() == 0 else None

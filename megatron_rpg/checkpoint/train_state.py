@@ -44,6 +44,19 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's torch and python RNG states, as tensors, ints and a float (what
+    torch.load(weights_only=True) reads back)."""
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [version, *internal], "python_gauss": gauss}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    flat = state["python"]
+    random.setstate((flat[0], tuple(flat[1:]), state["python_gauss"]))
+
+
 def _chunk_key(name: str, index: int, count: int) -> str:
     """ "model" / "reference" for one model chunk; "model0", "model1", ... for virtual stages."""
     return name if count == 1 else f"{name}{index}"
@@ -169,9 +182,7 @@ def _write_staging(
     dist.barrier()
     with in_process_write_results():
         dist_checkpointing.save(state_dicts, str(staging / "dist"))
-    version, internal, gauss = random.getstate()  # plain ints and a float: weights_only loads it
-    rng = {"torch": torch.get_rng_state(), "python": [version, *internal], "python_gauss": gauss}
-    torch.save(rng, staging / "rng" / f"rank_{rank}.pt")
+    torch.save(rng_state(), staging / "rng" / f"rank_{rank}.pt")
     if rank == 0:
         (staging / "state.json").write_text(json.dumps(train_state, indent=2, sort_keys=True))
         (staging / "config.yaml").write_text(config_yaml)
@@ -248,8 +259,5 @@ def load_train_checkpoint(directory: Path, state_dicts: dict[str, Any]) -> tuple
     from megatron.core import dist_checkpointing
 
     loaded = dist_checkpointing.load(state_dicts, str(directory / "dist"))
-    rng = torch.load(directory / "rng" / f"rank_{dist.get_rank()}.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    flat = rng["python"]
-    random.setstate((flat[0], tuple(flat[1:]), rng["python_gauss"]))
+    set_rng_state(torch.load(directory / "rng" / f"rank_{dist.get_rank()}.pt", weights_only=True))
     return loaded, json.loads((directory / "state.json").read_text())

@@ -44,6 +44,7 @@ def build_engine(
     if placement.engine == "embedded":
         return EmbeddedEngine(hf_config, dtype=torch.float32) if rank == 0 else None
     from megatron_rpg.rollout.vllm_engine import VLLMEngine, VLLMServerEngine
+    from megatron_rpg.rollout.vllm_server import API_KEY
 
     if not placement.colocated:
         url = r.server_url or os.environ.get("MRPG_ENGINE_URL", "")
@@ -61,19 +62,28 @@ def build_engine(
             backend=placement.transfer,
             timeout_s=r.request_timeout_s,
             retries=r.request_retries,
+            api_key=os.environ.get(API_KEY),
         )
-    dtype = r.dtype if r.dtype != "auto" else config.model.params_dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    max_len = min(
-        int(hf_config["max_position_embeddings"]), config.data.max_prompt_tokens + r.max_tokens
-    )
     return VLLMEngine(
         engine_model_dir(hf_config, run_dir),
         placement.tensor_parallel,
-        dtype=dtype,
+        dtype=engine_dtype(config),
         gpu_memory_utilization=r.gpu_memory_utilization,
         kv_cache_gb=r.kv_cache_gb,
-        max_model_len=max_len,
+        max_model_len=engine_max_model_len(config, hf_config),
         seed=config.seed,
     )
+
+
+def engine_dtype(config: RunConfig) -> str:
+    """rollout.dtype, else the model's (auto: bf16 with CUDA, fp32 on CPUs)."""
+    dtype = config.rollout.dtype if config.rollout.dtype != "auto" else config.model.params_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    return dtype
+
+
+def engine_max_model_len(config: RunConfig, hf_config: dict[str, Any]) -> int:
+    """The longest sequence the engine serves: a prompt and its response, within the model's."""
+    longest = config.data.max_prompt_tokens + config.rollout.max_tokens
+    return min(int(hf_config["max_position_embeddings"]), longest)

@@ -336,8 +336,12 @@ class VLLMServerEngine:
         timeout_s: float = 600.0,
         retries: int = 2,
         max_concurrency: int = 256,
+        api_key: str | None = None,
     ):
         self.base_url, self.timeout_s, self.retries = base_url.rstrip("/"), timeout_s, retries
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:  # the server's VLLM_API_KEY (vllm_server.API_KEY in a job)
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self.trainer_address, self.max_concurrency = trainer_address, max_concurrency
         self.backend = transfer_backend(backend, colocated=False)
         self.vocab_size = int(hf_config["vocab_size"])
@@ -356,7 +360,7 @@ class VLLMServerEngine:
             request = urllib.request.Request(
                 self.base_url + route,
                 data=data,
-                headers={"Content-Type": "application/json"},
+                headers=self.headers,
                 method="GET" if data is None else "POST",
             )
             try:

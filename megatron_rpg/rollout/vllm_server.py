@@ -78,16 +78,48 @@ def server_command(
     return command + list(extra or [])
 
 
-def server_environment(kv_cache_gb: float = 1.0, threads: int | None = None) -> dict[str, str]:
-    """The server's environment: RL routes on; on CPUs the KV cache size, the threads (vLLM
+API_KEY = "MRPG_ENGINE_API_KEY"  # the job's key: the server requires it, the trainer sends it
+
+
+def server_environment(
+    kv_cache_gb: float = 1.0, threads: int | None = None, api_key: str | None = None
+) -> dict[str, str]:
+    """The server's environment: RL routes on; with `api_key`, every generation route requires
+    it (vLLM reads VLLM_API_KEY, which stays off the command line). vLLM 0.32's key does not
+    guard the RL (dev) routes: bind the server to the cluster's own address, never a public one
+    (slurm/common.sh binds the node's NodeAddr). On CPUs: the KV cache size, the threads (vLLM
     drops to 1 thread unless OMP_NUM_THREADS is set) and no core binding."""
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     if not torch.cuda.is_available():
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gb))))
         env.setdefault("OMP_NUM_THREADS", str(threads or os.cpu_count() or 1))
         # vLLM's automatic binding wants a NUMA node per worker: a TP2 server on one node fails
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     return env
+
+
+def engine_settings(
+    config_path: str, overrides: list[str], gpus: int
+) -> tuple[int, int, str, int, float]:
+    """(tensor parallel, data parallel over the node's `gpus`, dtype, max model length, GPU
+    memory share) of a run config's engine: the values the launch plan checked."""
+    from megatron_rpg.config import load_config
+    from megatron_rpg.models.arch import read_hf_config
+    from megatron_rpg.rollout.build import engine_dtype, engine_max_model_len
+
+    config = load_config(config_path, overrides)
+    r = config.rollout
+    hf_config = read_hf_config(config.model.hf_config)
+    share = r.gpu_memory_utilization
+    return (
+        r.tensor_parallel,
+        max(gpus // r.tensor_parallel, 1),
+        engine_dtype(config),
+        engine_max_model_len(config, hf_config),
+        share,
+    )
 
 
 def wait_until_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
@@ -118,20 +150,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--backend", default="auto", help="weight transfer: nccl, mrpg_gloo")
     parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument(
+        "--config",
+        help="a run config (with --set key=value overrides): the engine's tensor parallelism, "
+        "dtype, GPU memory share and longest sequence come from it, as the launch plan checked",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs of the node (with --config)")
     parser.add_argument("extra", nargs="*", help="further vLLM flags, after --")
     args = parser.parse_args(argv)
-    command = server_command(
-        args.model_dir,
-        args.port,
+    tp, dp, dtype, max_len, extra = (
         args.tensor_parallel,
         args.data_parallel,
         args.dtype,
-        args.backend,
-        args.host,
         args.max_model_len,
-        extra=args.extra,
+        list(args.extra),
     )
-    os.execve(command[0], command, server_environment())
+    if args.config:
+        tp, dp, dtype, max_len, share = engine_settings(args.config, args.set, args.gpus)
+        extra += ["--gpu-memory-utilization", str(share)]
+    command = server_command(
+        args.model_dir, args.port, tp, dp, dtype, args.backend, args.host, max_len, extra=extra
+    )
+    os.execve(command[0], command, server_environment(api_key=os.environ.get(API_KEY)))
     return 0  # not reached
 
 
