@@ -3,6 +3,7 @@ trainer's stop_after_minutes, srun is asked for the job's cores per task and the
 working directory, and a run that stopped early is requeued (one that finished is not)."""
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,7 +23,7 @@ if [ -n "${STUB_STOP_EARLY:-}" ]; then echo "step 3: a signal" >"$MRPG_STOPPED_E
 }
 
 
-def common_sh(tmp_path, script, **env):
+def common_sh(tmp_path, script, batch_script=None, **env):
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
     for name, body in STUBS.items():
@@ -40,8 +41,9 @@ def common_sh(tmp_path, script, **env):
         "STUB_TIME_LEFT": "UNLIMITED",
         **env,
     }
+    command = ["bash", "-c", f'source "{ROOT}/slurm/common.sh"; {script}']
     return subprocess.run(
-        ["bash", "-c", f'source "{ROOT}/slurm/common.sh"; {script}'],
+        [batch_script] if batch_script else command,
         env=environment,
         capture_output=True,
         text=True,
@@ -113,3 +115,18 @@ def test_an_engine_server_that_dies_at_start_ends_the_job_at_once(tmp_path):
     assert call[call.index("--config") + 1].endswith("tiny_cpu.yaml")
     assert call[call.index("--set") + 1] == "rollout.tensor_parallel=1"
     assert call[call.index("--host") + 1] == "127.0.0.1"
+
+
+def test_the_conversion_job_runs_on_tp_x_pp_tasks(tmp_path):
+    """slurm/convert.sh: hf-to-mcore on exactly TP x PP tasks, refused when the job is smaller."""
+    shutil.copytree(ROOT / "slurm", tmp_path / "slurm")  # a batch script sources the submit dir's
+    script = str(tmp_path / "slurm" / "convert.sh")
+    common = {"HF": "/lustre/hf/l70", "OUT": "/lustre/ckpt/l70", "SLURM_CPUS_PER_TASK": "12"}
+    small = common_sh(tmp_path, "", script, SLURM_NTASKS="8", **common)
+    assert small.returncode == 2 and "needs 32 tasks; the job has 8" in small.stderr
+    done = common_sh(tmp_path, "", script, SLURM_NTASKS="32", VERIFY="1", **common)
+    assert done.returncode == 0, done.stderr
+    call = (tmp_path / "calls.log").read_text().split()
+    assert "--ntasks=32" in call and "--cpus-per-task=12" in call
+    tail = "convert hf-to-mcore --hf /lustre/hf/l70 --out /lustre/ckpt/l70 --tp 8 --pp 4 --verify"
+    assert " ".join(call).endswith(tail)

@@ -18,12 +18,19 @@ over TP; the replicated norms are negligible), D = data-parallel size:
                                           recompute (layer inputs only) plus one layer's
                                           working set w = 34 s b h / TP; s = prompt + response
     engine       u x GPU memory           vLLM (rollout.gpu_memory_utilization): its weights
-                                          2 N / engine TP, the rest KV cache
+                                          2 N / engine TP, the rest KV cache; vLLM profiles its
+                                          activations and CUDA graphs inside this share
+    runtime      1.5 GB                   CUDA context, cuBLAS workspaces, allocator slack
+                                          (~1 GB on an H100) and NCCL's buffers for the
+                                          TP/PP/DP/weight-transfer communicators (~0.5 GB)
+    export       2 x bucket               the weight sync's bucket buffer (512 MiB) and one
+                                          tensor's gathered shards, while the engine is awake
 
 Colocated (rollout.engine_nodes = 0): training holds weights + gradients + optimizer +
-reference + activations; rollout holds the same states (they stay on the GPU) + the engine's
-share, while the trainer's activations are freed and the engine sleeps during training. Both
-must fit in the GPU's memory. Separate (engine_nodes = E): the trainer gets the other nodes and
+reference + activations + runtime; rollout and the weight sync hold the same states (they stay
+on the GPU) + runtime + the engine's share + the export buffers, while the trainer's
+activations are freed and the engine sleeps during training. Both must fit in the GPU's memory.
+Separate (engine_nodes = E): the trainer gets the other nodes and
 never holds an engine; the engines' GPUs hold only their share.
 """
 
@@ -39,6 +46,8 @@ from megatron_rpg.rollout.placement import rollout_placement
 
 GB = 1e9
 KV_BYTES = 2  # bf16 KV cache
+RUNTIME_GB = 1.5  # CUDA context + cuBLAS workspaces + allocator slack (~1) + NCCL buffers (~0.5)
+EXPORT_BUCKET_BYTES = 512 * 2**20  # rollout/sync.py's bucket
 
 
 def layer_parameters(arch: ModelArch) -> int:
@@ -82,15 +91,20 @@ class MemoryPlan:
     @property
     def training_gb(self) -> float:
         g = self.gb
-        return g["weights"] + g["gradients"] + g["optimizer"] + g["reference"] + g["activations"]
+        states = g["weights"] + g["gradients"] + g["optimizer"] + g["reference"]
+        return states + g["activations"] + g["runtime"]
 
     @property
     def rollout_gb(self) -> float:
-        """Peak of a GPU during rollout: the trainer's states plus the engine when colocated,
-        else the larger of a trainer GPU and an engine GPU."""
+        """Peak of a GPU during rollout and the weight sync: the trainer's states and runtime
+        plus the engine and the export buffers when colocated, else the larger of a trainer GPU
+        (states, runtime, export) and an engine GPU (its share, runtime)."""
         g = self.gb
         states = g["weights"] + g["gradients"] + g["optimizer"] + g["reference"]
-        return states + g["engine"] if not self.engine_nodes else max(states, g["engine"])
+        trainer = states + g["runtime"] + g["export"]
+        if self.engine_nodes:
+            return max(trainer, g["engine"] + g["runtime"])
+        return trainer + g["engine"]
 
     def render(self) -> str:
         g = self.gb
@@ -112,7 +126,8 @@ class MemoryPlan:
             f"{self.in_flight} micro-batch(es) in flight on the first stage",
             "per-GPU memory (GB):",
         ]
-        for key in ("weights", "gradients", "optimizer", "reference", "activations", "engine"):
+        keys = ("weights", "gradients", "optimizer", "reference", "activations", "runtime")
+        for key in (*keys, "engine", "export"):
             lines.append(f"  {key:<12} {g[key]:8.2f}")
         peaks = f"training peak {self.training_gb:7.2f}   rollout peak {self.rollout_gb:7.2f}"
         lines.append(f"  {peaks}   GPU {self.gpu_memory_gb:.0f}")
@@ -210,6 +225,8 @@ def memory_plan(
         "reference": ((2 if bf16 else 4) * p if c.loss.kl_anchor == "ref" else 0) / GB,
         "activations": (activations + 64 * 2**20) / GB,  # + one 64 MiB block of log-prob logits
         "engine": engine / GB,
+        "runtime": RUNTIME_GB,
+        "export": 2 * EXPORT_BUCKET_BYTES / GB,
         "engine_weights": engine_weights / GB,
         "kv_cache": kv_cache / GB,
         "kv_tokens": max(kv_cache, 0) / kv_per_token,
