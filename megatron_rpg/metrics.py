@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,7 @@ class MetricsLog:
                 mode=config.wandb_mode,
                 dir=str(run_dir),
                 config=run_config,
+                id=wandb_run_id(run_dir),  # a requeued job continues the same wandb run
                 resume="allow",
             )
         self.run_dir = run_dir
@@ -121,3 +123,14 @@ class MetricsLog:
         if self.wandb is not None:
             self.wandb.finish()
         return f"metrics: {self.path}\ncurves: {png} (panels top to bottom: {legend})"
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of this run directory: made on the first start, kept in run_dir/wandb_id
+    and reused by every resume, so that a requeued job logs into the same wandb run."""
+    path = run_dir / "wandb_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    write_text_atomic(path, run_id)
+    return run_id

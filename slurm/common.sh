@@ -7,7 +7,8 @@
 #   mrpg_run megatron-rpg train --config examples/x.yaml --resume "$@"
 #
 # Variables (all optional): MRPG_PYTHON (interpreter with megatron_rpg; default .venv/bin/python
-# when present), MRPG_CONTAINER_IMAGE / MRPG_CONTAINER_MOUNTS (pyxis/enroot: srun
+# when present), MRPG_OUTPUT_ROOT / MRPG_EXPERIMENT (where a recipe's run goes: see mrpg_train),
+# MRPG_CONTAINER_IMAGE / MRPG_CONTAINER_MOUNTS (pyxis/enroot: srun
 # --container-image), NCCL_* / MRPG_IB_HCA (InfiniBand adapters, e.g. mlx5), MRPG_SOCKET_IFNAME.
 set -euo pipefail
 
@@ -58,7 +59,8 @@ mrpg_minutes_left() {
     echo $((total > 1 ? total : 1))
 }
 
-# Run the command once per task (RANK, LOCAL_RANK from Slurm), each task with the job's
+# Run the command once per task (RANK, LOCAL_RANK from Slurm; output lines labelled with the
+# task's rank), each task with the job's
 # --cpus-per-task (srun does not inherit it since Slurm 22.05: without it every task of a node
 # shares one core). USR1/TERM to this batch shell (--signal=B:USR1@N, scancel --signal,
 # preemption) are forwarded to every task. A run that stopped early (on a signal, or before the
@@ -76,7 +78,7 @@ mrpg_run() {
     mrpg_plan
     trap 'kill -USR1 "$srun_pid" 2>/dev/null || true' USR1 TERM
     # shellcheck disable=SC2016,SC2086  # $SLURM_*: each task's bash; MRPG_SRUN_ARGS: words
-    srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${MRPG_SRUN_ARGS:-} \
+    srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${MRPG_SRUN_ARGS:-} \
         "${container[@]}" bash -c \
         'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID \
                 WORLD_SIZE=$SLURM_NTASKS; exec "$@"' \
@@ -154,7 +156,11 @@ mrpg_train() {
     local config=$1 engine_nodes
     shift
     : "${CKPT:?set CKPT to a Megatron checkpoint of the model (megatron-rpg convert hf-to-mcore)}"
-    local overrides=("model.checkpoint=$CKPT" "$@")
+    # one directory per experiment, outside the checkout: MRPG_OUTPUT_ROOT/MRPG_EXPERIMENT (default
+    # runs/<job name>-<job id>: a requeued job keeps its id, a new submission starts its own);
+    # a logging.run_dir argument still wins
+    local run_dir=${MRPG_OUTPUT_ROOT:-$PWD/runs}/${MRPG_EXPERIMENT:-${SLURM_JOB_NAME:-rpg}-$SLURM_JOB_ID}
+    local overrides=("logging.run_dir=$run_dir" "model.checkpoint=$CKPT" "$@")
     engine_nodes=$(mrpg_config_value "$config" rollout.engine_nodes "${overrides[@]}")
     "$MRPG_PYTHON" -m megatron_rpg.cli launch --config "$config" --nodes "$SLURM_JOB_NUM_NODES" \
         --gpus-per-node "${SLURM_GPUS_ON_NODE:-8}" --dry-run "${overrides[@]}"

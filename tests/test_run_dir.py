@@ -64,3 +64,15 @@ def test_train_refuses_in_one_line_before_spawning_ranks(tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "--overwrite replaces it" in done.stderr
+
+
+def test_a_resumed_run_keeps_its_wandb_run_id(tmp_path):
+    """logging.wandb_project: a requeued job's wandb.init gets the id of the run directory's
+    first start (resume='allow' alone made a new wandb run per requeue)."""
+    from megatron_rpg.metrics import wandb_run_id
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = wandb_run_id(tmp_path / "a")
+    assert len(first) == 12 and wandb_run_id(tmp_path / "a") == first  # the requeued start
+    assert wandb_run_id(tmp_path / "b") != first

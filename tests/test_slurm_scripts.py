@@ -5,6 +5,7 @@ working directory, and a run that stopped early is requeued (one that finished i
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,7 +80,7 @@ def test_srun_gets_cores_per_task_and_the_container_workdir(tmp_path):
     assert done.returncode == 0, done.stderr
     call = (tmp_path / "calls.log").read_text()  # one srun; its bash -c script spans lines
     assert call.count("srun ") == 1
-    assert call.startswith("srun --kill-on-bad-exit=1 --cpus-per-task=12 ")
+    assert call.startswith("srun --kill-on-bad-exit=1 --label --cpus-per-task=12 ")
     for flag in (
         "--container-image=nvcr.io/x:1",
         f"--container-workdir={tmp_path}",
@@ -130,3 +131,37 @@ def test_the_conversion_job_runs_on_tp_x_pp_tasks(tmp_path):
     assert "--ntasks=32" in call and "--cpus-per-task=12" in call
     tail = "convert hf-to-mcore --hf /lustre/hf/l70 --out /lustre/ckpt/l70 --tp 8 --pp 4 --verify"
     assert " ".join(call).endswith(tail)
+
+
+def test_a_recipe_run_goes_under_the_output_root_one_directory_per_experiment(tmp_path):
+    """mrpg_train: logging.run_dir = MRPG_OUTPUT_ROOT/<job name>-<job id> (the same across
+    requeues), or MRPG_EXPERIMENT; an explicit logging.run_dir argument wins."""
+    shutil.copytree(ROOT / "slurm", tmp_path / "slurm")
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    env = {
+        "CKPT": str(tmp_path),
+        "MRPG_PYTHON": sys.executable,
+        "PYTHONPATH": str(ROOT),
+        "SLURM_JOB_NAME": "rpg-7b",
+        "SLURM_JOB_NUM_NODES": "1",
+        "MRPG_OUTPUT_ROOT": "/lustre/runs",
+        "STUB_TIME_LEFT": "10:00",
+    }
+    hf = f"model.hf_config={ROOT / 'examples' / 'models' / 'qwen2.5-7b'}"
+    done = common_sh(tmp_path, f"mrpg_train examples/rpg_7b.yaml {hf}", **env)
+    assert done.returncode == 0, done.stderr
+    call = (tmp_path / "calls.log").read_text()
+    assert "logging.run_dir=/lustre/runs/rpg-7b-7 " in call
+    assert call.rstrip().endswith("checkpoint.stop_after_minutes=7")
+    (tmp_path / "calls.log").unlink()
+    named = common_sh(
+        tmp_path,
+        f"mrpg_train examples/rpg_7b.yaml {hf} logging.run_dir=/mine",
+        MRPG_EXPERIMENT="ablation",
+        **env,
+    )
+    assert named.returncode == 0, named.stderr
+    words = (tmp_path / "calls.log").read_text().split()
+    assert words.index("logging.run_dir=/lustre/runs/ablation") < words.index(
+        "logging.run_dir=/mine"
+    )  # the later one wins (load_config)
