@@ -114,6 +114,16 @@ class Trainer:
         self.losses = functools.partial(policy_losses, c)  # per mini-batch (tests wrap it)
         self.step, self.skipped_steps, self.kl_average = 0, 0, 0.0
         self.data_position = 0  # prompts consumed so far (more than steps x prompts with DAPO)
+        self.checkpointer = train_state.Checkpointer(
+            self.run_dir,
+            [unwrap(m) for m in self.policy],
+            self.optimizer,
+            self.reference.chunks if self.reference is not None else None,
+            self,
+            c.checkpoint,
+            config_yaml(c),
+            model_files(self.hf_config, self.tokenizer.path),
+        )
         resumed = self._resume() if resume else False
         if not resumed and c.sft.steps and not c.model.checkpoint:
             self._supervised_warmup()
@@ -270,7 +280,7 @@ class Trainer:
     # ---------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """The trainer's own state (the models' and optimizer's are sharded: _sharded_state)."""
+        """The trainer's own state; the models' and the optimizer's are sharded (Checkpointer)."""
         return {
             "step": self.step,
             "data_position": self.data_position,
@@ -283,42 +293,20 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.data_position, self.kl_average = state["data_position"], state["kl_average"]
-
-    def _sharded_state(self, is_loading: bool) -> dict[str, Any]:
-        ref = self.reference.chunks if self.reference is not None else None
-        chunks = [unwrap(m) for m in self.policy]
-        return train_state.sharded_state(chunks, self.optimizer, ref, is_loading)
-
-    def save_checkpoint(self) -> Path:
-        c = self.config
-        return train_state.save_train_checkpoint(
-            self.run_dir,
-            self.step,
-            self._sharded_state(False),
-            self.state_dict(),
-            config_yaml(c),
-            c.checkpoint.keep_last,
-            c.checkpoint.verify_checksums,
-            model_files(self.hf_config, self.tokenizer.path),
-        )
-
-    def _resume(self) -> bool:
-        directory = train_state.latest_valid(self.run_dir)
-        if directory is None:
-            if self.rank == 0:
-                print(f"resume: no usable checkpoint in {self.run_dir}; starting fresh", flush=True)
-            return False
-        loaded, state = train_state.load_train_checkpoint(directory, self._sharded_state(True))
-        ref = self.reference.chunks if self.reference is not None else None
-        chunks = [unwrap(m) for m in self.policy]
-        train_state.load_sharded_state(loaded, chunks, self.optimizer, ref)
         # the saved param groups carry the saved LR: a changed optimizer.lr applies from here
         for group in self.optimizer.param_groups:
             group["max_lr"] = group["min_lr"] = self.config.optimizer.lr
-        self.load_state_dict(state)
+
+    def save_checkpoint(self) -> Path:
+        return self.checkpointer.save(self.step)
+
+    def _resume(self) -> bool:
+        directory = self.checkpointer.resume()
         if self.rank == 0:
-            print(f"resume: continuing from {directory} (step {self.step})", flush=True)
-        return True
+            fresh = f"no usable checkpoint in {self.run_dir}; starting fresh"
+            found = f"continuing from {directory} (step {self.step})"
+            print(f"resume: {found if directory else fresh}", flush=True)
+        return directory is not None
 
     # ---------------------------------------------------------------------------- the run
 

@@ -261,3 +261,51 @@ def load_train_checkpoint(directory: Path, state_dicts: dict[str, Any]) -> tuple
     loaded = dist_checkpointing.load(state_dicts, str(directory / "dist"))
     set_rng_state(torch.load(directory / "rng" / f"rank_{dist.get_rank()}.pt", weights_only=True))
     return loaded, json.loads((directory / "state.json").read_text())
+
+
+class Checkpointer:
+    """A run's training checkpoints (as torchtitan's CheckpointManager): the sharded state of the
+    policy's chunks (unwrapped), the optimizer and the reference model's chunks, with the
+    Stateful `owner`'s own state (state_dict / load_state_dict: counters, the LR schedule).
+    Collective."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        policy_chunks: list[Any],
+        optimizer: Any,
+        reference_chunks: list[Any] | None,
+        owner: Any,
+        settings: Any,  # the config's CheckpointConfig
+        config_yaml: str,
+        model_files: dict[str, bytes],
+    ):
+        self.run_dir, self.policy, self.optimizer = run_dir, policy_chunks, optimizer
+        self.reference, self.owner, self.settings = reference_chunks, owner, settings
+        self.config_yaml, self.model_files = config_yaml, model_files
+
+    def _state(self, is_loading: bool) -> dict[str, Any]:
+        return sharded_state(self.policy, self.optimizer, self.reference, is_loading)
+
+    def save(self, step: int) -> Path:
+        return save_train_checkpoint(
+            self.run_dir,
+            step,
+            self._state(False),
+            self.owner.state_dict(),
+            self.config_yaml,
+            self.settings.keep_last,
+            self.settings.verify_checksums,
+            self.model_files,
+        )
+
+    def resume(self) -> Path | None:
+        """Load the newest usable checkpoint into the parts and the owner; its directory, or
+        None when the run has none."""
+        directory = latest_valid(self.run_dir)
+        if directory is None:
+            return None
+        loaded, state = load_train_checkpoint(directory, self._state(True))
+        load_sharded_state(loaded, self.policy, self.optimizer, self.reference)
+        self.owner.load_state_dict(state)
+        return directory
