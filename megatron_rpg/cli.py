@@ -260,9 +260,10 @@ def _launch(args: argparse.Namespace) -> int:
     sys.stdout.write(plan.render() + "\n")
     plan.check()
     sys.stdout.write("plan: fits\n")
+    if args.check_inputs or not args.dry_run:
+        check_input_paths(cfg)  # the data, the initial checkpoint: before the job queues for days
     if args.dry_run:
         return 0
-    check_input_paths(cfg)  # the data, the initial checkpoint: before the job queues for days
     if not args.script:
         sys.stderr.write("megatron-rpg launch: --script (a slurm/*.sh recipe) to submit\n")
         return 2
@@ -430,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--gpus-per-node", type=_positive_int, default=8)
     launch.add_argument("--gpu-memory-gb", type=float, default=80.0, help="80 for H100 80GB")
     launch.add_argument("--dry-run", action="store_true", help="check and print only")
+    launch.add_argument(
+        "--check-inputs",
+        action="store_true",
+        help="with --dry-run: also refuse missing input files (the recipes' in-job pre-flight)",
+    )
     launch.add_argument("--script", help="batch script to submit with sbatch (slurm/*.sh)")
     launch.set_defaults(func=_launch)
     return parser

@@ -54,7 +54,12 @@ from megatron_rpg.rewards.grader import TaskGrader
 from megatron_rpg.rl_batch import RolloutBatch
 from megatron_rpg.rollout import sync_weights
 from megatron_rpg.rollout.build import build_engine
-from megatron_rpg.rollout.collect import collect_groups, collect_settings, groups_to_batch
+from megatron_rpg.rollout.collect import (
+    RolloutStopped,
+    collect_groups,
+    collect_settings,
+    groups_to_batch,
+)
 from megatron_rpg.rollout.collective import CollectiveEngine, on_rank0
 from megatron_rpg.rollout.placement import rollout_placement
 from megatron_rpg.sft import supervised_warmup
@@ -166,8 +171,9 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- one step
 
-    def rollout(self) -> tuple[RolloutBatch, dict[str, float]]:
-        """Every rank in lockstep: sample and grade the step's groups (rollout/collect.py)."""
+    def rollout(self, stop: StopSignals | None = None) -> tuple[RolloutBatch, dict[str, float]]:
+        """Every rank in lockstep: sample and grade the step's groups (rollout/collect.py);
+        RolloutStopped when `stop` reports a signal after a sampling round."""
         start = time.perf_counter()
         settings = collect_settings(self.config, self.tokenizer.eos_id)
         groups, metrics, self.data_position = collect_groups(
@@ -179,20 +185,22 @@ class Trainer:
             seed=self.config.seed,
             step=self.step,
             position=self.data_position,
+            stop_requested=None if stop is None else lambda: stop.check() is not None,
         )
         metrics["time/rollout"] = time.perf_counter() - start
         return groups_to_batch(groups, self.tokenizer.pad_id), metrics
 
     def train_step(self, stop: StopSignals | None = None) -> dict[str, float] | None:
-        """One RL step; None when `stop` reports a signal after the rollout: the step is
-        abandoned before it changes anything (the counters and RNG states are those of its
-        start, which a resumed run repeats: sampling is seeded by (seed, step))."""
+        """One RL step; None when `stop` reports a signal after a sampling round of the
+        rollout (most of a step): the step is abandoned before it changes anything (the counters
+        and RNG states are those of its start, which a resumed run repeats: sampling is seeded
+        by (seed, step))."""
         c, a, groups = self.config, self.config.algorithm, self.layout.groups
         start = time.perf_counter()
-        position, rng = self.data_position, train_state.rng_state()
-        batch, rollout_metrics = self.rollout()
-        if stop is not None and stop.check() is not None:  # the rollout is most of a step
-            self.data_position = position
+        rng = train_state.rng_state()
+        try:
+            batch, rollout_metrics = self.rollout(stop)
+        except RolloutStopped:  # data_position is set only by a completed rollout
             train_state.set_rng_state(rng)
             return None
         engine = self.engine.engine
@@ -313,7 +321,8 @@ class Trainer:
     def train(self, stop: StopSignals | None = None) -> list[dict[str, float]]:
         """Train to train_steps. On SIGUSR1 or SIGTERM (Slurm's warning before a time limit or
         preemption; slurm/common.sh forwards it), or when the next step and its save would end
-        past checkpoint.stop_after_minutes, the ranks agree after the current step, write a
+        past checkpoint.stop_after_minutes, the ranks agree after the current step (or, on a
+        signal, after the sampling round in progress, abandoning that step), write a
         checkpoint and return early; the requeued job resumes from it (--resume). At least one
         step runs, so that a requeued job always makes progress."""
         c = self.config
@@ -327,7 +336,7 @@ class Trainer:
             start = time.monotonic()
             metrics = self.train_step(stop if history else None)  # the first step always runs
             if metrics is None:
-                self._stop(f"a signal (step {self.step + 1} abandoned after its rollout)", saved)
+                self._stop(f"a signal (step {self.step + 1} abandoned in its rollout)", saved)
                 break
             longest_step = max(longest_step, time.monotonic() - start)
             history.append(metrics)

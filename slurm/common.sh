@@ -7,16 +7,29 @@
 #   mrpg_run megatron-rpg train --config examples/x.yaml --resume "$@"
 #
 # Variables (all optional): MRPG_PYTHON (interpreter with megatron_rpg; default .venv/bin/python
-# when present), MRPG_OUTPUT_ROOT / MRPG_EXPERIMENT (where a recipe's run goes: see mrpg_train),
+# when present, python3 in a container), MRPG_OUTPUT_ROOT / MRPG_EXPERIMENT (where a recipe's run goes: see mrpg_train),
 # MRPG_CONTAINER_IMAGE / MRPG_CONTAINER_MOUNTS (pyxis/enroot: srun
 # --container-image), NCCL_* / MRPG_IB_HCA (InfiniBand adapters, e.g. mlx5), MRPG_SOCKET_IFNAME.
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-.}"
-if [ -z "${MRPG_PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then MRPG_PYTHON=.venv/bin/python; else MRPG_PYTHON=python3; fi
+if [ -z "${MRPG_PYTHON:-}" ]; then  # in a container: the image's python3
+    if [ -z "${MRPG_CONTAINER_IMAGE:-}" ] && [ -x .venv/bin/python ]; then
+        MRPG_PYTHON=.venv/bin/python
+    else
+        MRPG_PYTHON=python3
+    fi
 fi
 export MRPG_PYTHON
+# srun's flags for a step inside the image (pyxis), for every step: the trainer's tasks, the
+# vLLM server and the batch shell's own checks (mrpg_python); none without an image
+MRPG_CONTAINER=()
+if [ -n "${MRPG_CONTAINER_IMAGE:-}" ]; then
+    MRPG_CONTAINER=(--container-image="$MRPG_CONTAINER_IMAGE" --container-workdir="$PWD")
+    if [ -n "${MRPG_CONTAINER_MOUNTS:-}" ]; then
+        MRPG_CONTAINER+=(--container-mounts="$MRPG_CONTAINER_MOUNTS")
+    fi
+fi
 
 # rendezvous: the first node's address (emulated node names need not resolve), a job-scoped port
 mapfile -t MRPG_HOSTS < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
@@ -67,11 +80,7 @@ mrpg_minutes_left() {
 # time limit: checkpoint.stop_after_minutes) has checkpointed and says so in
 # MRPG_STOPPED_EARLY_FILE; the job then requeues itself and the next run resumes (--resume).
 mrpg_run() {
-    local rc=0 srun_pid container=()
-    if [ -n "${MRPG_CONTAINER_IMAGE:-}" ]; then
-        container=(--container-image="$MRPG_CONTAINER_IMAGE" --container-workdir="$PWD")
-        [ -n "${MRPG_CONTAINER_MOUNTS:-}" ] && container+=(--container-mounts="$MRPG_CONTAINER_MOUNTS")
-    fi
+    local rc=0 srun_pid
     export MRPG_STOPPED_EARLY_FILE="$PWD/.mrpg/stopped-$SLURM_JOB_ID"
     mkdir -p .mrpg
     rm -f "$MRPG_STOPPED_EARLY_FILE"
@@ -79,7 +88,7 @@ mrpg_run() {
     trap 'kill -USR1 "$srun_pid" 2>/dev/null || true' USR1 TERM
     # shellcheck disable=SC2016,SC2086  # $SLURM_*: each task's bash; MRPG_SRUN_ARGS: words
     srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" ${MRPG_SRUN_ARGS:-} \
-        "${container[@]}" bash -c \
+        "${MRPG_CONTAINER[@]}" bash -c \
         'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID \
                 WORLD_SIZE=$SLURM_NTASKS; exec "$@"' \
         _ "$@" &
@@ -121,13 +130,16 @@ mrpg_serve() {
     export MRPG_ENGINE_API_KEY
     # the flags VLLMServerEngine needs live in one place: megatron_rpg/rollout/vllm_server.py
     srun --nodes=1 --ntasks=1 --nodelist="$host" --kill-on-bad-exit=1 \
-        --cpus-per-task="${MRPG_ENGINE_CPUS:-${SLURM_CPUS_ON_NODE:-1}}" \
+        --cpus-per-task="${MRPG_ENGINE_CPUS:-${SLURM_CPUS_ON_NODE:-1}}" "${MRPG_CONTAINER[@]}" \
         "$MRPG_PYTHON" -m megatron_rpg.rollout.vllm_server "$MRPG_ENGINE_MODEL" \
         --host "$address" --port 8000 --config "$config" "${sets[@]}" --gpus "$gpus" &
     server=$!
     export MRPG_ENGINE_URL="http://$address:8000"
     for ((i = 0; i < 1800; i++)); do
-        curl -sf "$MRPG_ENGINE_URL/health" >/dev/null && return 0
+        if curl -sf "$MRPG_ENGINE_URL/health" >/dev/null; then
+            echo "vllm serve on $host is healthy at $MRPG_ENGINE_URL after $i s"
+            return 0
+        fi
         if ! kill -0 "$server" 2>/dev/null; then  # its srun step ended: it will not come up
             echo "vllm serve on $host exited before it was healthy (see its output above)" >&2
             return 1
@@ -138,9 +150,19 @@ mrpg_serve() {
     return 1
 }
 
+# Python for the batch shell's own checks (a config value, the launch plan): MRPG_PYTHON, in
+# the image when there is one (a one-task step: the host needs no Python of its own).
+mrpg_python() {
+    if [ "${#MRPG_CONTAINER[@]}" -gt 0 ]; then
+        srun --nodes=1 --ntasks=1 --kill-on-bad-exit=1 "${MRPG_CONTAINER[@]}" "$MRPG_PYTHON" "$@"
+    else
+        "$MRPG_PYTHON" "$@"
+    fi
+}
+
 # The value of a config key with overrides, as the trainer will read it.
 mrpg_config_value() {
-    "$MRPG_PYTHON" -c 'import sys
+    mrpg_python -c 'import sys
 from megatron_rpg.config import load_config
 value = load_config(sys.argv[1], sys.argv[3:])
 for part in sys.argv[2].split("."):
@@ -148,7 +170,8 @@ for part in sys.argv[2].split("."):
 print(value)' "$@"
 }
 
-# The GPU recipes' body: check the layout and memory plan on the job's nodes, then train from
+# The GPU recipes' body: check the layout, the memory plan and the input files on the job's
+# nodes (in the image, with one), then train from
 # the Megatron checkpoint $CKPT (resuming the run's own checkpoints when requeued); with
 # rollout.engine_nodes=1 (in the config or an override) the engine gets the last node and the
 # trainer the others.
@@ -162,8 +185,8 @@ mrpg_train() {
     local run_dir=${MRPG_OUTPUT_ROOT:-$PWD/runs}/${MRPG_EXPERIMENT:-${SLURM_JOB_NAME:-rpg}-$SLURM_JOB_ID}
     local overrides=("logging.run_dir=$run_dir" "model.checkpoint=$CKPT" "$@")
     engine_nodes=$(mrpg_config_value "$config" rollout.engine_nodes "${overrides[@]}")
-    "$MRPG_PYTHON" -m megatron_rpg.cli launch --config "$config" --nodes "$SLURM_JOB_NUM_NODES" \
-        --gpus-per-node "${SLURM_GPUS_ON_NODE:-8}" --dry-run "${overrides[@]}"
+    mrpg_python -m megatron_rpg.cli launch --config "$config" --nodes "$SLURM_JOB_NUM_NODES" \
+        --gpus-per-node "${SLURM_GPUS_ON_NODE:-8}" --dry-run --check-inputs "${overrides[@]}"
     if [ "$engine_nodes" -gt 0 ]; then
         mrpg_serve "$config" "${overrides[@]}"
         local trainer_nodes=$((SLURM_JOB_NUM_NODES - engine_nodes))

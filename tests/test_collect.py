@@ -1,7 +1,15 @@
 """DAPO dynamic sampling in the rollout loop, without ranks: groups are kept on the spread of
-their task scores (not of the shaped rewards), and filler groups are marked."""
+their task scores (not of the shaped rewards), filler groups are marked, and a stop requested
+during the rounds ends the rollout after the current round."""
 
-from megatron_rpg.rollout.collect import CollectSettings, collect_groups, groups_to_batch
+import pytest
+
+from megatron_rpg.rollout.collect import (
+    CollectSettings,
+    RolloutStopped,
+    collect_groups,
+    groups_to_batch,
+)
 from megatron_rpg.rollout.protocol import Response, SamplingParams
 
 
@@ -97,9 +105,49 @@ class LongPrompts(Tokenizer):
         return [int(text)] * (10 if int(text) % 3 == 0 else 1)
 
 
-def test_prompts_over_max_prompt_tokens_are_skipped_and_counted():
-    import pytest
+def test_a_stop_requested_during_dynamic_sampling_ends_the_rollout_after_that_round():
+    """Problems 0..99 carry no signal, so this step would take all 8 rounds; a stop requested
+    (the trainer's collective signal check) after the second ends it there."""
+    calls = []
 
+    def counted(prompts, params):
+        calls.append(params.seed)
+        return generate(prompts, params)
+
+    asked = []
+
+    def stop_requested():
+        asked.append(len(calls))
+        return len(calls) == 2
+
+    with pytest.raises(RolloutStopped, match="round 2"):
+        collect_groups(
+            Task(),
+            Tokenizer(),
+            counted,
+            grade,
+            settings(2, 8),
+            seed=0,
+            step=0,
+            position=0,
+            stop_requested=stop_requested,
+        )
+    assert len(calls) == 2 and asked == [1, 2] and calls[0] != calls[1]
+    groups, metrics, _ = collect_groups(
+        Task(),
+        Tokenizer(),
+        generate,
+        grade,
+        settings(2, 8),
+        seed=0,
+        step=0,
+        position=0,
+        stop_requested=lambda: False,
+    )
+    assert metrics["dynamic/rounds"] == 8 and len(groups) == 2  # never stopped: every round
+
+
+def test_prompts_over_max_prompt_tokens_are_skipped_and_counted():
     from megatron_rpg.config import ConfigError
 
     limited = CollectSettings(

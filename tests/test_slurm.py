@@ -1,7 +1,9 @@
-"""The Slurm launcher on a real (local) Slurm: `sbatch --wait slurm/rpg_tiny_local.sh` (2 tasks,
-gloo, TP=2) trains and logs; a failing job's status reaches sbatch; a signal (what preemption or
-a time limit sends) makes the job checkpoint, requeue itself and resume. Start Slurm with
-`bash scripts/slurm_local.sh start` (.ci/run does); without it these tests skip, unless
+"""The Slurm launchers on a real (local) Slurm: `sbatch --wait slurm/rpg_tiny_local.sh` (2 tasks,
+gloo, TP=2) trains and logs; a failing job's status reaches sbatch; `slurm/rpg_70b.sh` itself,
+with the tiny model's overrides (slurm/rpg_70b_tiny_cpu.args), runs on two nodes with the vLLM
+server on the second, and preempted mid-run it checkpoints, requeues itself and resumes to the
+uninterrupted run's metrics. Start Slurm with `SLURM_CI_NODES=2 SLURM_CI_GPUS=1 bash
+scripts/slurm_local.sh start` (.ci/run does); without it these tests skip, unless
 MEGATRON_RPG_REQUIRE_SLURM=1 (CI), where they fail."""
 
 import json
@@ -29,6 +31,13 @@ def _slurm_running() -> str | None:
         return "no sbatch on PATH"
     if subprocess.run(["scontrol", "ping"], capture_output=True, timeout=30).returncode != 0:
         return "no Slurm controller answers (bash scripts/slurm_local.sh start)"
+    nodes = subprocess.run(
+        ["sinfo", "-h", "-N", "-o", "%N %G"], capture_output=True, text=True, timeout=30
+    ).stdout.split("\n")
+    if len([n for n in nodes if "gpu:" in n]) < 2:
+        return (
+            "the local Slurm needs 2 nodes with a (fake) GPU each: SLURM_CI_NODES=2 SLURM_CI_GPUS=1"
+        )
     return None
 
 
@@ -90,20 +99,127 @@ def test_failing_job_status_reaches_sbatch(tmp_path):
     assert "loss.beta" in output(tmp_path, job)
 
 
-def test_signal_checkpoints_requeues_and_resumes(tmp_path):
-    process, job = sbatch(tmp_path, "train_steps=30", "checkpoint.save_interval=0")
-    log = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 2):
-        time.sleep(0.2)
-    assert log.exists(), output(tmp_path, job)
-    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
-    assert process.wait(timeout=600) == 0, output(tmp_path, job)
-    text = output(tmp_path, job)
-    # after a whole step, or during one's rollout (that step is abandoned and repeated)
-    assert re.search(
-        r"stopping on a signal( \(step \d+ abandoned after its rollout\))?: checkpoint", text
+# the 70B recipe's job shape scaled to the local cluster: a trainer node and an engine node
+SMALL_JOB = [
+    "--nodes=2",
+    "--ntasks-per-node=1",
+    "--gpus-per-node=1",
+    "--cpus-per-task=1",
+    "--time=00:20:00",
+    "--signal=B:USR1@60",
+]
+SIGNAL_MARGIN_S = 60
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A warmed-up tiny model (the embedded run's supervised warm-up and one RPG step): CKPT and
+    its tokenizer."""
+    run_dir = tmp_path_factory.mktemp("tiny_ckpt")
+    done = subprocess.run(
+        [
+            shutil.which("megatron-rpg") or "megatron-rpg",
+            "train",
+            "--config",
+            "examples/tiny_cpu.yaml",
+            "train_steps=1",
+            "eval_interval=0",
+            f"logging.run_dir={run_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    assert "requeueing" in text
-    assert "restart 1" in text and "resume: continuing from" in text
-    assert steps(tmp_path) == list(range(1, 31))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir / "checkpoints" / "step_00000001", run_dir / "tokenizer.model"
+
+
+def rpg_70b(tmp_path, tiny_checkpoint, experiment):
+    """Start `sbatch --wait slurm/rpg_70b.sh` with the tiny CPU overrides; (process, job id)."""
+    checkpoint, tokenizer = tiny_checkpoint
+    overrides = (ROOT / "slurm" / "rpg_70b_tiny_cpu.args").read_text().splitlines()
+    env = dict(
+        os.environ,
+        CKPT=str(checkpoint),
+        MRPG_ENGINE_MODEL=str(ROOT / "examples" / "tiny_model"),
+        MRPG_OUTPUT_ROOT=str(tmp_path),
+        MRPG_EXPERIMENT=experiment,
+    )
+    process = subprocess.Popen(
+        [
+            "sbatch",
+            "--wait",
+            *SMALL_JOB,
+            f"--output={tmp_path}/slurm-%j.out",
+            "slurm/rpg_70b.sh",
+            *[line for line in overrides if line and not line.startswith("#")],
+            f"model.tokenizer={tokenizer}",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = process.stdout.readline()
+    assert first.startswith("Submitted batch job"), first + process.stderr.read()
+    return process, int(first.split()[-1])
+
+
+def records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def without_timing(rows):
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))} for r in rows
+    ]
+
+
+def restarts(job):
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "-o", str(job)], capture_output=True, text=True, timeout=30
+    ).stdout
+    found = re.search(r"Restarts=(\d+)", shown)
+    return int(found.group(1)) if found else 0
+
+
+def test_rpg_70b_script_with_an_engine_node_is_preempted_and_resumes_to_the_same_run(
+    tmp_path, tiny_checkpoint
+):
+    """The recipe's own script on 2 nodes: the launch plan, the vLLM CPU server on the second
+    node (weights from the trainer on the first), RPG steps; a USR1 mid-run (what preemption or
+    --signal sends) -> checkpoint within the signal margin -> requeue -> a new server -> resume
+    -> the metrics of the uninterrupted job, step for step."""
+    process, job = rpg_70b(tmp_path, tiny_checkpoint, "whole")
+    assert process.wait(timeout=900) == 0, output(tmp_path, job)
+    whole = records(tmp_path / "whole")
+    text = output(tmp_path, job)
+    assert re.search(r"vllm serve on n2 is healthy at http://127\.0\.0\.1:8000", text), text
+    assert "2 node(s) [n1 n2]" in text and "plan: fits" in text
+    assert [r["step"] for r in whole] == list(range(1, 13))
+    rollout = json.loads((tmp_path / "whole" / "manifest.json").read_text())["config"]["rollout"]
+    assert rollout["engine"] == "vllm" and rollout["engine_nodes"] == 1
+
+    process, job = rpg_70b(tmp_path, tiny_checkpoint, "preempted")
+    log = tmp_path / "preempted" / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.2)
+    assert log.exists() and process.poll() is None, output(tmp_path, job)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
+    signalled = time.monotonic()
+    while restarts(job) == 0 and time.monotonic() - signalled < SIGNAL_MARGIN_S:
+        time.sleep(0.5)
+    requeued_after = time.monotonic() - signalled
+    assert process.wait(timeout=900) == 0, output(tmp_path, job)
+    text = output(tmp_path, job)
+    assert requeued_after < SIGNAL_MARGIN_S, text  # checkpointed and requeued inside the margin
+    assert re.search(r"stopping on a signal( \(step \d+ abandoned in its rollout\))?:", text)
+    assert "requeueing" in text and "restart 1" in text and "resume: continuing from" in text
+    assert len(re.findall(r"vllm serve on n2 is healthy", text)) == 2  # a new server per run
+    assert without_timing(records(tmp_path / "preempted")) == without_timing(whole)

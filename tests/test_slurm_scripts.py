@@ -1,6 +1,7 @@
 """slurm/common.sh with stub Slurm commands on PATH (no Slurm needed): the time left becomes the
 trainer's stop_after_minutes, srun is asked for the job's cores per task and the container's
-working directory, and a run that stopped early is requeued (one that finished is not)."""
+working directory (the pre-flight and the engine server run in the image too), and a run that
+stopped early is requeued (one that finished is not)."""
 
 import os
 import shutil
@@ -20,7 +21,8 @@ esac""",
     "squeue": 'echo "$STUB_TIME_LEFT"',
     "curl": "exit 7",  # nothing listens: the engine never becomes healthy
     "srun": """echo "srun $*" >>"$STUB_LOG"
-if [ -n "${STUB_STOP_EARLY:-}" ]; then echo "step 3: a signal" >"$MRPG_STOPPED_EARLY_FILE"; fi""",
+if [ -n "${STUB_STOP_EARLY:-}" ]; then echo "step 3: a signal" >"$MRPG_STOPPED_EARLY_FILE"; fi
+if [ -n "${STUB_SRUN_RUNS:-}" ]; then while [[ $1 == --* ]]; do shift; done; exec "$@"; fi""",
 }
 
 
@@ -148,6 +150,11 @@ def test_a_recipe_run_goes_under_the_output_root_one_directory_per_experiment(tm
         "STUB_TIME_LEFT": "10:00",
     }
     hf = f"model.hf_config={ROOT / 'examples' / 'models' / 'qwen2.5-7b'}"
+    no_data = common_sh(tmp_path, f"mrpg_train examples/rpg_7b.yaml {hf}", **env)
+    assert no_data.returncode != 0  # the pre-flight checks the inputs before the job trains
+    assert "data.train_path" in no_data.stderr and not (tmp_path / "calls.log").exists()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dapo_math_17k_en.jsonl").write_text("")
     done = common_sh(tmp_path, f"mrpg_train examples/rpg_7b.yaml {hf}", **env)
     assert done.returncode == 0, done.stderr
     call = (tmp_path / "calls.log").read_text()
@@ -165,3 +172,28 @@ def test_a_recipe_run_goes_under_the_output_root_one_directory_per_experiment(tm
     assert words.index("logging.run_dir=/lustre/runs/ablation") < words.index(
         "logging.run_dir=/mine"
     )  # the later one wins (load_config)
+
+
+def test_in_a_container_the_pre_flight_and_the_server_run_in_the_image(tmp_path):
+    """With MRPG_CONTAINER_IMAGE the batch shell's own Python (a config value, the plan) runs in
+    a one-task step in the image, as the engine server does: the host needs no Python."""
+    image = {"MRPG_CONTAINER_IMAGE": "nvcr.io/x:1", "PYTHONPATH": str(ROOT)}
+    value = f"mrpg_config_value {ROOT / 'examples' / 'tiny_cpu.yaml'} rollout.n rollout.n=4"
+    done = common_sh(tmp_path, value, STUB_SRUN_RUNS="1", MRPG_PYTHON=sys.executable, **image)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "4"
+    call = (tmp_path / "calls.log").read_text()
+    assert call.startswith(
+        f"srun --nodes=1 --ntasks=1 --kill-on-bad-exit=1 --container-image=nvcr.io/x:1 "
+        f"--container-workdir={tmp_path} {sys.executable} -c "
+    ), call
+    (tmp_path / "calls.log").unlink()
+    host = common_sh(tmp_path, value, MRPG_PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    assert host.stdout.strip() == "4" and not (tmp_path / "calls.log").exists()  # no step
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    serve = f"mrpg_serve {ROOT / 'examples' / 'tiny_cpu.yaml'}"
+    common_sh(tmp_path, serve, MRPG_ENGINE_MODEL=str(model), **image)
+    server = (tmp_path / "calls.log").read_text().split()
+    assert "--container-image=nvcr.io/x:1" in server and "python3" in server  # the image's

@@ -43,8 +43,7 @@ def build_engine(
     r = config.rollout
     if placement.engine == "embedded":
         return EmbeddedEngine(hf_config, dtype=torch.float32) if rank == 0 else None
-    from megatron_rpg.rollout.vllm_engine import VLLMEngine, VLLMServerEngine
-    from megatron_rpg.rollout.vllm_server import API_KEY
+    from megatron_rpg.rollout.vllm_engine import API_KEY, VLLMEngine, VLLMServerEngine
 
     if not placement.colocated:
         url = r.server_url or os.environ.get("MRPG_ENGINE_URL", "")

@@ -34,6 +34,10 @@ Generate = Callable[[Sequence[Sequence[int]], SamplingParams], list[list[Respons
 Grade = Callable[[list[tuple[str, Any]]], list[float]]
 
 
+class RolloutStopped(Exception):
+    """A stop was requested during the rollout: the step's samples are abandoned."""
+
+
 @dataclass(frozen=True)
 class CollectSettings:
     prompts: int  # groups per step
@@ -155,9 +159,12 @@ def collect_groups(
     seed: int,
     step: int,
     position: int,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> tuple[list[Group], dict[str, float], int]:
     """`settings.prompts` groups from the task's problems starting at `position`; the rollout
-    metrics and the position after the prompts consumed."""
+    metrics and the position after the prompts consumed. `stop_requested` (collective, like
+    the rest) is asked after each sampling round: True raises RolloutStopped, so that a signal
+    during a step of many dynamic-sampling rounds is acted on after the round, not the step."""
     kept: list[Group] = []
     dropped: list[Group] = []
     sampled: list[float] = []
@@ -181,6 +188,8 @@ def collect_groups(
             target = dropped if settings.dynamic_sampling and uniform else kept
             target.append(Group(prompt, group, rewards, scores))
         rounds += 1
+        if stop_requested is not None and stop_requested():
+            raise RolloutStopped(f"stopped after sampling round {rounds}")
     fillers = [replace(g, filler=True) for g in dropped[: settings.prompts - len(kept)]]
     metrics = {
         "reward/sampled_mean": sum(sampled) / len(sampled),

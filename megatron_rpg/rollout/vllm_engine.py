@@ -42,6 +42,8 @@ from torch import Tensor
 from megatron_rpg.models.export import WeightStream
 from megatron_rpg.rollout.protocol import EngineError, Response, SamplingParams, check_prompts
 
+API_KEY = "MRPG_ENGINE_API_KEY"  # the job's key: vllm_server requires it, VLLMServerEngine sends it
+
 ENGINE_OPTIONS: dict[str, Any] = dict(
     logprobs_mode="processed_logprobs",
     generation_config="vllm",
@@ -340,7 +342,7 @@ class VLLMServerEngine:
     ):
         self.base_url, self.timeout_s, self.retries = base_url.rstrip("/"), timeout_s, retries
         self.headers = {"Content-Type": "application/json"}
-        if api_key:  # the server's VLLM_API_KEY (vllm_server.API_KEY in a job)
+        if api_key:  # the server's VLLM_API_KEY ($API_KEY in a job)
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.trainer_address, self.max_concurrency = trainer_address, max_concurrency
         self.backend = transfer_backend(backend, colocated=False)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_rpg.rollout.vllm_engine import API_KEY
+
 
 def server_command(
     model_dir: str | Path,
@@ -76,9 +78,6 @@ def server_command(
         # seeded prompts prefilled in chunks crash vLLM's CPU sampler (see VLLMEngine)
         command += ["--no-enable-chunked-prefill"]
     return command + list(extra or [])
-
-
-API_KEY = "MRPG_ENGINE_API_KEY"  # the job's key: the server requires it, the trainer sends it
 
 
 def server_environment(
