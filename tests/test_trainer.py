@@ -363,11 +363,17 @@ def test_non_finite_step_is_skipped_not_applied(pool2, tmp_path):
         ("--config=/nonexistent.yaml", "'--config': got '/nonexistent.yaml'"),
     ],
 )
-def test_bad_config_stops_before_any_work(tmp_path, override, message):
+def test_bad_config_stops_before_any_work(tmp_path, capsys, monkeypatch, override, message):
+    """`megatron-rpg train` in this process (the refusal comes before any rank or import of
+    the model code would start): exit status 2, one line naming the key and value."""
+    from megatron_rpg.cli import main
+
+    monkeypatch.chdir(ROOT)  # the config's paths are relative to the checkout
     run_dir = tmp_path / "never"
-    done = train(*TINY, f"logging.run_dir={run_dir}", *override.split())
-    assert done.returncode == 2
-    assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    args = ["train", "--config", str(CONFIG), *TINY, f"logging.run_dir={run_dir}"]
+    assert main([*args, *override.split()]) == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and stderr.count("\n") == 1, stderr
     assert not run_dir.exists()
 
 

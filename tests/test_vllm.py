@@ -1,7 +1,7 @@
 """vLLM (the CPU build) as the rollout engine: weight sync from a TP2 x PP2 policy into colocated
 engines (external_launcher, engine TP 1 and 2) and into a `vllm serve` (TP 1 and 2), training
-runs that learn in both placements, a bf16 engine against the fp32 trainer, and a server that
-dies mid-run."""
+runs that learn (colocated; the server samples what colocated engines do), a bf16 engine against
+the fp32 trainer, and a server that dies mid-run."""
 
 import time
 import urllib.error
@@ -136,14 +136,18 @@ def test_colocated_tp2_dp2_learns(tmp_path):
     assert max(r["rollout/abs_gap_max"] for r in metrics(run_dir)) < 1e-4
 
 
-def test_server_engine_learns_and_a_dead_server_stops_the_run_resumably(tmp_path):
-    """A `vllm serve` subprocess; killed mid-run, the trainer stops within seconds naming it
-    (bounded retries, no rank left in a collective); resumed against a new server, the run
-    completes and learns."""
+def test_a_server_that_dies_mid_run_stops_the_run_at_once_naming_it(tmp_path):
+    """A `vllm serve` subprocess requiring the job's key; killed mid-run, the trainer stops
+    within seconds naming it (bounded retries, no rank left in a collective) with its
+    checkpoints complete. (Resuming against a new server: tests/test_slurm.py, slurm/rpg_70b.sh
+    preempted; that the server samples what the colocated engines, which learn, sample: above.)"""
     run_dir = tmp_path / "server"
     common = [
-        *LEARNS,
-        "checkpoint.save_interval=20",
+        "eval_interval=0",
+        "rollout.engine=vllm",
+        "sft.steps=30",
+        "train_steps=160",
+        "checkpoint.save_interval=4",
         "rollout.request_timeout_s=10",
         "rollout.request_retries=1",
         f"logging.run_dir={run_dir}",
@@ -157,7 +161,7 @@ def test_server_engine_learns_and_a_dead_server_stops_the_run_resumably(tmp_path
         log = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and process.poll() is None:
-            if log.exists() and len(log.read_text().splitlines()) >= 45:
+            if log.exists() and len(log.read_text().splitlines()) >= 10:
                 break
             time.sleep(0.2)
         kill(server)
@@ -166,10 +170,6 @@ def test_server_engine_learns_and_a_dead_server_stops_the_run_resumably(tmp_path
     assert time.monotonic() - killed < 60  # retries and timeouts bound it, not the collective's
     assert process.returncode != 0
     assert f"vllm serve at {url}" in output, output[-3000:]
-    assert [m["step"] for m in metrics(run_dir)][-1] >= 45
-    with running_server(TINY_MODEL, max_model_len=32, api_key="this-job") as (url, _):
-        done = train(*common, f"rollout.server_url={url}", "--resume", env=key)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resume: continuing from" in done.stdout
-    assert [m["step"] for m in metrics(run_dir)][-1] == 160
-    assert_learned(run_dir)
+    assert [m["step"] for m in metrics(run_dir)][-1] >= 10
+    saved = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert len(saved) >= 2 and all((s / "COMPLETE").is_file() for s in saved)
