@@ -68,8 +68,8 @@ class RolloutConfig(Section):
     max_tokens: int = 256
     tensor_parallel: int = 1  # the engine's own TP, independent of the trainer's
     gpu_memory_utilization: float = 0.35  # vLLM's share of each of its GPUs
-    engine_nodes: int = 0  # 0: vLLM colocated on the trainer's GPUs; N: on N nodes of its own
-    server_url: str = ""  # a running `vllm serve` (jobs with engine_nodes: $MRPG_ENGINE_URL)
+    engine_nodes: int = 0  # 0: vLLM colocated on the trainer's GPUs; N: a server on each of N nodes
+    server_url: str = ""  # running `vllm serve`s, comma-separated (engine_nodes: set by slurm/)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # vLLM's weights; auto: the trainer's
     weight_transfer: Literal["auto", "mrpg_local", "nccl", "mrpg_gloo"] = "auto"
     kv_cache_gb: float = 1.0  # vLLM's KV cache per engine on CPUs (GPUs: gpu_memory_utilization)
@@ -84,6 +84,13 @@ class RolloutConfig(Section):
         check("max_tokens", self.max_tokens, self.max_tokens >= 1, ">= 1")
         check("tensor_parallel", self.tensor_parallel, self.tensor_parallel >= 1, ">= 1")
         check("engine_nodes", self.engine_nodes, self.engine_nodes >= 0, ">= 0")
+        for url in self.server_url.split(",") if self.server_url else []:
+            check(
+                "server_url",
+                self.server_url,
+                url.strip().startswith(("http://", "https://")),
+                "http(s)://host:port of each vllm serve, comma-separated",
+            )
         check(
             "gpu_memory_utilization",
             self.gpu_memory_utilization,

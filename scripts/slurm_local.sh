@@ -3,7 +3,7 @@
 #   bash scripts/slurm_local.sh start     # install if missing (Debian), start; idempotent
 #   bash scripts/slurm_local.sh stop      # cancel jobs, stop only the daemons it started
 #   bash scripts/slurm_local.sh status
-# Options (environment): SLURM_CI_NODES (1, or 2 emulated nodes n1 n2), SLURM_CI_CPUS (per node,
+# Options (environment): SLURM_CI_NODES (1, or N emulated nodes n1..nN), SLURM_CI_CPUS (per node,
 # default nproc), SLURM_CI_MEM_MB (per node, default 90% of RAM / nodes), SLURM_CI_GPUS (fake
 # gpu GRES per node, default 0), SLURM_CI_DIR (state, default /tmp/megatron_rpg_slurm),
 # SLURM_CI_PORT (slurmctld; slurmd take the next ones), SLURM_CONF (default /etc/slurm/slurm.conf).

@@ -108,45 +108,58 @@ mrpg_run() {
     return "$rc"
 }
 
-# vLLM on a node of its own (the config's rollout.engine_nodes=1): `vllm serve` on the job's last
-# node, data parallel over its GPUs, each engine with the config's rollout.tensor_parallel, dtype,
-# GPU memory share and longest sequence (what the launch plan checked: vllm_server --config),
-# dummy weights (the trainer sends them over NCCL), the HF directory MRPG_ENGINE_MODEL for the
-# config and tokenizer. The server listens on the node's cluster address only and requires a
-# key made for this job (MRPG_ENGINE_API_KEY, which the trainer's tasks inherit); the trainer
-# finds it at MRPG_ENGINE_URL. Arguments: the config file and its overrides.
+# vLLM on nodes of its own (the config's rollout.engine_nodes=E): a `vllm serve` on each of the
+# job's last E nodes, data parallel over its GPUs, each engine with the config's
+# rollout.tensor_parallel, dtype, GPU memory share and longest sequence (what the launch plan
+# checked: vllm_server --config), dummy weights (the trainer sends them over NCCL, to every
+# server in one transfer group), the HF directory MRPG_ENGINE_MODEL for the config and tokenizer.
+# Each server listens on its node's cluster address only and requires a key made for this job
+# (MRPG_ENGINE_API_KEY, which the trainer's tasks inherit); the trainer finds them, comma-
+# separated, at MRPG_ENGINE_URL. Returns when all are healthy; ends the job when one's srun step
+# ends first. Arguments: E, the config file and its overrides.
 mrpg_serve() {
-    local config=$1 host=${MRPG_HOSTS[-1]} gpus=${SLURM_GPUS_ON_NODE:-8} i server override sets=()
-    shift
+    local nodes=$1 config=$2 gpus=${SLURM_GPUS_ON_NODE:-8} i k host address override sets=()
+    shift 2
     for override in "$@"; do sets+=(--set "$override"); done
     : "${MRPG_ENGINE_MODEL:?set MRPG_ENGINE_MODEL to the HF directory of the model (config, tokenizer)}"
     if [ ! -f "$MRPG_ENGINE_MODEL/config.json" ]; then
         echo "MRPG_ENGINE_MODEL=$MRPG_ENGINE_MODEL: no config.json there (a HF model directory)" >&2
         return 1
     fi
-    local address
-    address=$(scontrol show node "$host" | grep -oP 'NodeAddr=\K\S+' || echo "$host")
     MRPG_ENGINE_API_KEY=${MRPG_ENGINE_API_KEY:-$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')}
     export MRPG_ENGINE_API_KEY
-    # the flags VLLMServerEngine needs live in one place: megatron_rpg/rollout/vllm_server.py
-    srun --nodes=1 --ntasks=1 --nodelist="$host" --kill-on-bad-exit=1 \
-        --cpus-per-task="${MRPG_ENGINE_CPUS:-${SLURM_CPUS_ON_NODE:-1}}" "${MRPG_CONTAINER[@]}" \
-        "$MRPG_PYTHON" -m megatron_rpg.rollout.vllm_server "$MRPG_ENGINE_MODEL" \
-        --host "$address" --port 8000 --config "$config" "${sets[@]}" --gpus "$gpus" &
-    server=$!
-    export MRPG_ENGINE_URL="http://$address:8000"
+    local hosts=("${MRPG_HOSTS[@]: -nodes}") urls=() servers=() port
+    for k in "${!hosts[@]}"; do
+        host=${hosts[k]} port=$((8000 + k))  # a port each: emulated nodes share an address
+        address=$(scontrol show node "$host" | grep -oP 'NodeAddr=\K\S+' || echo "$host")
+        # the flags VLLMServerEngine needs live in one place: megatron_rpg/rollout/vllm_server.py
+        srun --nodes=1 --ntasks=1 --nodelist="$host" --kill-on-bad-exit=1 \
+            --cpus-per-task="${MRPG_ENGINE_CPUS:-${SLURM_CPUS_ON_NODE:-1}}" "${MRPG_CONTAINER[@]}" \
+            "$MRPG_PYTHON" -m megatron_rpg.rollout.vllm_server "$MRPG_ENGINE_MODEL" \
+            --host "$address" --port "$port" --config "$config" "${sets[@]}" --gpus "$gpus" &
+        servers+=($!)
+        urls+=("http://$address:$port")
+    done
+    MRPG_ENGINE_URL=$(IFS=,; echo "${urls[*]}")
+    export MRPG_ENGINE_URL
+    local waiting=("${!hosts[@]}") left
     for ((i = 0; i < 1800; i++)); do
-        if curl -sf "$MRPG_ENGINE_URL/health" >/dev/null; then
-            echo "vllm serve on $host is healthy at $MRPG_ENGINE_URL after $i s"
-            return 0
-        fi
-        if ! kill -0 "$server" 2>/dev/null; then  # its srun step ended: it will not come up
-            echo "vllm serve on $host exited before it was healthy (see its output above)" >&2
-            return 1
-        fi
+        left=()
+        for k in "${waiting[@]}"; do
+            if curl -sf "${urls[k]}/health" >/dev/null; then
+                echo "vllm serve on ${hosts[k]} is healthy at ${urls[k]} after $i s"
+            elif ! kill -0 "${servers[k]}" 2>/dev/null; then  # its srun step ended
+                echo "vllm serve on ${hosts[k]} exited before it was healthy (see its output above)" >&2
+                return 1
+            else
+                left+=("$k")
+            fi
+        done
+        [ "${#left[@]}" -eq 0 ] && return 0
+        waiting=("${left[@]}")
         sleep 1
     done
-    echo "vllm serve on $host did not become healthy in 30 minutes" >&2
+    echo "vllm serve on ${hosts[*]} did not become healthy in 30 minutes" >&2
     return 1
 }
 
@@ -173,7 +186,7 @@ print(value)' "$@"
 # The GPU recipes' body: check the layout, the memory plan and the input files on the job's
 # nodes (in the image, with one), then train from
 # the Megatron checkpoint $CKPT (resuming the run's own checkpoints when requeued); with
-# rollout.engine_nodes=1 (in the config or an override) the engine gets the last node and the
+# rollout.engine_nodes=E (in the config or an override) the engines get the last E nodes and the
 # trainer the others.
 mrpg_train() {
     local config=$1 engine_nodes
@@ -188,7 +201,7 @@ mrpg_train() {
     mrpg_python -m megatron_rpg.cli launch --config "$config" --nodes "$SLURM_JOB_NUM_NODES" \
         --gpus-per-node "${SLURM_GPUS_ON_NODE:-8}" --dry-run --check-inputs "${overrides[@]}"
     if [ "$engine_nodes" -gt 0 ]; then
-        mrpg_serve "$config" "${overrides[@]}"
+        mrpg_serve "$engine_nodes" "$config" "${overrides[@]}"
         local trainer_nodes=$((SLURM_JOB_NUM_NODES - engine_nodes))
         MRPG_SRUN_ARGS="--nodes=$trainer_nodes --ntasks=$((trainer_nodes * ${SLURM_NTASKS_PER_NODE:-8}))"
         MRPG_SRUN_ARGS+=" --nodelist=$(IFS=,; echo "${MRPG_HOSTS[*]:0:trainer_nodes}")"

@@ -65,7 +65,7 @@ def _rollout(engine, params):
 def sync_after_step(name, hf_state, tp, pp, make_engine=embedded_engine, families=FAMILIES):
     """Initial weights synced; one Adam step; engine log-probs vs the trainer's before and after
     the second sync. Returns, on the last stage, the max |difference| before and after, the
-    bytes of both syncs and the first prompt's responses; None elsewhere."""
+    bytes of both syncs and every prompt's responses; None elsewhere."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_rpg.forward_backward import LogprobOptions, forward_backward
@@ -103,5 +103,5 @@ def sync_after_step(name, hf_state, tp, pp, make_engine=embedded_engine, familie
         "before": (trainer[:, response] - stale).abs().max().item(),
         "after": (trainer_fresh[:, response] - fresh).abs().max().item(),
         "bytes": (first.bytes, second.bytes),
-        "responses": tokens[: params.n, len(PROMPTS[0]) :].tolist(),
+        "responses": tokens[:, len(PROMPTS[0]) :].tolist(),
     }

@@ -57,6 +57,11 @@ def test_saved_config_reproduces_the_run(tmp_path):
         (["parallel.tensor_parallel=2.5"], "parallel.tensor_parallel", "an integer"),
         (["parallel.tensor_parallel=0"], "parallel.tensor_parallel", "an integer >= 1"),
         (
+            ["rollout.server_url=http://n2:8000,n3:8000"],
+            "rollout.server_url",
+            "http(s)://host:port of each vllm serve",
+        ),
+        (
             ["parallel.tensor_parallel=1", "parallel.sequence_parallel=true"],
             "parallel.sequence_parallel",
             "tensor_parallel > 1",

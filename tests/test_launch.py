@@ -119,8 +119,9 @@ def test_impossible_layouts_are_refused_with_a_reason(nodes, overrides, key, rea
 
 
 def test_engines_on_nodes_of_their_own():
+    separate = ["rollout.engine_nodes=1", "rollout.gpu_memory_utilization=0.9"]
     plan = memory_plan(
-        config(RECIPE_70B, "rollout.engine_nodes=1", "rollout.gpu_memory_utilization=0.9"),
+        config(RECIPE_70B, *separate),
         nodes=9,
         gpus_per_node=8,
     )
@@ -132,8 +133,17 @@ def test_engines_on_nodes_of_their_own():
     assert "1 vLLM engines of TP 8 on 1 node(s) of their own" in plan.render()
     with pytest.raises(ConfigError, match="the trainer needs one"):
         memory_plan(config(RECIPE_70B, "rollout.engine_nodes=1"), nodes=1, gpus_per_node=8)
-    with pytest.raises(ConfigError, match="one vLLM server"):
-        memory_plan(config(RECIPE_70B, "rollout.engine_nodes=2"), nodes=10, gpus_per_node=8)
+    two = memory_plan(
+        config(RECIPE_70B, *separate[1:], "rollout.engine_nodes=2", "rollout.tensor_parallel=4"),
+        nodes=10,
+        gpus_per_node=8,
+    )
+    two.check()
+    assert (two.tp, two.pp, two.dp) == (8, 4, 2)  # the trainer keeps 8 nodes again
+    assert "4 vLLM engines of TP 4 on 2 node(s) of their own" in two.render()
+    assert two.gb["engine_weights"] == pytest.approx(2 * two.total_parameters / 4 / 1e9)
+    with pytest.raises(ConfigError, match="the trainer needs one"):
+        memory_plan(config(RECIPE_70B, "rollout.engine_nodes=2"), nodes=2, gpus_per_node=8)
 
 
 def test_7b_recipe_fits_one_node():

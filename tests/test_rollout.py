@@ -4,6 +4,8 @@ sampling against exact enumeration, and live weight sync from a TP=2 x PP=2 poli
 import contextlib
 import math
 import re
+import threading
+import time
 
 import pytest
 import torch
@@ -182,3 +184,46 @@ def test_sync_from_tp2_pp2_after_an_optimizer_step(pool4, name):
             == r["bytes"][1]
             == sum(p.numel() * 4 for p in hf_model(name).parameters())
         )
+
+
+def test_fan_out_raises_the_first_failure_without_waiting_for_the_others():
+    """A server that refuses an update is reported while the others still block in it."""
+    from megatron_rpg.rollout.protocol import EngineError
+    from megatron_rpg.rollout.server_fleet import fan_out
+
+    release = threading.Event()
+
+    def refuses():
+        raise EngineError("vllm serve at http://b:8000/update_weights: HTTP 500")
+
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="http://b:8000"):
+        fan_out([lambda: release.wait(60), refuses])
+    assert time.monotonic() - started < 10
+    release.set()
+    assert fan_out([lambda: 1, lambda: 2]) == [1, 2]
+
+
+def test_each_server_of_a_fleet_gets_the_ranks_after_the_earlier_servers_workers():
+    """Group rank 0 is the trainer; servers of 2, 4 and 1 workers start at ranks 1, 3 and 7."""
+    from megatron_rpg.rollout.server_fleet import FleetSyncClient, parse_server_urls
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def init_weight_transfer_engine(self, info):
+            self.calls.append(("init", info["rank_offset"], info["world_size"]))
+
+        def update_weights(self, info):
+            self.calls.append(("update", info))
+
+    servers = [Recorder() for _ in range(3)]
+    fleet = FleetSyncClient(servers, workers=[2, 4, 1])
+    fleet.init_weight_transfer_engine({"rank_offset": 1, "world_size": 8})
+    fleet.update_weights({"names": ["w"]})
+    assert [s.calls for s in servers] == [
+        [("init", offset, 8), ("update", {"names": ["w"]})] for offset in (1, 3, 7)
+    ]
+    urls = parse_server_urls("http://a:8000/, http://b:8000")
+    assert urls == ["http://a:8000", "http://b:8000"]

@@ -1,8 +1,8 @@
 """The Slurm launchers on a real (local) Slurm: `sbatch --wait slurm/rpg_tiny_local.sh` (2 tasks,
 gloo, TP=2) trains and logs; a failing job's status reaches sbatch; `slurm/rpg_70b.sh` itself,
-with the tiny model's overrides (slurm/rpg_70b_tiny_cpu.args), runs on two nodes with the vLLM
-server on the second, and preempted mid-run it checkpoints, requeues itself and resumes to the
-uninterrupted run's metrics. Start Slurm with `SLURM_CI_NODES=2 SLURM_CI_GPUS=1 bash
+with the tiny model's overrides (slurm/rpg_70b_tiny_cpu.args), runs on three nodes with a vLLM
+server on each of the last two, and preempted mid-run it checkpoints, requeues itself and resumes
+to the uninterrupted run's metrics. Start Slurm with `SLURM_CI_NODES=3 SLURM_CI_GPUS=1 bash
 scripts/slurm_local.sh start` (.ci/run does); without it these tests skip, unless
 MEGATRON_RPG_REQUIRE_SLURM=1 (CI), where they fail."""
 
@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,9 +35,9 @@ def _slurm_running() -> str | None:
     nodes = subprocess.run(
         ["sinfo", "-h", "-N", "-o", "%N %G"], capture_output=True, text=True, timeout=30
     ).stdout.split("\n")
-    if len([n for n in nodes if "gpu:" in n]) < 2:
+    if len([n for n in nodes if "gpu:" in n]) < 3:
         return (
-            "the local Slurm needs 2 nodes with a (fake) GPU each: SLURM_CI_NODES=2 SLURM_CI_GPUS=1"
+            "the local Slurm needs 3 nodes with a (fake) GPU each: SLURM_CI_NODES=3 SLURM_CI_GPUS=1"
         )
     return None
 
@@ -101,7 +102,7 @@ def test_failing_job_status_reaches_sbatch(tmp_path):
 
 # the 70B recipe's job shape scaled to the local cluster: a trainer node and an engine node
 SMALL_JOB = [
-    "--nodes=2",
+    "--nodes=3",
     "--ntasks-per-node=1",
     "--gpus-per-node=1",
     "--cpus-per-task=1",
@@ -118,7 +119,9 @@ def tiny_checkpoint(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny_ckpt")
     done = subprocess.run(
         [
-            shutil.which("megatron-rpg") or "megatron-rpg",
+            sys.executable,
+            "-m",
+            "megatron_rpg.cli",
             "train",
             "--config",
             "examples/tiny_cpu.yaml",
@@ -186,22 +189,24 @@ def restarts(job):
     return int(found.group(1)) if found else 0
 
 
-def test_rpg_70b_script_with_an_engine_node_is_preempted_and_resumes_to_the_same_run(
+def test_rpg_70b_script_with_two_engine_nodes_is_preempted_and_resumes_to_the_same_run(
     tmp_path, tiny_checkpoint
 ):
-    """The recipe's own script on 2 nodes: the launch plan, the vLLM CPU server on the second
-    node (weights from the trainer on the first), RPG steps; a USR1 mid-run (what preemption or
-    --signal sends) -> checkpoint within the signal margin -> requeue -> a new server -> resume
-    -> the metrics of the uninterrupted job, step for step."""
+    """The recipe's own script on 3 nodes: the launch plan, a vLLM CPU server on each of nodes 2
+    and 3 (weights from the trainer on the first, to both in one group; the prompts shared),
+    RPG steps; a USR1 mid-run (what preemption or --signal sends) -> checkpoint within the
+    signal margin -> requeue -> new servers -> resume -> the metrics of the uninterrupted job,
+    step for step."""
     process, job = rpg_70b(tmp_path, tiny_checkpoint, "whole")
     assert process.wait(timeout=900) == 0, output(tmp_path, job)
     whole = records(tmp_path / "whole")
     text = output(tmp_path, job)
     assert re.search(r"vllm serve on n2 is healthy at http://127\.0\.0\.1:8000", text), text
-    assert "2 node(s) [n1 n2]" in text and "plan: fits" in text
+    assert re.search(r"vllm serve on n3 is healthy at http://127\.0\.0\.1:8001", text), text
+    assert "3 node(s) [n1 n2 n3]" in text and "plan: fits" in text
     assert [r["step"] for r in whole] == list(range(1, 13))
     rollout = json.loads((tmp_path / "whole" / "manifest.json").read_text())["config"]["rollout"]
-    assert rollout["engine"] == "vllm" and rollout["engine_nodes"] == 1
+    assert rollout["engine"] == "vllm" and rollout["engine_nodes"] == 2
 
     process, job = rpg_70b(tmp_path, tiny_checkpoint, "preempted")
     log = tmp_path / "preempted" / "metrics.jsonl"
@@ -221,5 +226,5 @@ def test_rpg_70b_script_with_an_engine_node_is_preempted_and_resumes_to_the_same
     assert requeued_after < SIGNAL_MARGIN_S, text  # checkpointed and requeued inside the margin
     assert re.search(r"stopping on a signal( \(step \d+ abandoned in its rollout\))?:", text)
     assert "requeueing" in text and "restart 1" in text and "resume: continuing from" in text
-    assert len(re.findall(r"vllm serve on n2 is healthy", text)) == 2  # a new server per run
+    assert len(re.findall(r"vllm serve on n[23] is healthy", text)) == 4  # new servers per run
     assert without_timing(records(tmp_path / "preempted")) == without_timing(whole)

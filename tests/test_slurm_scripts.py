@@ -14,12 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STUBS = {
     "scontrol": """case "$1 $2" in
-    "show hostnames") echo node1 ;;
-    "show node") echo "NodeName=node1 NodeAddr=127.0.0.1" ;;
+    "show hostnames") printf '%s\n' ${STUB_HOSTS:-node1} ;;
+    "show node") echo "NodeName=$3 NodeAddr=127.0.0.${3#node}" ;;
     *) echo "scontrol $*" >>"$STUB_LOG" ;;
 esac""",
     "squeue": 'echo "$STUB_TIME_LEFT"',
-    "curl": "exit 7",  # nothing listens: the engine never becomes healthy
+    "curl": 'exit "${STUB_CURL_EXIT:-7}"',  # 7: nothing listens, the engine never becomes healthy
     "srun": """echo "srun $*" >>"$STUB_LOG"
 if [ -n "${STUB_STOP_EARLY:-}" ]; then echo "step 3: a signal" >"$MRPG_STOPPED_EARLY_FILE"; fi
 if [ -n "${STUB_SRUN_RUNS:-}" ]; then while [[ $1 == --* ]]; do shift; done; exec "$@"; fi""",
@@ -105,7 +105,7 @@ def test_an_engine_server_that_dies_at_start_ends_the_job_at_once(tmp_path):
     """mrpg_serve watches the server's srun step while it waits for /health (30 minutes)."""
     model = tmp_path / "hf"
     model.mkdir()
-    serve = f"mrpg_serve {ROOT / 'examples' / 'tiny_cpu.yaml'} rollout.tensor_parallel=1"
+    serve = f"mrpg_serve 1 {ROOT / 'examples' / 'tiny_cpu.yaml'} rollout.tensor_parallel=1"
     missing = common_sh(tmp_path, serve, MRPG_ENGINE_MODEL=str(model))
     assert missing.returncode != 0 and "no config.json there" in missing.stderr
     (model / "config.json").write_text("{}")
@@ -118,6 +118,27 @@ def test_an_engine_server_that_dies_at_start_ends_the_job_at_once(tmp_path):
     assert call[call.index("--config") + 1].endswith("tiny_cpu.yaml")
     assert call[call.index("--set") + 1] == "rollout.tensor_parallel=1"
     assert call[call.index("--host") + 1] == "127.0.0.1"
+
+
+def test_two_engine_nodes_get_a_server_each_and_the_trainer_all_their_urls(tmp_path):
+    """rollout.engine_nodes=2: a `vllm serve` on each of the job's last two nodes, bound to its
+    own address (and port: emulated nodes share one); MRPG_ENGINE_URL lists both once both are
+    healthy."""
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    serve = f'mrpg_serve 2 {ROOT / "examples" / "tiny_cpu.yaml"} && echo "$MRPG_ENGINE_URL"'
+    hosts = {"STUB_HOSTS": "node1 node2 node3", "SLURM_JOB_NODELIST": "node[1-3]"}
+    done = common_sh(tmp_path, serve, MRPG_ENGINE_MODEL=str(model), STUB_CURL_EXIT="0", **hosts)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "http://127.0.0.2:8000,http://127.0.0.3:8001"
+    assert "vllm serve on node3 is healthy at http://127.0.0.3:8001" in done.stdout
+    steps = (tmp_path / "calls.log").read_text().splitlines()
+    servers = [line.split() for line in steps if "megatron_rpg.rollout.vllm_server" in line]
+    assert [(s[s.index("--host") + 1], s[3]) for s in servers] == [
+        ("127.0.0.2", "--nodelist=node2"),
+        ("127.0.0.3", "--nodelist=node3"),
+    ]
 
 
 def test_the_conversion_job_runs_on_tp_x_pp_tasks(tmp_path):
@@ -193,7 +214,7 @@ def test_in_a_container_the_pre_flight_and_the_server_run_in_the_image(tmp_path)
     model = tmp_path / "hf"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    serve = f"mrpg_serve {ROOT / 'examples' / 'tiny_cpu.yaml'}"
+    serve = f"mrpg_serve 1 {ROOT / 'examples' / 'tiny_cpu.yaml'}"
     common_sh(tmp_path, serve, MRPG_ENGINE_MODEL=str(model), **image)
     server = (tmp_path / "calls.log").read_text().split()
     assert "--container-image=nvcr.io/x:1" in server and "python3" in server  # the image's

@@ -9,8 +9,8 @@ import urllib.request
 from functools import partial
 
 import pytest
-from rollout_cases import colocated_engine, server_engine, sync_after_step
-from servers import kill, model_dir, running_server
+from rollout_cases import PROMPTS, colocated_engine, server_engine, sync_after_step
+from servers import finished_requests, kill, model_dir, running_server, running_servers
 from test_trainer import CONFIG, ROOT, metrics, train
 
 from megatron_rpg.config import load_config
@@ -40,7 +40,7 @@ def pool4():
 
 def check_sync(results, name):
     """Log-probs equal the trainer's after the sync (fp32: 1e-4), not before; every sync moves
-    the HF model's bytes; returns the first prompt's responses."""
+    the HF model's bytes; returns every prompt's responses."""
     last_stage = [r for r in results if r is not None]
     assert len(last_stage) == 2
     hf_bytes = sum(p.numel() * 4 for p in hf_model(name, families=VLLM_FAMILIES).parameters())
@@ -60,18 +60,25 @@ def test_colocated_engines_sync_from_tp2_pp2(pool4, tmp_path, name, engine_tp):
     check_sync(pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name)
 
 
-@pytest.mark.parametrize(("name", "engine_tp"), [("llama", 1), ("qwen2", 2)])
-def test_server_engine_syncs_from_tp2_pp2(pool4, tmp_path, name, engine_tp):
+@pytest.mark.parametrize(
+    ("name", "engine_tp", "servers"), [("llama", 1, 2), ("qwen2", 2, 1)], ids=str
+)
+def test_server_engine_syncs_from_tp2_pp2(pool4, tmp_path, name, engine_tp, servers):
+    """One server of TP2, or two servers (as two engine nodes) that share the prompts: both get
+    every sync in one transfer group, and together sample what the colocated engines do."""
     state = hf_model(name, families=VLLM_FAMILIES).state_dict()
-    with running_server(model_dir(tmp_path, VLLM_FAMILIES[name]), engine_tp) as (url, _):
-        make = partial(server_engine, url=url)
+    directory = model_dir(tmp_path, VLLM_FAMILIES[name])
+    with running_servers(directory, servers, engine_tp) as running:
+        urls = ",".join(url for url, _ in running)
+        make = partial(server_engine, url=urls)
         responses = check_sync(
             pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name
         )
-    if name == "llama":  # same seeds, same weights: the server samples what colocated engines do
-        make = partial(
-            colocated_engine, model_dir=model_dir(tmp_path, VLLM_FAMILIES[name]), tensor_parallel=1
-        )
+        # prompt p on server p mod S; three rollouts of n = 2 each
+        shares = [len(PROMPTS[k :: len(running)]) for k in range(len(running))]
+        assert [finished_requests(url) for url, _ in running] == [3 * 2 * m for m in shares]
+    if name == "llama":  # same seeds, same weights: the servers sample what colocated engines do
+        make = partial(colocated_engine, model_dir=directory, tensor_parallel=1)
         assert responses == check_sync(
             pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name
         )

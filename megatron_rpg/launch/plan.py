@@ -30,8 +30,9 @@ Colocated (rollout.engine_nodes = 0): training holds weights + gradients + optim
 reference + activations + runtime; rollout and the weight sync hold the same states (they stay
 on the GPU) + runtime + the engine's share + the export buffers, while the trainer's
 activations are freed and the engine sleeps during training. Both must fit in the GPU's memory.
-Separate (engine_nodes = E): the trainer gets the other nodes and
-never holds an engine; the engines' GPUs hold only their share.
+Separate (engine_nodes = E): one `vllm serve` on each of the job's last E nodes, data parallel
+over its GPUs in engines of rollout.tensor_parallel; the trainer gets the other nodes and never
+holds an engine; the engines' GPUs hold only their share (+ runtime).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class MemoryPlan:
         gpus = self.nodes * self.gpus_per_node
         engine_gpus = (self.engine_nodes or self.nodes) * self.gpus_per_node
         where = (
-            f"on {self.engine_nodes} node(s) of their own"
+            f"on {self.engine_nodes} node(s) of their own (a vllm serve on each)"
             if self.engine_nodes
             else "colocated with the trainer"
         )
@@ -167,12 +168,6 @@ def memory_plan(
     arch = ModelArch.from_hf(_config_path(c.model.hf_config))
     check_layout(arch, parallel)
     engine_nodes = c.rollout.engine_nodes
-    if engine_nodes > 1:
-        raise ConfigError(
-            "rollout.engine_nodes",
-            engine_nodes,
-            "0 or 1 (one vLLM server, data parallel over its node's GPUs)",
-        )
     if engine_nodes >= nodes:
         raise ConfigError(
             "rollout.engine_nodes",

@@ -46,16 +46,16 @@ def build_engine(
     from megatron_rpg.rollout.vllm_engine import API_KEY, VLLMEngine, VLLMServerEngine
 
     if not placement.colocated:
-        url = r.server_url or os.environ.get("MRPG_ENGINE_URL", "")
-        if not url:
+        urls = r.server_url or os.environ.get("MRPG_ENGINE_URL", "")
+        if not urls:
             raise ConfigError(
                 "rollout.server_url",
-                url,
-                "the URL of a running vllm serve (jobs "
-                "with rollout.engine_nodes get it from slurm/common.sh)",
+                urls,
+                "the URLs of running vllm serves, comma-separated (jobs "
+                "with rollout.engine_nodes get them from slurm/common.sh)",
             )
         return VLLMServerEngine(
-            url,
+            urls,
             hf_config,
             trainer_address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
             backend=placement.transfer,

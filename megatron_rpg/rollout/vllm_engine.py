@@ -6,8 +6,9 @@
                                                of W ranks runs W / TP engines. `generate` is
                                                collective: each engine samples its share of the
                                                prompts and every rank receives all responses.
-    VLLMServerEngine(url, ...)                 a `vllm serve` on nodes of its own: rank 0 sends
-                                               every prompt at once (one request each), with
+    VLLMServerEngine(urls, ...)                `vllm serve`s on nodes of their own (one per
+                                               node): rank 0 sends every prompt at once (one
+                                               request each, spread over the servers), with
                                                bounded retries and time; all ranks take part in
                                                the weight transfer (rank 0 sends).
 
@@ -32,6 +33,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from torch import Tensor
 
 from megatron_rpg.models.export import WeightStream
 from megatron_rpg.rollout.protocol import EngineError, Response, SamplingParams, check_prompts
+from megatron_rpg.rollout.server_fleet import FleetSyncClient, fan_out, parse_server_urls
 
 API_KEY = "MRPG_ENGINE_API_KEY"  # the job's key: vllm_server requires it, VLLMServerEngine sends it
 
@@ -317,21 +320,23 @@ class VLLMEngine:
 
 
 class VLLMServerEngine:
-    """A `vllm serve` on nodes of its own, started by slurm/ (or a test) with
-    `--weight-transfer-config '{"backend": B}' --load-format dummy --logprobs-mode
-    processed_logprobs --generation-config vllm --hf-overrides '{"head_dtype":"float32"}'
-    --skip-tokenizer-init --enable-scale-out` (token ids in and out) and VLLM_SERVER_DEV_MODE=1;
-    B is nccl on GPUs, mrpg_gloo on CPUs (see `server_command`).
+    """One or more `vllm serve`s on nodes of their own (one per engine node), started by slurm/
+    (or a test) with `--weight-transfer-config '{"backend": B}' --load-format dummy
+    --logprobs-mode processed_logprobs --generation-config vllm --hf-overrides
+    '{"head_dtype":"float32"}' --skip-tokenizer-init --enable-scale-out` (token ids in and out)
+    and VLLM_SERVER_DEV_MODE=1; B is nccl on GPUs, mrpg_gloo on CPUs (see `server_command`).
 
-    Every trainer rank builds this: rank 0 generates and drives the server; every rank walks
-    the export stream at a sync. A request that fails (connection refused or reset, a 5xx, a
-    timeout) is retried `retries` times with backoff; then EngineError names the server."""
+    Every trainer rank builds this: rank 0 generates (prompt p on server p mod S) and drives
+    the servers; every rank walks the export stream at a sync, which reaches every server's
+    workers in one transfer group (server_fleet.py). A request that fails (connection refused
+    or reset, a 5xx, a timeout) is retried `retries` times with backoff; then EngineError
+    names the server."""
 
     collective = False  # generate on rank 0; update_weights on every rank
 
     def __init__(
         self,
-        base_url: str,
+        urls: str | Sequence[str],
         hf_config: dict[str, Any],
         trainer_address: str = "127.0.0.1",
         backend: str = "auto",
@@ -340,9 +345,12 @@ class VLLMServerEngine:
         max_concurrency: int = 256,
         api_key: str | None = None,
     ):
-        self.base_url, self.timeout_s, self.retries = base_url.rstrip("/"), timeout_s, retries
+        self.urls = parse_server_urls(urls) if isinstance(urls, str) else list(urls)
+        if not self.urls:
+            raise EngineError("VLLMServerEngine needs the URL of at least one vllm serve")
+        self.timeout_s, self.retries = timeout_s, retries
         self.headers = {"Content-Type": "application/json"}
-        if api_key:  # the server's VLLM_API_KEY ($API_KEY in a job)
+        if api_key:  # the servers' VLLM_API_KEY ($API_KEY in a job)
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.trainer_address, self.max_concurrency = trainer_address, max_concurrency
         self.backend = transfer_backend(backend, colocated=False)
@@ -352,15 +360,15 @@ class VLLMServerEngine:
         self._transfer: _Transfer | None = None
         self._model_id: str | None = None
 
-    def _call(self, route: str, body: dict[str, Any] | None = None) -> Any:
-        """One HTTP call with bounded retries; the reply's JSON."""
+    def _call(self, url: str, route: str, body: dict[str, Any] | None = None) -> Any:
+        """One HTTP call to the server at `url` with bounded retries; the reply's JSON."""
         data = None if body is None else json.dumps(body).encode()
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(min(2.0**attempt, 30.0))
             request = urllib.request.Request(
-                self.base_url + route,
+                url + route,
                 data=data,
                 headers=self.headers,
                 method="GET" if data is None else "POST",
@@ -372,25 +380,30 @@ class VLLMServerEngine:
                 detail = err.read()[:500].decode(errors="replace")
                 if err.code < 500:  # the request itself is wrong: retrying cannot help
                     raise EngineError(
-                        f"vllm serve at {self.base_url}{route}: HTTP {err.code}: {detail}"
+                        f"vllm serve at {url}{route}: HTTP {err.code}: {detail}"
                     ) from None
                 last = f"HTTP {err.code}: {detail}"
             except (OSError, TimeoutError) as err:  # refused, reset, timed out
                 last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
         raise EngineError(
-            f"vllm serve at {self.base_url}{route} failed {self.retries + 1} times; last: {last}"
+            f"vllm serve at {url}{route} failed {self.retries + 1} times; last: {last}"
         )
+
+    def _call_all(self, route: str, body: dict[str, Any] | None = None) -> list[Any]:
+        return fan_out([partial(self._call, url, route, body) for url in self.urls])
 
     @property
     def model_id(self) -> str:
+        """The served model's name (the servers of a job serve the same directory)."""
         if self._model_id is None:
-            self._model_id = str(self._call("/v1/models")["data"][0]["id"])
+            self._model_id = str(self._call(self.urls[0], "/v1/models")["data"][0]["id"])
         return self._model_id
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> list[list[Response]]:
-        """Every prompt in flight at once (one request each: each has its own seed)."""
+        """Every prompt in flight at once (one request each: each has its own seed), prompt p
+        on server p mod S: what a prompt samples does not depend on the number of servers."""
         check_prompts(prompts, self.vocab_size, self.max_len)
         if params.seed is None:
             params = SamplingParams(**{**params.__dict__, "seed": int(torch.randint(2**62, ()))})
@@ -404,7 +417,8 @@ class VLLMServerEngine:
                 model=model,
                 sampling_params=vllm_sampling_kwargs(params, seeds[index], room),
             )
-            reply = self._call("/inference/v1/generate", body)
+            url = self.urls[index % len(self.urls)]
+            reply = self._call(url, "/inference/v1/generate", body)
             choices = sorted(reply["choices"], key=lambda c: c["index"])
             return [response_from_json(c) for c in choices]
 
@@ -412,33 +426,35 @@ class VLLMServerEngine:
             return list(pool.map(one, range(len(prompts))))
 
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:
-        """Collective over the trainer's ranks: rank 0 pauses the server, sends, resets the
-        prefix cache and resumes it."""
+        """Collective over the trainer's ranks: rank 0 pauses the servers, sends, resets their
+        prefix caches and resumes them."""
         if self._transfer is None:
             self._transfer = self._connect()
         if self.rank == 0:
-            self._call("/pause?mode=wait", {})
+            self._call_all("/pause?mode=wait", {})
         nbytes = self._transfer.send(weights)
         if self.rank == 0:
-            self._call("/reset_prefix_cache", {})
-            self._call("/resume", {})
+            self._call_all("/reset_prefix_cache", {})
+            self._call_all("/resume", {})
         return nbytes
 
     def _connect(self) -> _Transfer:
         from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient
 
-        workers, port = 0, 0
+        workers, port = [0] * len(self.urls), 0
         if self.rank == 0:
-            workers = int(self._call("/get_world_size?include_dp=true")["world_size"])
-            port = _free_port()
-        client = HTTPVLLMWeightSyncClient(self.base_url, timeout=self.timeout_s)
+            replies = self._call_all("/get_world_size?include_dp=true")
+            workers, port = [int(r["world_size"]) for r in replies], _free_port()
+        client = FleetSyncClient(
+            [HTTPVLLMWeightSyncClient(u, timeout=self.timeout_s) for u in self.urls], workers
+        )
         if self.backend == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
             info: Any = NCCLTrainerInitInfo(
                 master_address=self.trainer_address,
                 master_port=port,
-                world_size=1 + workers,
+                world_size=1 + sum(workers),
                 rank=self.rank,
             )
         else:
@@ -447,7 +463,7 @@ class VLLMServerEngine:
             info = GlooTrainerInitInfo(
                 master_address=self.trainer_address,
                 master_port=port,
-                world_size=1 + workers,
+                world_size=1 + sum(workers),
                 rank=self.rank,
                 timeout_s=self.timeout_s,
             )
@@ -460,7 +476,7 @@ class VLLMServerEngine:
         """An engine on nodes of its own keeps its memory."""
 
     def close(self) -> None:
-        """The server outlives the trainer's connection to it."""
+        """The servers outlive the trainer's connection to them."""
 
 
 def _free_port() -> int:
