@@ -192,12 +192,12 @@ class Trainer:
 
     def train_step(self, stop: StopSignals | None = None) -> dict[str, float] | None:
         """One RL step; None when `stop` reports a signal after a sampling round of the
-        rollout (most of a step): the step is abandoned before it changes anything (the counters
-        and RNG states are those of its start, which a resumed run repeats: sampling is seeded
-        by (seed, step))."""
+        rollout or after the log-probs, before the update: the step is abandoned before it
+        changes anything (the data position and RNG states are put back to those of its start,
+        which a resumed run repeats: sampling is seeded by (seed, step))."""
         c, a, groups = self.config, self.config.algorithm, self.layout.groups
         start = time.perf_counter()
-        rng = train_state.rng_state()
+        rng, position = train_state.rng_state(), self.data_position
         try:
             batch, rollout_metrics = self.rollout(stop)
         except RolloutStopped:  # data_position is set only by a completed rollout
@@ -221,6 +221,12 @@ class Trainer:
             attach_logprobs(self.reference.chunks, minis, "ref_logprobs", self.options, groups)
         if token_level:
             reinforce_pp_advantages(minis, a.kl_in_reward, groups.dp)
+        if stop is not None and stop.check() is not None:  # the last point before any change
+            self.data_position = position
+            train_state.set_rng_state(rng)
+            if engine is not None:
+                engine.wake()
+            return None
         update_start = time.perf_counter()
         self.scheduler.step(1)  # step k of the warm-up runs at lr * k / warmup_steps (k >= 1)
         metrics, grad_norms, skipped = update_policy(
@@ -322,7 +328,8 @@ class Trainer:
         """Train to train_steps. On SIGUSR1 or SIGTERM (Slurm's warning before a time limit or
         preemption; slurm/common.sh forwards it), or when the next step and its save would end
         past checkpoint.stop_after_minutes, the ranks agree after the current step (or, on a
-        signal, after the sampling round in progress, abandoning that step), write a
+        signal, after the sampling round in progress or before the update, abandoning that
+        step), write a
         checkpoint and return early; the requeued job resumes from it (--resume). At least one
         step runs, so that a requeued job always makes progress."""
         c = self.config
@@ -336,7 +343,7 @@ class Trainer:
             start = time.monotonic()
             metrics = self.train_step(stop if history else None)  # the first step always runs
             if metrics is None:
-                self._stop(f"a signal (step {self.step + 1} abandoned in its rollout)", saved)
+                self._stop(f"a signal (step {self.step + 1} abandoned before its update)", saved)
                 break
             longest_step = max(longest_step, time.monotonic() - start)
             history.append(metrics)

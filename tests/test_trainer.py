@@ -16,7 +16,7 @@ from trainer_cases import (
     dynamic_sampling_rollouts,
     non_finite_step_is_skipped,
     short_run,
-    signal_during_a_rollout,
+    signal_during_step_3,
     whiten_halves,
 )
 
@@ -162,14 +162,18 @@ def test_a_time_limit_saves_before_it_and_resumes_to_the_same_run(uninterrupted,
     assert without_timing(metrics(run_dir)) == without_timing(metrics(whole))
 
 
-def test_a_signal_during_a_rollout_abandons_the_step_and_resumes_to_the_same_run(pool2, tmp_path):
-    """The signal is looked at after each step's rollout (most of a step), not only after the
-    whole step: the step is abandoned with nothing changed, the checkpoint of the last whole
-    step kept, and the resumed run repeats the abandoned step exactly (TP2, two ranks)."""
+@pytest.mark.parametrize("where", ["rollout", "logprobs"])
+def test_a_signal_before_the_update_abandons_the_step_and_resumes_to_the_same_run(
+    pool2, tmp_path, where
+):
+    """The signal is looked at during each step's rollout (most of a step) and before its
+    update, not only after the whole step: the step is abandoned with nothing changed, the
+    checkpoint of the last whole step kept, and the resumed run repeats the abandoned step
+    exactly (TP2, two ranks)."""
     # no periodic checkpoint: the one written at the stop holds the abandoned step's start
     overrides = [*TINY, "parallel.tensor_parallel=2", "train_steps=4", "checkpoint.save_interval=0"]
     whole, stopped, resumed = pool2.run(
-        signal_during_a_rollout, str(CONFIG), overrides, str(tmp_path)
+        signal_during_step_3, str(CONFIG), overrides, str(tmp_path), where
     )[0]
     assert len(whole) == 4 and len(stopped) == 2 and len(resumed) == 2
     assert without_timing(stopped + resumed) == without_timing(whole)

@@ -87,10 +87,11 @@ def whiten_halves(values, mask):
     return whiten(values[half], mask[half], group=dist.group.WORLD)
 
 
-def signal_during_a_rollout(config_path, overrides, run_dir):
-    """A signal arrives while step 3's responses are sampled: the run abandons that step, keeps
-    its checkpoint of step 2 and stops; resumed, it ends as an uninterrupted run. Rank 0 returns
-    (uninterrupted history, the stopped run's, the resumed run's); the others None."""
+def signal_during_step_3(config_path, overrides, run_dir, where):
+    """A signal arrives while step 3's responses are sampled (`where` = "rollout") or after
+    its rollout, while the log-probs are computed ("logprobs"): the run abandons that step,
+    keeps its checkpoint of step 2 and stops; resumed, it ends as an uninterrupted run. Rank 0
+    returns (uninterrupted history, the stopped run's, the resumed run's); the others None."""
     import torch.distributed as dist
 
     from megatron_rpg.parallel import destroy_model_parallel
@@ -102,15 +103,16 @@ def signal_during_a_rollout(config_path, overrides, run_dir):
     stopped_config = load_config(config_path, [*overrides, f"logging.run_dir={run_dir}/b"])
     trainer = Trainer(stopped_config)
     stop = StopSignals()
-    generate = trainer.engine.generate
+    owner, name = (trainer.engine, "generate") if where == "rollout" else (trainer, "rollout")
+    original = getattr(owner, name)
 
-    def generate_then_signal(prompts, params):
-        out = generate(prompts, params)
+    def then_signal(*args):
+        out = original(*args)
         if trainer.step == 2:
             stop.received = True  # as the handler does on SIGUSR1
         return out
 
-    trainer.engine.generate = generate_then_signal
+    setattr(owner, name, then_signal)
     try:
         stopped = trainer.train(stop)
     finally:
