@@ -262,6 +262,9 @@ class CheckpointConfig(Section):
     # after the process started, estimated from the longest step and save so far; 0: off.
     # slurm/common.sh sets it from the job's time left (a TIMEOUT job is not requeued).
     stop_after_minutes: float = 0.0
+    # a host copy of the weights and optimizer state before each update, so that a signal
+    # between its optimizer steps abandons the step (host memory: that state, per rank)
+    stop_in_update: bool = True
 
     def validate(self) -> None:
         check("save_interval", self.save_interval, self.save_interval >= 0, ">= 0")

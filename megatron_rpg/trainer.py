@@ -38,6 +38,7 @@ from megatron_rpg.build import (
 )
 from megatron_rpg.checkpoint import train_state
 from megatron_rpg.checkpoint.mcore import load_mcore, model_files
+from megatron_rpg.checkpoint.snapshot import UpdateSnapshot
 from megatron_rpg.config import RunConfig, config_to_dict, config_yaml, save_config
 from megatron_rpg.data import ArithmeticTask, Task, build_task
 from megatron_rpg.evaluation import greedy_accuracy, run_benchmarks
@@ -64,6 +65,7 @@ from megatron_rpg.rollout.collective import CollectiveEngine, on_rank0
 from megatron_rpg.rollout.placement import rollout_placement
 from megatron_rpg.sft import supervised_warmup
 from megatron_rpg.update import (
+    PassStopped,
     attach_logprobs,
     mini_batches,
     policy_losses,
@@ -73,6 +75,15 @@ from megatron_rpg.update import (
 )
 
 KL_AVERAGE_DECAY = 0.9  # moving average of the step KL for the reference update trigger
+
+
+class StepAbandoned(Exception):
+    """A signal stopped a step before it was done; the run's state is that of its start."""
+
+
+def signalled(stop: StopSignals) -> bool:
+    """Collective: whether any rank received a signal."""
+    return stop.check() is not None
 
 
 def reference_update_due(
@@ -185,16 +196,18 @@ class Trainer:
             seed=self.config.seed,
             step=self.step,
             position=self.data_position,
-            stop_requested=None if stop is None else lambda: stop.check() is not None,
+            stop_requested=None if stop is None else functools.partial(signalled, stop),
         )
         metrics["time/rollout"] = time.perf_counter() - start
         return groups_to_batch(groups, self.tokenizer.pad_id), metrics
 
-    def train_step(self, stop: StopSignals | None = None) -> dict[str, float] | None:
-        """One RL step; None when `stop` reports a signal after a sampling round of the
-        rollout or after the log-probs, before the update: the step is abandoned before it
-        changes anything (the data position and RNG states are put back to those of its start,
-        which a resumed run repeats: sampling is seeded by (seed, step))."""
+    def train_step(self, stop: StopSignals | None = None) -> dict[str, float]:
+        """One RL step. With `stop`, a signal is looked at after each sampling round of the
+        rollout, after the log-probs and between the update's optimizer steps (with
+        checkpoint.stop_in_update): the step is abandoned (StepAbandoned) with the run's state
+        put back to that of its start (weights, optimizer and scheduler from a host copy taken
+        before the update; data position, RNG states), which a resumed run repeats: sampling is
+        seeded by (seed, step)."""
         c, a, groups = self.config, self.config.algorithm, self.layout.groups
         start = time.perf_counter()
         rng, position = train_state.rng_state(), self.data_position
@@ -202,8 +215,16 @@ class Trainer:
             batch, rollout_metrics = self.rollout(stop)
         except RolloutStopped:  # data_position is set only by a completed rollout
             train_state.set_rng_state(rng)
-            return None
+            raise StepAbandoned("in its rollout") from None
         engine = self.engine.engine
+
+        def abandon(where: str) -> StepAbandoned:
+            self.data_position = position
+            train_state.set_rng_state(rng)
+            if engine is not None:
+                engine.wake()
+            return StepAbandoned(where)
+
         if engine is not None:
             engine.sleep()  # a colocated engine frees its memory for training
         token_level = a.advantage == "reinforce_pp"  # needs the old log-probs: below
@@ -215,23 +236,39 @@ class Trainer:
         device = next(self.policy[0].parameters()).device
         minis = mini_batches(batch, advantages, c.optimizer, self.layout, device)
         logprob_start = time.perf_counter()
-        if a.ppo_epochs > 1 or len(minis) > 1 or token_level:  # else pi_old is the policy
-            attach_logprobs(self.policy, minis, "old_logprobs", self.options, groups)
-        if self.reference is not None:
-            attach_logprobs(self.reference.chunks, minis, "ref_logprobs", self.options, groups)
+        signal = None if stop is None else functools.partial(signalled, stop)
+        try:
+            if a.ppo_epochs > 1 or len(minis) > 1 or token_level:  # else pi_old is the policy
+                attach_logprobs(self.policy, minis, "old_logprobs", self.options, groups, signal)
+            if self.reference is not None:
+                chunks = self.reference.chunks
+                attach_logprobs(chunks, minis, "ref_logprobs", self.options, groups, signal)
+        except PassStopped as stopped:
+            raise abandon(f"in its log-probs, {stopped}") from None
         if token_level:
             reinforce_pp_advantages(minis, a.kl_in_reward, groups.dp)
-        if stop is not None and stop.check() is not None:  # the last point before any change
-            self.data_position = position
-            train_state.set_rng_state(rng)
-            if engine is not None:
-                engine.wake()
-            return None
+        if signal is not None and signal():
+            raise abandon("before its update")
         update_start = time.perf_counter()
+        snapshot = None  # a stop between optimizer steps puts the state back from it
+        if signal is not None and c.checkpoint.stop_in_update and a.ppo_epochs * len(minis) > 1:
+            snapshot = UpdateSnapshot.take(self.policy, self.optimizer, self.scheduler)
         self.scheduler.step(1)  # step k of the warm-up runs at lr * k / warmup_steps (k >= 1)
-        metrics, grad_norms, skipped = update_policy(
-            self.policy, self.optimizer, minis, self.options, groups, a.ppo_epochs, self.losses
-        )
+        try:
+            metrics, grad_norms, skipped = update_policy(
+                self.policy,
+                self.optimizer,
+                minis,
+                self.options,
+                groups,
+                a.ppo_epochs,
+                self.losses,
+                stop_requested=None if snapshot is None else signal,
+            )
+        except PassStopped as stopped:
+            assert snapshot is not None  # update_policy looks only when there is one
+            snapshot.restore()
+            raise abandon(f"in its update, {stopped}") from None
         self.skipped_steps += skipped
         sync_start = time.perf_counter()
         self.step += 1
@@ -328,8 +365,7 @@ class Trainer:
         """Train to train_steps. On SIGUSR1 or SIGTERM (Slurm's warning before a time limit or
         preemption; slurm/common.sh forwards it), or when the next step and its save would end
         past checkpoint.stop_after_minutes, the ranks agree after the current step (or, on a
-        signal, after the sampling round in progress or before the update, abandoning that
-        step), write a
+        signal, at the next point of train_step that looks, abandoning that step), write a
         checkpoint and return early; the requeued job resumes from it (--resume). At least one
         step runs, so that a requeued job always makes progress."""
         c = self.config
@@ -341,9 +377,10 @@ class Trainer:
         saved: Path | None = None  # the checkpoint of this step, when one was written
         while self.step < c.train_steps:
             start = time.monotonic()
-            metrics = self.train_step(stop if history else None)  # the first step always runs
-            if metrics is None:
-                self._stop(f"a signal (step {self.step + 1} abandoned before its update)", saved)
+            try:
+                metrics = self.train_step(stop if history else None)  # the first always runs
+            except StepAbandoned as abandoned:
+                self._stop(f"a signal (step {self.step + 1} abandoned {abandoned})", saved)
                 break
             longest_step = max(longest_step, time.monotonic() - start)
             history.append(metrics)

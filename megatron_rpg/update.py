@@ -73,16 +73,24 @@ def mini_batches(
     return minis
 
 
+class PassStopped(Exception):
+    """A stop was requested between two passes over the step's mini-batches."""
+
+
 def attach_logprobs(
     chunks: list[Any],
     minis: list[MiniBatch],
     key: str,
     options: LogprobOptions,
     groups: ProcessGroups,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> None:
     """Forward only: each micro-batch gets its log-probs under `chunks` as micro[key] (on the
-    last pipeline stage)."""
-    for mini in minis:
+    last pipeline stage). `stop_requested` (collective) is asked between two mini-batches:
+    True raises PassStopped."""
+    for index, mini in enumerate(minis):
+        if index and stop_requested is not None and stop_requested():
+            raise PassStopped(f"after {index} of its {len(minis)} mini-batches")
         outputs = forward_backward(chunks, mini.micros, options, groups=groups)
         for micro, out in zip(mini.micros, outputs, strict=False):  # [] off the last stage
             micro[key] = out["logprobs"]
@@ -175,26 +183,31 @@ def update_policy(
     groups: ProcessGroups,
     epochs: int,
     losses: Losses,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> tuple[list[dict[str, Any]], list[float], int]:
     """For each of `epochs`, one optimizer step per mini-batch: (the last stage's micro-batch
-    metrics, the grad norms of the steps taken, the number of steps skipped as non-finite)."""
+    metrics, the grad norms of the steps taken, the number of steps skipped as non-finite).
+    `stop_requested` (collective) is asked between two optimizer steps: True raises
+    PassStopped, leaving the update part-done (the caller puts the state back)."""
     metrics: list[dict[str, Any]] = []
     grad_norms: list[float] = []
     skipped = 0
-    for _ in range(epochs):
-        for mini in minis:
-            for chunk in policy:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            loss_fn, token_loss_fn = losses(mini)
-            metrics += forward_backward(
-                policy, mini.micros, options, loss_fn, token_loss_fn, groups=groups
-            )
-            if not grads_finite(policy):
-                skipped += 1
-                continue
-            _, grad_norm, _ = optimizer.step()
-            grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
+    total = epochs * len(minis)
+    for index, mini in enumerate(minis * epochs):
+        if index and stop_requested is not None and stop_requested():
+            raise PassStopped(f"after {index} of its {total} optimizer steps")
+        for chunk in policy:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss_fn, token_loss_fn = losses(mini)
+        metrics += forward_backward(
+            policy, mini.micros, options, loss_fn, token_loss_fn, groups=groups
+        )
+        if not grads_finite(policy):
+            skipped += 1
+            continue
+        _, grad_norm, _ = optimizer.step()
+        grad_norms.append(float(grad_norm) if grad_norm is not None else float("nan"))
     return metrics, grad_norms, skipped
 
 

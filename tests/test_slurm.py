@@ -224,7 +224,7 @@ def test_rpg_70b_script_with_two_engine_nodes_is_preempted_and_resumes_to_the_sa
     assert process.wait(timeout=900) == 0, output(tmp_path, job)
     text = output(tmp_path, job)
     assert requeued_after < SIGNAL_MARGIN_S, text  # checkpointed and requeued inside the margin
-    assert re.search(r"stopping on a signal( \(step \d+ abandoned before its update\))?:", text)
+    assert re.search(r"stopping on a signal( \(step \d+ abandoned (in|before) its \w+.*\))?:", text)
     assert "requeueing" in text and "restart 1" in text and "resume: continuing from" in text
     assert len(re.findall(r"vllm serve on n[23] is healthy", text)) == 4  # new servers per run
     assert without_timing(records(tmp_path / "preempted")) == without_timing(whole)

@@ -162,20 +162,39 @@ def test_a_time_limit_saves_before_it_and_resumes_to_the_same_run(uninterrupted,
     assert without_timing(metrics(run_dir)) == without_timing(metrics(whole))
 
 
-@pytest.mark.parametrize("where", ["rollout", "logprobs"])
-def test_a_signal_before_the_update_abandons_the_step_and_resumes_to_the_same_run(
-    pool2, tmp_path, where
+@pytest.mark.parametrize(
+    ("where", "abandoned"),
+    [
+        ("rollout", "in its rollout"),
+        ("logprob pass", "in its log-probs, after 1 of its 2 mini-batches"),
+        ("last logprob pass", "before its update"),
+        ("update", "in its update, after 1 of its 2 optimizer steps"),
+    ],
+)
+def test_a_signal_inside_a_step_abandons_it_and_resumes_to_the_same_run(
+    pool2, tmp_path, where, abandoned
 ):
-    """The signal is looked at during each step's rollout (most of a step) and before its
-    update, not only after the whole step: the step is abandoned with nothing changed, the
-    checkpoint of the last whole step kept, and the resumed run repeats the abandoned step
-    exactly (TP2, two ranks)."""
-    # no periodic checkpoint: the one written at the stop holds the abandoned step's start
-    overrides = [*TINY, "parallel.tensor_parallel=2", "train_steps=4", "checkpoint.save_interval=0"]
-    whole, stopped, resumed = pool2.run(
+    """The signal is looked at during each step's rollout (most of a step), between its log-prob
+    passes, before its update and between the update's optimizer steps, not only after the
+    whole step: the step is abandoned with the state of its start (in the update: put back
+    from the host copy), the checkpoint of the last whole step kept, and the resumed run
+    repeats the abandoned step exactly (TP2, two ranks)."""
+    # no periodic checkpoint: the one written at the stop holds the abandoned step's start;
+    # a longer warm-up than TINY's, so that the rewards differ within groups and every
+    # optimizer step moves the weights
+    overrides = [
+        *TINY,
+        "sft.steps=30",
+        "parallel.tensor_parallel=2",
+        "train_steps=4",
+        "checkpoint.save_interval=0",
+    ]
+    whole, stopped, resumed, printed = pool2.run(
         signal_during_step_3, str(CONFIG), overrides, str(tmp_path), where
     )[0]
+    assert f"stopping on a signal (step 3 abandoned {abandoned}): checkpoint" in printed
     assert len(whole) == 4 and len(stopped) == 2 and len(resumed) == 2
+    assert whole[2]["grad_norm"] > 0.1  # step 3 moves the weights: putting them back matters
     assert without_timing(stopped + resumed) == without_timing(whole)
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == [
         "step_00000002",

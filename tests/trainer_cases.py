@@ -1,5 +1,7 @@
 """Rank functions for tests/test_trainer.py: short runs of the trainer on pool ranks."""
 
+import contextlib
+import io
 import math
 
 import torch
@@ -88,10 +90,12 @@ def whiten_halves(values, mask):
 
 
 def signal_during_step_3(config_path, overrides, run_dir, where):
-    """A signal arrives while step 3's responses are sampled (`where` = "rollout") or after
-    its rollout, while the log-probs are computed ("logprobs"): the run abandons that step,
-    keeps its checkpoint of step 2 and stops; resumed, it ends as an uninterrupted run. Rank 0
-    returns (uninterrupted history, the stopped run's, the resumed run's); the others None."""
+    """A signal arrives while step 3's responses are sampled (`where` = "rollout"), in the
+    first of its two log-prob passes ("logprob pass"), in the second ("last logprob pass":
+    seen before the update), or in its update's first optimizer step of two ("update"): the run abandons that step, keeps its checkpoint of step 2 and stops; resumed,
+    it ends as an uninterrupted run. Rank 0 returns (uninterrupted history, the stopped run's,
+    the resumed run's, the stop's message); the others None."""
+    from megatron_rpg import update
     import torch.distributed as dist
 
     from megatron_rpg.parallel import destroy_model_parallel
@@ -103,21 +107,31 @@ def signal_during_step_3(config_path, overrides, run_dir, where):
     stopped_config = load_config(config_path, [*overrides, f"logging.run_dir={run_dir}/b"])
     trainer = Trainer(stopped_config)
     stop = StopSignals()
-    owner, name = (trainer.engine, "generate") if where == "rollout" else (trainer, "rollout")
+    owner, name, nth = {
+        "rollout": (trainer.engine, "generate", 1),
+        "logprob pass": (update, "forward_backward", 1),
+        "last logprob pass": (update, "forward_backward", 2),
+        "update": (trainer.optimizer, "step", 1),
+    }[where]
     original = getattr(owner, name)
+    calls = []
 
-    def then_signal(*args):
-        out = original(*args)
+    def then_signal(*args, **kwargs):
+        out = original(*args, **kwargs)
         if trainer.step == 2:
-            stop.received = True  # as the handler does on SIGUSR1
+            calls.append(name)
+            stop.received = len(calls) >= nth  # as the handler does on SIGUSR1
         return out
 
     setattr(owner, name, then_signal)
+    printed = io.StringIO()
     try:
-        stopped = trainer.train(stop)
+        with contextlib.redirect_stdout(printed):
+            stopped = trainer.train(stop)
     finally:
+        setattr(owner, name, original)
         trainer.close()
     destroy_model_parallel()
     resumed = run_training(stopped_config, resume=True)
     destroy_model_parallel()
-    return (whole, stopped, resumed) if dist.get_rank() == 0 else None
+    return (whole, stopped, resumed, printed.getvalue()) if dist.get_rank() == 0 else None
