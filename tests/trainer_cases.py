@@ -92,12 +92,13 @@ def whiten_halves(values, mask):
 def signal_during_step_3(config_path, overrides, run_dir, where):
     """A signal arrives while step 3's responses are sampled (`where` = "rollout"), in the
     first of its two log-prob passes ("logprob pass"), in the second ("last logprob pass":
-    seen before the update), or in its update's first optimizer step of two ("update"): the run abandons that step, keeps its checkpoint of step 2 and stops; resumed,
-    it ends as an uninterrupted run. Rank 0 returns (uninterrupted history, the stopped run's,
-    the resumed run's, the stop's message); the others None."""
-    from megatron_rpg import update
+    seen before the update), or in its update's first optimizer step of two ("update"): the
+    run abandons that step, keeps its checkpoint of step 2 and stops; resumed, it ends as an
+    uninterrupted run. Rank 0 returns (uninterrupted history, the stopped run's, the resumed
+    run's, the stop's message); the others None."""
     import torch.distributed as dist
 
+    from megatron_rpg import update
     from megatron_rpg.parallel import destroy_model_parallel
     from megatron_rpg.preemption import StopSignals
     from megatron_rpg.trainer import Trainer, run_training
