@@ -24,10 +24,12 @@ from megatron_rpg.checkpoint.train_state import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "tiny_cpu.yaml"
+# a warm-up long enough that the rewards differ within groups: every step's update moves the
+# weights and Adam's moments, so that a resume which lost either shows (test_every_step_learns)
 TINY = [
     f"model.hf_config={ROOT / 'examples' / 'tiny_model'}",
     "train_steps=6",
-    "sft.steps=3",
+    "sft.steps=30",
     "data.prompts_per_step=4",
     "rollout.n=4",
     "optimizer.mini_batch_size=8",
@@ -88,6 +90,12 @@ def uninterrupted(tmp_path_factory):
     done = train(*TINY, f"logging.run_dir={run_dir}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return run_dir, done
+
+
+def test_every_step_of_the_tiny_run_learns(uninterrupted):
+    """The resume tests compare against this run: each of its steps must change the weights."""
+    run_dir, _ = uninterrupted
+    assert all(r["grad_norm"] > 0 for r in metrics(run_dir)), metrics(run_dir)
 
 
 def test_short_runs_on_tp2_and_tp1_dp2_log_every_metric(pool2, tmp_path):
@@ -179,12 +187,9 @@ def test_a_signal_inside_a_step_abandons_it_and_resumes_to_the_same_run(
     whole step: the step is abandoned with the state of its start (in the update: put back
     from the host copy), the checkpoint of the last whole step kept, and the resumed run
     repeats the abandoned step exactly (TP2, two ranks)."""
-    # no periodic checkpoint: the one written at the stop holds the abandoned step's start;
-    # a longer warm-up than TINY's, so that the rewards differ within groups and every
-    # optimizer step moves the weights
+    # no periodic checkpoint: the one written at the stop holds the abandoned step's start
     overrides = [
         *TINY,
-        "sft.steps=30",
         "parallel.tensor_parallel=2",
         "train_steps=4",
         "checkpoint.save_interval=0",
