@@ -336,7 +336,7 @@ class VLLMServerEngine:
 
     def __init__(
         self,
-        urls: str | Sequence[str],
+        urls: str,
         hf_config: dict[str, Any],
         trainer_address: str = "127.0.0.1",
         backend: str = "auto",
@@ -345,7 +345,7 @@ class VLLMServerEngine:
         max_concurrency: int = 256,
         api_key: str | None = None,
     ):
-        self.urls = parse_server_urls(urls) if isinstance(urls, str) else list(urls)
+        self.urls = parse_server_urls(urls)  # one URL, or several comma-separated
         if not self.urls:
             raise EngineError("VLLMServerEngine needs the URL of at least one vllm serve")
         self.timeout_s, self.retries = timeout_s, retries
