@@ -4,8 +4,9 @@
   achieved FLOP/s of the update (6 N tokens / update time, N = parameters in matmuls) as a
   ratio of a plain fp32 matmul's FLOP/s (2048 x 2048 x 2048, best of 5);
   the update's forward/backward on one step's batch: ours (length-bucketed micro-batches, the
-  loss's gradients through the output layer in the forward pass) against the same with the output
-  layer recomputed in backward, and against micro-batches padded to the batch's width;
+  output layer on the response tokens only, the loss's gradients through it in the forward pass)
+  against the same with the output layer on every position, with it recomputed in backward, and
+  against micro-batches padded to the batch's width;
   with --trl-python, TRL's GRPOTrainer on the same model, data and settings
   (benchmarks/trl_grpo_step.py, in the virtualenv that has TRL).
 
@@ -17,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -41,16 +43,20 @@ def matmul_flops() -> float:
 
 
 def update_variants(trainer: Any) -> dict[str, float]:
-    """Forward/backward of the update on one rollout batch, three ways: the trainer's
-    (length-bucketed micro-batches, the loss's gradients through the output layer in the forward
-    pass), the same micro-batches with the output layer recomputed in backward
-    (optimizer.loss_in_forward=false), and the same rows in row order padded to the batch's
-    width with the recompute (the naive way). Alternated, the best of two runs each (whichever
-    ran first alone would carry the first run's overheads and the machine's drift)."""
+    """Forward/backward of the update on one rollout batch, four ways: the trainer's
+    (length-bucketed micro-batches, the output layer on the response tokens only, the loss's
+    gradients through it in the forward pass); the same with the output layer on every position
+    (prompt and padding too: forward_backward's scored_positions replaced by None, every
+    position); with the output layer on every position and recomputed in backward
+    (optimizer.loss_in_forward=false); and the same rows in row order padded to the batch's width
+    with the recompute (the naive way). Alternated, the best of two runs each (whichever ran
+    first alone would carry the first run's overheads and the machine's drift)."""
     import dataclasses
+    from unittest import mock
 
     import torch
 
+    from megatron_rpg import forward_backward as fb
     from megatron_rpg.forward_backward import forward_backward
     from megatron_rpg.losses import compute_advantages
     from megatron_rpg.rl_batch import length_bucketed
@@ -78,20 +84,28 @@ def update_variants(trainer: Any) -> dict[str, float]:
     recompute = dataclasses.replace(
         c, optimizer=dataclasses.replace(c.optimizer, loss_in_forward=False)
     )
-    variants = {
-        "in_forward": (MiniBatch(bucketed_micros, tokens, sequences), c),
-        "recompute": (MiniBatch(bucketed_micros, tokens, sequences), recompute),
-        "padded": (MiniBatch(padded_micros, tokens, sequences), recompute),
+    variants = {  # name: (mini-batch, config, the output layer on every position)
+        "in_forward": (MiniBatch(bucketed_micros, tokens, sequences), c, False),
+        "every_position": (MiniBatch(bucketed_micros, tokens, sequences), c, True),
+        "recompute": (MiniBatch(bucketed_micros, tokens, sequences), recompute, True),
+        "padded": (MiniBatch(padded_micros, tokens, sequences), recompute, True),
     }
-    out: dict[str, float] = {"tokens": float(batch.lengths().sum())}
+    out: dict[str, float] = {
+        "tokens": float(batch.lengths().sum()),
+        "response_tokens": tokens,
+    }
     for _ in range(2):
-        for name, (mini, config) in variants.items():
+        for name, (mini, config, every_position) in variants.items():
             loss_fn, token_loss_fn = policy_losses(config, mini)
-            assert (token_loss_fn is not None) == (name == "in_forward")
+            assert (token_loss_fn is not None) == (config is c)
             for chunk in trainer.policy:
                 chunk.zero_grad_buffer()
+            scoring = mock.patch.object(fb, "scored_positions", lambda batch: None)
             start = time.perf_counter()
-            forward_backward(trainer.policy, mini.micros, trainer.options, loss_fn, token_loss_fn)
+            with scoring if every_position else contextlib.nullcontext():
+                forward_backward(
+                    trainer.policy, mini.micros, trainer.options, loss_fn, token_loss_fn
+                )
             seconds = time.perf_counter() - start
             out[f"{name}_s"] = min(seconds, out.get(f"{name}_s", float("inf")))
             out[f"{name}_slots"] = float(sum(m["tokens"].numel() for m in mini.micros))
@@ -212,13 +226,16 @@ def main() -> None:
         f"matmul = {achieved / peak:.3f} of this machine's measured matmul rate"
     )
     u = r["update"]
+    ours_s = u["in_forward_s"]
     print(
-        f"update forward/backward on one batch ({u['tokens']:.0f} tokens): ours (length-bucketed, "
-        f"{u['in_forward_slots']:.0f} token slots; loss gradients in the forward pass) "
-        f"{u['in_forward_s']:.2f} s; with the output layer recomputed in backward "
-        f"{u['recompute_s']:.2f} s: {u['recompute_s'] / u['in_forward_s']:.2f}x; padded to the "
-        f"batch's width ({u['padded_slots']:.0f} slots) and recomputed {u['padded_s']:.2f} s: "
-        f"{u['padded_s'] / u['in_forward_s']:.2f}x"
+        f"update forward/backward on one batch ({u['tokens']:.0f} tokens, "
+        f"{u['response_tokens']:.0f} of them response): ours (length-bucketed, "
+        f"{u['in_forward_slots']:.0f} token slots; the output layer on the response tokens, "
+        f"its loss gradients in the forward pass) {ours_s:.2f} s; the output layer on every "
+        f"slot {u['every_position_s']:.2f} s: {u['every_position_s'] / ours_s:.2f}x; and "
+        f"recomputed in backward {u['recompute_s']:.2f} s: {u['recompute_s'] / ours_s:.2f}x; "
+        f"padded to the batch's width ({u['padded_slots']:.0f} slots) and recomputed "
+        f"{u['padded_s']:.2f} s: {u['padded_s'] / ours_s:.2f}x"
     )
     if args.trl_python:
         trl = trl_step(args.trl_python, args.config, args.steps)

@@ -15,9 +15,15 @@ Megatron divides each micro-batch's loss by the number of micro-batches and aver
 over data-parallel ranks; we multiply both back, so the gradients are those of the sum of the
 shares over all micro-batches and ranks (loss library contract, docs/losses.md).
 
+A micro-batch with a "response_mask" [b, s-1] is scored only there: the output layer and the
+log-softmax run on the response tokens alone (with length-bucketed rows, about half the positions
+are prompt or padding), and its log-probs and entropies are 0 elsewhere. Without one, every
+position is scored.
+
 A token-separable loss (every loss in megatron_rpg.losses: separable_policy_loss) can also be given
 per token: token_loss_fn(micro_batch) -> terms(logprobs [c], entropy [c], rows) -> [c], the
-micro-batch's share as per-token terms of its flattened [b * (s-1)] tokens `rows`. With the fused
+micro-batch's share as per-token terms of its flattened [b * (s-1)] tokens `rows` (a slice, or
+the scored positions' indices). With the fused
 path its gradients are then computed in the forward pass, chunk by chunk (fused_logprobs_loss:
 three matmuls per chunk of logits instead of four, no recompute), and loss_fn runs on the detached
 log-probs for its metrics only. Unfused, token_loss_fn is not used.
@@ -35,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from megatron_rpg.logprobs import (
+    Rows,
     TokenLoss,
     fused_logprobs,
     fused_logprobs_loss,
@@ -92,22 +99,51 @@ def model_inputs(tokens: Tensor) -> tuple[Tensor, Tensor]:
     return position_ids, causal
 
 
+def scored_positions(batch: Batch) -> Tensor | None:
+    """Indices into the flattened [b * (s-1)] positions of those whose log-probs are used: where
+    the micro-batch's "response_mask" is True; None (every position) without one."""
+    mask = batch.get("response_mask")
+    return None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
+
+
+def _select(values: Tensor, scored: Tensor | None) -> Tensor:
+    """[b, s-1, ...] -> [n, ...] at the scored positions (all of them, flattened, for None)."""
+    flat = values.reshape(-1, *values.shape[2:])
+    return flat if scored is None else flat[scored]
+
+
+def _spread(values: Tensor, scored: Tensor | None, shape: torch.Size) -> Tensor:
+    """[n] at the scored positions -> [b, s-1] with 0 elsewhere (differentiable)."""
+    if scored is None:
+        return values.reshape(shape)
+    return values.new_zeros(shape.numel()).index_copy(0, scored, values).reshape(shape)
+
+
 def sequence_logprobs(
-    model: nn.Module, tokens: Tensor, options: LogprobOptions, tp_group: ProcessGroup
+    model: nn.Module,
+    batch: Batch,
+    options: LogprobOptions,
+    tp_group: ProcessGroup,
 ) -> tuple[Tensor, Tensor] | Tensor:
-    """Next-token (log-probs, entropies) [b, s-1] on the last stage, else the stage output."""
+    """Next-token (log-probs, entropies) [b, s-1] on the last stage (0 off the scored
+    positions), else the stage output."""
+    tokens = batch["tokens"]
     position_ids, causal = model_inputs(tokens)
     gpt = unwrap(model)
     if not gpt.post_process:
         return model(tokens, position_ids, causal)
-    targets = tokens[:, 1:]
+    scored = scored_positions(batch)
+    targets = _select(tokens[:, 1:], scored)
     args = (options.temperature, tp_group, options.chunk_size, options.vocab_size)
     if options.fused:
         with final_hidden_states(gpt):
             hidden = model(tokens, position_ids, causal)  # [b, s, H]
-        return fused_logprobs(hidden[:, :-1], output_weight(gpt), targets, *args)
-    logits = model(tokens, position_ids, causal)  # [b, s, V_local]
-    return vocab_parallel_logprobs_and_entropy(logits[:, :-1], targets, *args)
+        out = fused_logprobs(_select(hidden[:, :-1], scored), output_weight(gpt), targets, *args)
+    else:
+        logits = model(tokens, position_ids, causal)  # [b, s, V_local]
+        out = vocab_parallel_logprobs_and_entropy(_select(logits[:, :-1], scored), targets, *args)
+    shape = tokens[:, 1:].shape
+    return _spread(out[0], scored, shape), _spread(out[1], scored, shape)
 
 
 def _token_loss_forward(
@@ -117,22 +153,35 @@ def _token_loss_forward(
     token_loss: TokenLoss,
     tp_group: ProcessGroup,
 ) -> Tensor:
-    """Last stage, fused: [loss, logprobs..., entropy...] with the loss's gradients in forward."""
+    """Last stage, fused: [loss, logprobs..., entropy...] with the loss's gradients in forward,
+    the output layer run on the scored positions only."""
     tokens = batch["tokens"]
     gpt = unwrap(model)
     with final_hidden_states(gpt):
         hidden = model(tokens, *model_inputs(tokens))
+    scored = scored_positions(batch)
+
+    def terms(lp: Tensor, entropy: Tensor, rows: Rows) -> Tensor:  # rows of the selection
+        return token_loss(lp, entropy, rows if scored is None else scored[rows])
+
     loss, logprobs, entropy = fused_logprobs_loss(
-        hidden[:, :-1],
+        _select(hidden[:, :-1], scored),
         output_weight(gpt),
-        tokens[:, 1:],
-        token_loss,
+        _select(tokens[:, 1:], scored),
+        terms,
         options.temperature,
         tp_group,
         options.chunk_size,
         options.vocab_size,
     )
-    return torch.cat([loss.reshape(1), logprobs.reshape(-1), entropy.reshape(-1)])
+    shape = tokens[:, 1:].shape
+    return torch.cat(
+        [
+            loss.reshape(1),
+            _spread(logprobs, scored, shape).reshape(-1),
+            _spread(entropy, scored, shape).reshape(-1),
+        ]
+    )
 
 
 def forward_backward(
@@ -208,7 +257,7 @@ def _schedule(
             assert token_loss_fn is not None
             output = _token_loss_forward(model, batch, options, token_loss_fn(batch), groups.tp)
             return output, functools.partial(loss_func, batch)
-        out = sequence_logprobs(model, batch["tokens"], options, groups.tp)
+        out = sequence_logprobs(model, batch, options, groups.tp)
         if isinstance(out, Tensor):  # not the last stage: activations for the next one
             return out, None
         return torch.stack(out), functools.partial(loss_func, batch)

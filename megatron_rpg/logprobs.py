@@ -294,7 +294,8 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
-TokenLoss = Callable[[Tensor, Tensor, slice], Tensor]
+Rows = slice | Tensor  # tokens of the flattened batch: a chunk's slice, or their indices
+TokenLoss = Callable[[Tensor, Tensor, Rows], Tensor]
 
 
 class _FusedLinearTokenLoss(torch.autograd.Function):

@@ -41,7 +41,7 @@ def supervised_warmup(
     progress = Progress(c.steps, "sft", enabled=show_progress)
 
     def loss_fn(lp: torch.Tensor, entropy: torch.Tensor, batch: dict) -> tuple:
-        value = -(lp * batch["mask"]).sum() / batch["count"]
+        value = -(lp * batch["response_mask"]).sum() / batch["count"]
         return value, {"loss": value.detach()}
 
     for _ in range(c.steps):
@@ -57,7 +57,7 @@ def supervised_warmup(
             tokens[b, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
             mask[b, len(prompt) - 1 : len(prompt) + len(answer) - 1] = True
         mine = slice(layout.dp_rank, None, layout.data_parallel)
-        micro = {"tokens": tokens[mine], "mask": mask[mine], "count": mask.sum().float()}
+        micro = {"tokens": tokens[mine], "response_mask": mask[mine], "count": mask.sum().float()}
 
         for chunk in policy:
             chunk.zero_grad_buffer()

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from megatron_rpg.config import OptimizerConfig, RunConfig
 from megatron_rpg.forward_backward import LogprobOptions, LossFn, TokenLossFn, forward_backward
+from megatron_rpg.logprobs import TokenLoss
 from megatron_rpg.losses import policy_loss, separable_policy_loss
 from megatron_rpg.losses.advantages import reinforce_pp_returns, whiten
 from megatron_rpg.losses.aggregation import masked_mean
@@ -145,7 +146,7 @@ def policy_losses(config: RunConfig, mini: MiniBatch) -> tuple[LossFn, TokenLoss
         metrics["loss_share"] = value.detach()
         return value, metrics
 
-    def token_loss(micro: Batch) -> Callable[[Tensor, Tensor, slice], Tensor]:
+    def token_loss(micro: Batch) -> TokenLoss:
         terms = separable_policy_loss(
             c.algorithm.loss,
             micro.get("old_logprobs"),

@@ -8,15 +8,24 @@ from hf_cases import FAMILIES
 CONFIGS = {name: FAMILIES[name] for name in ("qwen3", "qwen2", "llama")}
 
 
-def micro_batches(count=4, batch=2, seq=12, vocab=200):
+def micro_batches(count=4, batch=2, seq=12, vocab=200, scored=False):
+    """scored: each micro-batch has a response_mask (a prompt of 3 to 5 tokens, then holes), and
+    the upstream gradients are 0 off it, as a masked loss's are."""
     g = torch.Generator().manual_seed(1)
-    return [
-        {
+    out = []
+    for _ in range(count):
+        mb = {
             "tokens": torch.randint(vocab, (batch, seq), generator=g),
             "upstream": torch.randn(2, batch, seq - 1, generator=g),  # d loss / d (lp, entropy)
         }
-        for _ in range(count)
-    ]
+        if scored:
+            prompt = torch.randint(2, 5, (batch, 1), generator=g)
+            holes = torch.rand(batch, seq - 1, generator=g) < 0.2
+            mask = (torch.arange(seq - 1)[None] >= prompt) & ~holes
+            mb["response_mask"] = mask
+            mb["upstream"] = mb["upstream"] * mask
+        out.append(mb)
+    return out
 
 
 def _setup(hf, tp, pp):
@@ -56,12 +65,13 @@ def full_weights(name, seed=3):
     return out
 
 
-def reference(name, weights, temperature):
-    """Single process, no TP/PP: full logits, log_softmax over the real vocabulary."""
+def reference(name, weights, temperature, scored=False):
+    """Single process, no TP/PP: full logits, log_softmax over the real vocabulary at every
+    position (scored: the log-probs and entropies off the response_mask set to 0)."""
     _, arch, (model,) = _setup(CONFIGS[name], 1, 1)
     model.load_state_dict(weights, strict=False)
     lps, ents = [], []
-    for mb in micro_batches():
+    for mb in micro_batches(scored=scored):
         tokens = mb["tokens"]
         b, s = tokens.shape
         mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
@@ -70,15 +80,16 @@ def reference(name, weights, temperature):
         lp = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
         ent = -(logp.exp() * logp).sum(-1)
         (mb["upstream"][0] * lp + mb["upstream"][1] * ent).sum().backward()
-        lps.append(lp.detach().float())
-        ents.append(ent.detach().float())
+        keep = mb.get("response_mask", torch.ones_like(lp, dtype=torch.bool))
+        lps.append(torch.where(keep, lp.detach(), 0).float())
+        ents.append(torch.where(keep, ent.detach(), 0).float())
     grads = {k: p.grad for k, p in model.named_parameters()}
     return {"logprobs": torch.stack(lps), "entropy": torch.stack(ents), "grads": grads}
 
 
-def in_layout(name, weights, tp, pp, fused, temperature, token_loss=False):
+def in_layout(name, weights, tp, pp, fused, temperature, token_loss=False, scored=False):
     """The same computation through the builder, sharded loading, DDP and the pipeline schedule;
-    each data-parallel rank takes its share of the micro-batches."""
+    each data-parallel rank takes its share of the micro-batches (scored: with response masks)."""
     from megatron_rpg.forward_backward import LogprobOptions, forward_backward
     from megatron_rpg.models import load_full_state_dict, sharded_parameters
 
@@ -86,7 +97,7 @@ def in_layout(name, weights, tp, pp, fused, temperature, token_loss=False):
     for chunk in chunks:
         load_full_state_dict(chunk, weights)
     ddp = wrap_ddp(chunks)
-    mine = micro_batches()[layout.dp_rank :: layout.data_parallel]
+    mine = micro_batches(scored=scored)[layout.dp_rank :: layout.data_parallel]
     options = LogprobOptions(vocab_size=arch.vocab_size, temperature=temperature, fused=fused)
 
     forward = forward_backward(ddp, mine, options)

@@ -28,11 +28,13 @@ def weights(pool4):
 
 @pytest.fixture(scope="module")
 def references(pool4, weights):
-    return {
+    out = {
         (name, t): pool4.run(reference, name, weights[name], t)[0]
         for name in CONFIGS
         for t in (1.0, 0.7)
     }
+    out["qwen3", 0.7, "scored"] = pool4.run(reference, "qwen3", weights["qwen3"], 0.7, True)[0]
+    return out
 
 
 def assemble(results):
@@ -78,16 +80,31 @@ def test_token_separable_loss_path_matches_reference(pool4, weights, references,
     check("qwen3", pool4, weights, references, tp, pp, fused, 0.7, token_loss=True)
 
 
+SCORED_CASES = [(1, 1, True, False), (2, 2, True, True), (4, 1, True, True), (2, 1, False, True)]
+
+
+@pytest.mark.parametrize(("tp", "pp", "fused", "token_loss"), SCORED_CASES)
+def test_response_masked_micro_batches_score_only_their_response(
+    pool4, weights, references, tp, pp, fused, token_loss
+):
+    """With a response_mask the output layer runs on the masked positions alone: their log-probs,
+    entropies and every gradient equal the full-vocabulary reference's at every position, and
+    the positions off the mask read 0."""
+    check("qwen3", pool4, weights, references, tp, pp, fused, 0.7, token_loss, scored=True)
+
+
 @pytest.mark.parametrize("name", ["qwen2", "llama"])
 def test_families_at_tp2_pp2(pool4, weights, references, name):
     """qwen2: q/k/v bias and embeddings tied across pipeline stages; llama: Llama-3 RoPE."""
     check(name, pool4, weights, references, 2, 2, True, 1.0)
 
 
-def check(name, pool, weights, references, tp, pp, fused, temperature, token_loss=False):
-    want = references[(name, temperature)]
+def check(
+    name, pool, weights, references, tp, pp, fused, temperature, token_loss=False, scored=False
+):
+    want = references[(name, temperature, "scored") if scored else (name, temperature)]
     logprobs, entropy, grads = assemble(
-        pool.run(in_layout, name, weights[name], tp, pp, fused, temperature, token_loss)
+        pool.run(in_layout, name, weights[name], tp, pp, fused, temperature, token_loss, scored)
     )
     torch.testing.assert_close(logprobs, want["logprobs"], atol=2e-5, rtol=0)
     torch.testing.assert_close(entropy, want["entropy"], atol=2e-5, rtol=0)

@@ -71,9 +71,9 @@ def separable_policy_loss(
     *,
     num_tokens: float | Tensor | None = None,
     num_sequences: float | Tensor | None = None,
-) -> Callable[[Tensor, slice], Tensor]:
+) -> Callable[[Tensor, slice | Tensor], Tensor]:
     """policy_loss as a sum of per-token terms: terms(logprobs [c], rows) -> [c] for the tokens
-    `rows` of the flattened [batch * response_len] tensors, with
+    `rows` (a slice or indices) of the flattened [batch * response_len] tensors, with
 
         sum over all rows of terms(lp[rows], rows) = policy_loss(name, lp, ...)
 
@@ -103,10 +103,10 @@ def separable_policy_loss(
         weights = weights * seq  # stop-gradient: the same factor for every chunk of a sequence
         chunk_config, chunk_rollout = dataclasses.replace(config, rollout_is="none"), None
 
-    def flat(tensor: Tensor | None, rows: slice) -> Tensor | None:
+    def flat(tensor: Tensor | None, rows: slice | Tensor) -> Tensor | None:
         return None if tensor is None else tensor.reshape(-1)[rows][None]
 
-    def terms(logprobs: Tensor, rows: slice) -> Tensor:
+    def terms(logprobs: Tensor, rows: slice | Tensor) -> Tensor:
         lp = logprobs[None]
         old = flat(old_logprobs, rows)
         token_loss, _ = token_policy_loss(
