@@ -82,11 +82,40 @@ def build_batch(
     )
 
 
+# What one more micro-batch costs beyond its token slots (the schedule's per-micro-batch work,
+# smaller matmuls), in token slots: benchmarks/results_train_step_smollm2_cpu.txt, run 7.
+MICRO_BATCH_COST_SLOTS = 64
+
+
 def length_bucketed(
     lengths: Tensor, micro_batch_size: int, dp_rank: int = 0, data_parallel: int = 1
 ) -> list[Tensor]:
     """Row indices of this data-parallel rank's micro-batches for one mini-batch of sequences
     with `lengths`: longest first, dealt round-robin to the DP ranks (each gets a like share of
-    long and short), then cut into micro-batches of neighbouring lengths."""
+    long and short), then cut into micro-batches of neighbouring lengths and at most
+    micro_batch_size sequences. Each micro-batch is as wide as its first (longest) sequence; the
+    cuts minimise the token slots, rows x width summed over the micro-batches, plus
+    MICRO_BATCH_COST_SLOTS per micro-batch (exactly, by dynamic programming over the cut points:
+    with sorted lengths the best split into contiguous runs is the best split overall)."""
     order = torch.argsort(lengths, descending=True, stable=True)[dp_rank::data_parallel]
-    return list(order.split(micro_batch_size))
+    sizes = _cheapest_cuts([int(n) for n in lengths[order]], micro_batch_size)
+    return list(order.split(sizes))
+
+
+def _cheapest_cuts(widths: list[int], most: int) -> list[int]:
+    """Sizes of contiguous runs of the descending `widths`, each of at most `most`, minimising
+    sum(size * first width + MICRO_BATCH_COST_SLOTS)."""
+    count = len(widths)
+    cost = [0.0] * (count + 1)  # cost[i]: the cheapest cuts of widths[i:]
+    size = [0] * (count + 1)
+    for start in range(count - 1, -1, -1):
+        cost[start], fewer = min(  # on a tie, the longer run: fewer micro-batches
+            (run * widths[start] + MICRO_BATCH_COST_SLOTS + cost[start + run], -run)
+            for run in range(1, min(most, count - start) + 1)
+        )
+        size[start] = -fewer
+    sizes, start = [], 0
+    while start < count:
+        sizes.append(size[start])
+        start += size[start]
+    return sizes
