@@ -130,8 +130,12 @@ wait_ready() {
 }
 
 start() {
-    if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-        log "installing slurm-wlm and munge (Debian packages)"
+    local tool missing=""
+    for tool in slurmctld slurmd sinfo scontrol squeue munged; do
+        command -v "$tool" >/dev/null || missing="$missing $tool"
+    done
+    if [ -n "$missing" ]; then  # every daemon and client this script runs
+        log "missing:$missing; installing slurm-wlm and munge (Debian packages)"
         apt-get update -qq && apt-get install -y -qq slurm-wlm munge >/dev/null
     fi
     if [ -f "$CONF" ] && ! head -1 "$CONF" | grep -qF "$MARKER"; then
