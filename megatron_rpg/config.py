@@ -34,6 +34,9 @@ class ModelConfig(Section):
     checkpoint: str = ""
     tokenizer: str = ""
     params_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    # auto: Transformer Engine's with CUDA and TE, else Megatron's local; te on the CPU: stand-ins
+    # with TE's module names (models/builder.py)
+    layer_spec: Literal["auto", "te", "local"] = "auto"
 
 
 @dataclass

@@ -3,9 +3,9 @@ on the last pipeline stage, either returned (forward only) or fed to a loss (tra
 
 A micro-batch is a dict with "tokens" [b, s] (prompt + response, right-padded) plus whatever the
 loss reads. Micro-batches may differ in shape (length-bucketed: each only as wide as its longest
-sequence): the schedule runs once per shape, gradients accumulating, and the gradient
-finalization (data-parallel all-reduce, tied embeddings across stages) runs once, after the
-last. Log-probs are of the next token, [b, s-1]:
+sequence): one schedule runs them all (with pipeline parallelism the stages exchange each
+activation's shape first), and the gradient finalization (data-parallel all-reduce, tied
+embeddings across stages) runs once, after the last. Log-probs are of the next token, [b, s-1]:
 
     logprobs[:, i] = log p(tokens[:, i+1] | tokens[:, :i+1])      (at temperature T)
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -184,6 +185,41 @@ def _token_loss_forward(
     )
 
 
+class ScheduleTimes:
+    """What a rank's pipeline schedules spent, as Megatron's timers report it (config.timers):
+    its own forward and backward compute, and the schedule's whole time. The rest is waiting for
+    other stages: `bubble` is that idle fraction, from these measured stage times."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.started: dict[str, float] = {}
+
+    def __call__(self, name: str, log_level: int | None = None) -> _Timer:
+        return _Timer(self, name)
+
+    @property
+    def bubble(self) -> float:
+        """1 - (forward + backward compute) / schedule time; 0 before any schedule ran."""
+        total = self.seconds.get("forward-backward", 0.0)
+        busy = self.seconds.get("forward-compute", 0.0) + self.seconds.get("backward-compute", 0.0)
+        return max(0.0, 1.0 - busy / total) if total > 0 else 0.0
+
+
+@dataclass
+class _Timer:
+    """Megatron's timer interface: config.timers(name).start() ... config.timers(name).stop()."""
+
+    times: ScheduleTimes
+    name: str
+
+    def start(self, barrier: bool = False) -> None:
+        self.times.started[self.name] = time.perf_counter()
+
+    def stop(self, barrier: bool = False) -> None:
+        elapsed = time.perf_counter() - self.times.started.pop(self.name)
+        self.times.seconds[self.name] = self.times.seconds.get(self.name, 0.0) + elapsed
+
+
 def forward_backward(
     model_chunks: list[nn.Module],
     micro_batches: list[Batch],
@@ -191,37 +227,61 @@ def forward_backward(
     loss_fn: LossFn | None = None,
     token_loss_fn: TokenLossFn | None = None,
     groups: ProcessGroups | None = None,
+    times: ScheduleTimes | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the schedule (groups: the layout's; omitted: Megatron's current ones). Forward only
-    (no loss): per micro-batch {"logprobs", "entropy"} on the last pipeline stage. Training: per
-    micro-batch the metrics of loss_fn there. [] elsewhere. Gradients accumulate in the chunks'
-    (DDP) gradient buffers; the caller steps the optimizer."""
+    """Run the schedule once over all micro-batches (groups: the layout's; omitted: Megatron's
+    current ones). Forward only (no loss): per micro-batch {"logprobs", "entropy"} on the last
+    pipeline stage. Training: per micro-batch the metrics of loss_fn there. [] elsewhere.
+    Gradients accumulate in the chunks' (DDP) gradient buffers; the caller steps the optimizer.
+    `times` (optional) accumulates the schedule's measured compute and wall time.
+
+    Micro-batches may differ in shape: with pipeline parallelism the stages tell each other each
+    activation's shape (Megatron's variable_seq_lengths, set by the builder), so the whole list is
+    one schedule and the pipeline fills once. Under sequence parallelism a micro-batch is padded
+    on the right to a multiple of TP tokens (its sequence is split over the TP ranks); its
+    outputs are cut back to its own width."""
     if not micro_batches:
         raise ValueError("forward_backward needs at least one micro-batch")
     if token_loss_fn is not None and loss_fn is None:
         raise ValueError("token_loss_fn is a per-token form of loss_fn: give loss_fn too")
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, mb in enumerate(micro_batches):
-        by_shape.setdefault(tuple(mb["tokens"].shape), []).append(i)
     config = unwrap(model_chunks[0]).config
-    finalize = config.finalize_model_grads_func
-    results: list[dict[str, Any]] = [{} for _ in micro_batches]
+    groups = groups or ProcessGroups.current()
+    multiple = groups.tp_size if config.sequence_parallel else 1
+    widths = [int(mb["tokens"].shape[1]) for mb in micro_batches]
+    padded = [pad_to_multiple(mb, multiple) for mb in micro_batches]
+    config.timers = times
     try:
-        for n, indices in enumerate(by_shape.values()):
-            config.finalize_model_grads_func = finalize if n == len(by_shape) - 1 else None
-            outputs = _schedule(
-                model_chunks,
-                [micro_batches[i] for i in indices],
-                options,
-                loss_fn,
-                token_loss_fn,
-                groups or ProcessGroups.current(),
-            )
-            for i, out in zip(indices, outputs, strict=False):  # [] off the last stage
-                results[i] = out
+        outputs = _schedule(model_chunks, padded, options, loss_fn, token_loss_fn, groups)
     finally:
-        config.finalize_model_grads_func = finalize
-    return results if unwrap(model_chunks[-1]).post_process else []
+        config.timers = None
+    if not unwrap(model_chunks[-1]).post_process:
+        return []
+    return [
+        {k: v[:, : width - 1] if k in ("logprobs", "entropy") else v for k, v in out.items()}
+        for out, width in zip(outputs, widths, strict=True)
+    ]
+
+
+def pad_to_multiple(batch: Batch, multiple: int) -> Batch:
+    """The micro-batch with tokens [b, s] padded on the right to a multiple of `multiple`
+    columns, and its per-position tensors [b, s-1, ...] alike (zeros: padding is never in a
+    response_mask). Causal attention: no real position sees the padding."""
+    b, s = batch["tokens"].shape
+    extra = -s % multiple
+    if not extra:
+        return batch
+
+    def pad(value: Any) -> Any:
+        if (
+            isinstance(value, Tensor)
+            and value.dim() >= 2
+            and value.shape[:2] in ((b, s), (b, s - 1))
+        ):
+            widths = [0, 0] * (value.dim() - 2) + [0, extra]
+            return torch.nn.functional.pad(value, widths)
+        return value
+
+    return {key: pad(value) for key, value in batch.items()}
 
 
 def _schedule(
@@ -232,17 +292,18 @@ def _schedule(
     token_loss_fn: TokenLossFn | None,
     groups: ProcessGroups,
 ) -> list[dict[str, Any]]:
-    """One run of Megatron's schedule over micro-batches of one shape."""
+    """One run of Megatron's schedule over the micro-batches."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    micro_size, seq_length = micro_batches[0]["tokens"].shape
+    micro_size, seq_length = micro_batches[0]["tokens"].shape  # the first shape to receive
     scale = len(micro_batches) * groups.dp_size
     separable = token_loss_fn is not None and options.fused
 
     def loss_func(batch: Batch, output: Tensor) -> tuple[Tensor, dict[str, Any]]:
         if separable:  # [loss, logprobs..., entropy...] from _token_loss_forward
             assert loss_fn is not None
-            logprobs, entropy = output[1:].detach().reshape(2, micro_size, seq_length - 1)
+            shape = batch["tokens"][:, 1:].shape
+            logprobs, entropy = output[1:].detach().reshape(2, *shape)
             _, metrics = loss_fn(logprobs, entropy, batch)  # detached: metrics only
             return output[0] * scale, metrics
         logprobs, entropy = output[0], output[1]

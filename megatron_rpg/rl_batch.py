@@ -88,7 +88,11 @@ MICRO_BATCH_COST_SLOTS = 64
 
 
 def length_bucketed(
-    lengths: Tensor, micro_batch_size: int, dp_rank: int = 0, data_parallel: int = 1
+    lengths: Tensor,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    data_parallel: int = 1,
+    fewest: int = 1,
 ) -> list[Tensor]:
     """Row indices of this data-parallel rank's micro-batches for one mini-batch of sequences
     with `lengths`: longest first, dealt round-robin to the DP ranks (each gets a like share of
@@ -96,26 +100,37 @@ def length_bucketed(
     micro_batch_size sequences. Each micro-batch is as wide as its first (longest) sequence; the
     cuts minimise the token slots, rows x width summed over the micro-batches, plus
     MICRO_BATCH_COST_SLOTS per micro-batch (exactly, by dynamic programming over the cut points:
-    with sorted lengths the best split into contiguous runs is the best split overall)."""
+    with sorted lengths the best split into contiguous runs is the best split overall), among
+    the cuts into at least `fewest` micro-batches (or one per row, if fewer rows): a pipeline of
+    P stages is asked for 2P, so that its schedule is not mostly filling and draining."""
     order = torch.argsort(lengths, descending=True, stable=True)[dp_rank::data_parallel]
-    sizes = _cheapest_cuts([int(n) for n in lengths[order]], micro_batch_size)
+    sizes = _cheapest_cuts([int(n) for n in lengths[order]], micro_batch_size, fewest)
     return list(order.split(sizes))
 
 
-def _cheapest_cuts(widths: list[int], most: int) -> list[int]:
-    """Sizes of contiguous runs of the descending `widths`, each of at most `most`, minimising
-    sum(size * first width + MICRO_BATCH_COST_SLOTS)."""
+def _cheapest_cuts(widths: list[int], most: int, fewest: int = 1) -> list[int]:
+    """Sizes of contiguous runs of the descending `widths`, each of at most `most`, at least
+    min(fewest, len(widths)) runs, minimising sum(size * first width + MICRO_BATCH_COST_SLOTS);
+    among equal costs, the smallest largest run (a pipeline waits for its largest micro-batch)."""
     count = len(widths)
-    cost = [0.0] * (count + 1)  # cost[i]: the cheapest cuts of widths[i:]
-    size = [0] * (count + 1)
+    need = max(1, min(fewest, count))
+    none = (float("inf"), 0)
+    # best[start][k]: (cost, largest run) of the cheapest cuts of widths[start:] into >= k runs
+    best = [[none] * (need + 1) for _ in range(count + 1)]
+    size = [[0] * (need + 1) for _ in range(count + 1)]
+    best[count][0] = (0.0, 0)
     for start in range(count - 1, -1, -1):
-        cost[start], fewer = min(  # on a tie, the longer run: fewer micro-batches
-            (run * widths[start] + MICRO_BATCH_COST_SLOTS + cost[start + run], -run)
-            for run in range(1, min(most, count - start) + 1)
-        )
-        size[start] = -fewer
-    sizes, start = [], 0
+        for k in range(need + 1):
+            options = []
+            for run in range(1, min(most, count - start) + 1):
+                rest_cost, rest_largest = best[start + run][max(k - 1, 0)]
+                cost = run * widths[start] + MICRO_BATCH_COST_SLOTS + rest_cost
+                options.append((cost, max(run, rest_largest), -run))  # then fewer micro-batches
+            cost, largest, fewer = min(options)
+            best[start][k], size[start][k] = (cost, largest), -fewer
+    sizes, start, k = [], 0, need
     while start < count:
-        sizes.append(size[start])
-        start += size[start]
+        run = size[start][k]
+        sizes.append(run)
+        start, k = start + run, max(k - 1, 0)
     return sizes

@@ -42,7 +42,7 @@ from megatron_rpg.checkpoint.snapshot import UpdateSnapshot
 from megatron_rpg.config import RunConfig, config_to_dict, config_yaml, save_config
 from megatron_rpg.data import ArithmeticTask, Task, build_task
 from megatron_rpg.evaluation import greedy_accuracy, run_benchmarks
-from megatron_rpg.forward_backward import LogprobOptions
+from megatron_rpg.forward_backward import LogprobOptions, ScheduleTimes
 from megatron_rpg.losses import compute_advantages
 from megatron_rpg.manifest import write_manifest
 from megatron_rpg.metrics import MetricsLog, check_logging
@@ -68,6 +68,7 @@ from megatron_rpg.update import (
     PassStopped,
     attach_logprobs,
     mini_batches,
+    pipeline_bubble,
     policy_losses,
     reduce_metrics,
     reinforce_pp_advantages,
@@ -109,7 +110,7 @@ class Trainer:
         self.task: Task = build_task(c.data)
         self.tokenizer = build_tokenizer(c, self.task, self.arch.vocab_size, self.run_dir)
         dtype = resolve_dtype(c.model.params_dtype)
-        chunks = build_model_chunks(self.arch, c.parallel, dtype)
+        chunks = build_model_chunks(self.arch, c.parallel, dtype, layer_spec=c.model.layer_spec)
         if c.model.checkpoint:
             load_mcore(chunks, c.model.checkpoint)
         self.policy = wrap_ddp(chunks)
@@ -119,7 +120,9 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, c.optimizer, c.train_steps)
         self.reference = None
         if c.loss.kl_anchor == "ref":
-            ref_chunks = build_model_chunks(self.arch, c.parallel, dtype)
+            ref_chunks = build_model_chunks(
+                self.arch, c.parallel, dtype, layer_spec=c.model.layer_spec
+            )
             self.reference = ReferenceModel(ref_chunks, self.policy)
         # every rank holding an engine receives the weights; generation: rollout/collective.py
         self.engine = CollectiveEngine(
@@ -237,12 +240,15 @@ class Trainer:
         minis = mini_batches(batch, advantages, c.optimizer, self.layout, device)
         logprob_start = time.perf_counter()
         signal = None if stop is None else functools.partial(signalled, stop)
+        times = ScheduleTimes()  # every schedule of the step: its pipeline bubble
         try:
             if a.ppo_epochs > 1 or len(minis) > 1 or token_level:  # else pi_old is the policy
-                attach_logprobs(self.policy, minis, "old_logprobs", self.options, groups, signal)
+                attach_logprobs(
+                    self.policy, minis, "old_logprobs", self.options, groups, signal, times
+                )
             if self.reference is not None:
                 chunks = self.reference.chunks
-                attach_logprobs(chunks, minis, "ref_logprobs", self.options, groups, signal)
+                attach_logprobs(chunks, minis, "ref_logprobs", self.options, groups, signal, times)
         except PassStopped as stopped:
             raise abandon(f"in its log-probs, {stopped}") from None
         if token_level:
@@ -264,6 +270,7 @@ class Trainer:
                 a.ppo_epochs,
                 self.losses,
                 stop_requested=None if snapshot is None else signal,
+                times=times,
             )
         except PassStopped as stopped:
             assert snapshot is not None  # update_policy looks only when there is one
@@ -276,6 +283,8 @@ class Trainer:
         step_kl = reduce_metrics(
             metrics, grad_norms, a.ppo_epochs * len(minis), self.layout, last_stage
         )
+        if self.layout.pipeline_parallel > 1:
+            step_kl["perf/pipeline_bubble"] = pipeline_bubble(times)
         self._update_reference(step_kl["kl/k3"])
         if engine is not None:
             engine.wake()

@@ -25,7 +25,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_rpg.config import OptimizerConfig, RunConfig
-from megatron_rpg.forward_backward import LogprobOptions, LossFn, TokenLossFn, forward_backward
+from megatron_rpg.forward_backward import (
+    LogprobOptions,
+    LossFn,
+    ScheduleTimes,
+    TokenLossFn,
+    forward_backward,
+)
 from megatron_rpg.logprobs import TokenLoss
 from megatron_rpg.losses import policy_loss, separable_policy_loss
 from megatron_rpg.losses.advantages import reinforce_pp_returns, whiten
@@ -65,6 +71,7 @@ def mini_batches(
             o.micro_batch_size,
             layout.dp_rank,
             layout.data_parallel,
+            fewest=2 * layout.pipeline_parallel if layout.pipeline_parallel > 1 else 1,
         ):
             index = start + rows
             micro = {**batch.rows(index), "advantages": advantages[index]}
@@ -85,14 +92,15 @@ def attach_logprobs(
     options: LogprobOptions,
     groups: ProcessGroups,
     stop_requested: Callable[[], bool] | None = None,
+    times: ScheduleTimes | None = None,
 ) -> None:
     """Forward only: each micro-batch gets its log-probs under `chunks` as micro[key] (on the
     last pipeline stage). `stop_requested` (collective) is asked between two mini-batches:
-    True raises PassStopped."""
+    True raises PassStopped. `times` accumulates the schedules' times."""
     for index, mini in enumerate(minis):
         if index and stop_requested is not None and stop_requested():
             raise PassStopped(f"after {index} of its {len(minis)} mini-batches")
-        outputs = forward_backward(chunks, mini.micros, options, groups=groups)
+        outputs = forward_backward(chunks, mini.micros, options, groups=groups, times=times)
         for micro, out in zip(mini.micros, outputs, strict=False):  # [] off the last stage
             micro[key] = out["logprobs"]
 
@@ -185,6 +193,7 @@ def update_policy(
     epochs: int,
     losses: Losses,
     stop_requested: Callable[[], bool] | None = None,
+    times: ScheduleTimes | None = None,
 ) -> tuple[list[dict[str, Any]], list[float], int]:
     """For each of `epochs`, one optimizer step per mini-batch: (the last stage's micro-batch
     metrics, the grad norms of the steps taken, the number of steps skipped as non-finite).
@@ -202,7 +211,7 @@ def update_policy(
         optimizer.zero_grad()
         loss_fn, token_loss_fn = losses(mini)
         metrics += forward_backward(
-            policy, mini.micros, options, loss_fn, token_loss_fn, groups=groups
+            policy, mini.micros, options, loss_fn, token_loss_fn, groups=groups, times=times
         )
         if not grads_finite(policy):
             skipped += 1
@@ -233,3 +242,11 @@ def reduce_metrics(
     out["loss"] = sum(m["loss_share"] for m in everything) / updates
     out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else float("nan")
     return out
+
+
+def pipeline_bubble(times: ScheduleTimes) -> float:
+    """The step's pipeline idle fraction (ScheduleTimes.bubble), averaged over every rank;
+    collective."""
+    bubble = torch.tensor([times.bubble], dtype=torch.float64)
+    dist.all_reduce(bubble)
+    return float(bubble.item()) / dist.get_world_size()

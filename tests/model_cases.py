@@ -8,35 +8,41 @@ from hf_cases import FAMILIES
 CONFIGS = {name: FAMILIES[name] for name in ("qwen3", "qwen2", "llama")}
 
 
-def micro_batches(count=4, batch=2, seq=12, vocab=200, scored=False):
+def micro_batches(count=4, batch=2, seq=12, vocab=200, scored=False, ragged=False):
     """scored: each micro-batch has a response_mask (a prompt of 3 to 5 tokens, then holes), and
-    the upstream gradients are 0 off it, as a masked loss's are."""
+    the upstream gradients are 0 off it, as a masked loss's are. ragged: widths 12, 11, 9, 12
+    (odd ones: not a multiple of TP), as length-bucketed micro-batches are."""
     g = torch.Generator().manual_seed(1)
     out = []
-    for _ in range(count):
+    for index in range(count):
+        width = (12, 11, 9, 12)[index % 4] if ragged else seq
         mb = {
-            "tokens": torch.randint(vocab, (batch, seq), generator=g),
-            "upstream": torch.randn(2, batch, seq - 1, generator=g),  # d loss / d (lp, entropy)
+            "tokens": torch.randint(vocab, (batch, width), generator=g),
+            # d loss / d (lp, entropy): [b, s-1, 2], per position as the loss's own inputs are
+            "upstream": torch.randn(2, batch, width - 1, generator=g).movedim(0, -1),
         }
         if scored:
             prompt = torch.randint(2, 5, (batch, 1), generator=g)
-            holes = torch.rand(batch, seq - 1, generator=g) < 0.2
-            mask = (torch.arange(seq - 1)[None] >= prompt) & ~holes
+            holes = torch.rand(batch, width - 1, generator=g) < 0.2
+            mask = (torch.arange(width - 1)[None] >= prompt) & ~holes
             mb["response_mask"] = mask
-            mb["upstream"] = mb["upstream"] * mask
+            mb["upstream"] = mb["upstream"] * mask[..., None]
         out.append(mb)
     return out
 
 
-def _setup(hf, tp, pp):
+def _setup(hf, tp, pp, layer_spec="local", sequence_parallel=False):
     from megatron_rpg.config import ParallelConfig
     from megatron_rpg.models import ModelArch, build_model_chunks
     from megatron_rpg.parallel import initialize_model_parallel
 
-    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
+    parallel = ParallelConfig(
+        tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sequence_parallel
+    )
     layout = initialize_model_parallel(parallel, seed=0)
     arch = ModelArch.from_hf(hf)
-    return layout, arch, build_model_chunks(arch, parallel, torch.float32)
+    chunks = build_model_chunks(arch, parallel, torch.float32, layer_spec=layer_spec)
+    return layout, arch, chunks
 
 
 def wrap_ddp(chunks):
@@ -65,13 +71,19 @@ def full_weights(name, seed=3):
     return out
 
 
-def reference(name, weights, temperature, scored=False):
+def padded(values, width=11):
+    """[b, w] -> [b, width] with zeros after (ragged micro-batches, stacked)."""
+    return torch.nn.functional.pad(values, (0, width - values.shape[1]))
+
+
+def reference(name, weights, temperature, scored=False, ragged=False):
     """Single process, no TP/PP: full logits, log_softmax over the real vocabulary at every
-    position (scored: the log-probs and entropies off the response_mask set to 0)."""
+    position (scored: the log-probs and entropies off the response_mask set to 0; ragged:
+    padded with zeros to one width)."""
     _, arch, (model,) = _setup(CONFIGS[name], 1, 1)
     model.load_state_dict(weights, strict=False)
     lps, ents = [], []
-    for mb in micro_batches(scored=scored):
+    for mb in micro_batches(scored=scored, ragged=ragged):
         tokens = mb["tokens"]
         b, s = tokens.shape
         mask = torch.ones(s, s, dtype=torch.bool).triu(1)[None, None]
@@ -79,38 +91,54 @@ def reference(name, weights, temperature, scored=False):
         logp = torch.log_softmax(logits.double() / temperature, -1)
         lp = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
         ent = -(logp.exp() * logp).sum(-1)
-        (mb["upstream"][0] * lp + mb["upstream"][1] * ent).sum().backward()
+        (mb["upstream"][..., 0] * lp + mb["upstream"][..., 1] * ent).sum().backward()
         keep = mb.get("response_mask", torch.ones_like(lp, dtype=torch.bool))
-        lps.append(torch.where(keep, lp.detach(), 0).float())
-        ents.append(torch.where(keep, ent.detach(), 0).float())
+        lps.append(padded(torch.where(keep, lp.detach(), 0).float()))
+        ents.append(padded(torch.where(keep, ent.detach(), 0).float()))
     grads = {k: p.grad for k, p in model.named_parameters()}
     return {"logprobs": torch.stack(lps), "entropy": torch.stack(ents), "grads": grads}
 
 
-def in_layout(name, weights, tp, pp, fused, temperature, token_loss=False, scored=False):
+def in_layout(
+    name,
+    weights,
+    tp,
+    pp,
+    fused,
+    temperature,
+    token_loss=False,
+    scored=False,
+    layer_spec="local",
+    sequence_parallel=False,
+    ragged=False,
+):
     """The same computation through the builder, sharded loading, DDP and the pipeline schedule;
-    each data-parallel rank takes its share of the micro-batches (scored: with response masks)."""
+    each data-parallel rank takes its share of the micro-batches (scored: with response masks;
+    ragged: of several widths). Weights and gradients under local-spec names, whatever
+    layer_spec built the model."""
     from megatron_rpg.forward_backward import LogprobOptions, forward_backward
     from megatron_rpg.models import load_full_state_dict, sharded_parameters
+    from megatron_rpg.models.hf_mapping import spec_name
 
-    layout, arch, chunks = _setup(CONFIGS[name], tp, pp)
+    layout, arch, chunks = _setup(CONFIGS[name], tp, pp, layer_spec, sequence_parallel)
+    local_name = {spec_name(k, layer_spec): k for k in weights}
     for chunk in chunks:
-        load_full_state_dict(chunk, weights)
+        load_full_state_dict(chunk, {spec_name(k, layer_spec): v for k, v in weights.items()})
     ddp = wrap_ddp(chunks)
-    mine = micro_batches(scored=scored)[layout.dp_rank :: layout.data_parallel]
+    mine = micro_batches(scored=scored, ragged=ragged)[layout.dp_rank :: layout.data_parallel]
     options = LogprobOptions(vocab_size=arch.vocab_size, temperature=temperature, fused=fused)
 
     forward = forward_backward(ddp, mine, options)
 
     def loss_fn(lp, ent, batch):
-        return (batch["upstream"][0] * lp + batch["upstream"][1] * ent).sum(), {}
+        return (batch["upstream"][..., 0] * lp + batch["upstream"][..., 1] * ent).sum(), {}
 
     def loss_fn_with_metrics(lp, ent, batch):
         return loss_fn(lp, ent, batch)[0], {"logprobs": lp, "entropy": ent}
 
     def token_loss_fn(batch):
         def terms(lp, ent, rows):
-            u, v = batch["upstream"][0].reshape(-1)[rows], batch["upstream"][1].reshape(-1)[rows]
+            u, v = batch["upstream"].reshape(-1, 2)[rows].unbind(-1)
             return u * lp + v * ent
 
         return terms
@@ -124,14 +152,14 @@ def in_layout(name, weights, tp, pp, fused, temperature, token_loss=False, score
     else:
         forward_backward(ddp, mine, options, loss_fn)
     grads = {
-        name: (param.main_grad.clone(), split, gated)
+        local_name.get(name, name): (param.main_grad.clone(), split, gated)
         for chunk in chunks
         for name, param, split, gated in sharded_parameters(chunk)
     }
     return {
         "layout": layout,
-        "logprobs": [out["logprobs"] for out in forward],
-        "entropy": [out["entropy"] for out in forward],
+        "logprobs": [padded(out["logprobs"]) for out in forward],
+        "entropy": [padded(out["entropy"]) for out in forward],
         "grads": grads,
     }
 

@@ -34,6 +34,9 @@ def references(pool4, weights):
         for t in (1.0, 0.7)
     }
     out["qwen3", 0.7, "scored"] = pool4.run(reference, "qwen3", weights["qwen3"], 0.7, True)[0]
+    out["qwen3", 0.7, "ragged"] = pool4.run(reference, "qwen3", weights["qwen3"], 0.7, True, True)[
+        0
+    ]
     return out
 
 
@@ -99,12 +102,72 @@ def test_families_at_tp2_pp2(pool4, weights, references, name):
     check(name, pool4, weights, references, 2, 2, True, 1.0)
 
 
-def check(
-    name, pool, weights, references, tp, pp, fused, temperature, token_loss=False, scored=False
+# The production branches (GPU recipes): Transformer Engine's spec (its CPU stand-ins) and
+# sequence parallelism; ragged micro-batches (widths 12, 11, 9, 12: odd ones padded to a multiple
+# of TP under SP; with PP one schedule exchanges each activation's shape).
+SPEC_CASES = [
+    ("te", 1, 1, False, True),
+    ("te", 2, 1, True, True),
+    ("te", 2, 2, True, True),
+    ("local", 2, 1, True, False),
+    ("local", 2, 2, True, True),
+    ("te", 4, 1, True, True),
+]
+
+
+@pytest.mark.parametrize(("layer_spec", "tp", "pp", "sequence_parallel", "token_loss"), SPEC_CASES)
+def test_te_spec_and_sequence_parallel_on_ragged_micro_batches_match_reference(
+    pool4, weights, references, layer_spec, tp, pp, sequence_parallel, token_loss
 ):
-    want = references[(name, temperature, "scored") if scored else (name, temperature)]
+    check(
+        "qwen3",
+        pool4,
+        weights,
+        references,
+        tp,
+        pp,
+        True,
+        0.7,
+        token_loss,
+        scored=True,
+        layer_spec=layer_spec,
+        sequence_parallel=sequence_parallel,
+        ragged=True,
+    )
+
+
+def check(
+    name,
+    pool,
+    weights,
+    references,
+    tp,
+    pp,
+    fused,
+    temperature,
+    token_loss=False,
+    scored=False,
+    layer_spec="local",
+    sequence_parallel=False,
+    ragged=False,
+):
+    kind = "ragged" if ragged else "scored"
+    want = references[(name, temperature, kind) if scored else (name, temperature)]
     logprobs, entropy, grads = assemble(
-        pool.run(in_layout, name, weights[name], tp, pp, fused, temperature, token_loss, scored)
+        pool.run(
+            in_layout,
+            name,
+            weights[name],
+            tp,
+            pp,
+            fused,
+            temperature,
+            token_loss,
+            scored,
+            layer_spec,
+            sequence_parallel,
+            ragged,
+        )
     )
     torch.testing.assert_close(logprobs, want["logprobs"], atol=2e-5, rtol=0)
     torch.testing.assert_close(entropy, want["entropy"], atol=2e-5, rtol=0)

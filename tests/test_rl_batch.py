@@ -41,6 +41,26 @@ def test_cuts_cost_the_least_of_every_partition(seed):
     assert all(1 <= len(m) <= most for m in micros)
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_cuts_for_a_pipeline_cost_the_least_of_the_partitions_into_enough_micro_batches(seed):
+    """fewest=2P: the cheapest of every partition with at least min(2P, rows) blocks."""
+    rng = random.Random(100 + seed)
+    count, most, fewest = rng.randint(1, 8), rng.randint(1, 4), rng.choice([2, 4, 8])
+    lengths = torch.tensor([rng.choice([3, 20, 60, 64, 100, 150, 170]) for _ in range(count)])
+    micros = length_bucketed(lengths, most, fewest=fewest)
+    allowed = [p for p in partitions(list(range(count)), most) if len(p) >= min(fewest, count)]
+    best = min(cost(lengths, [torch.tensor(b) for b in p]) for p in allowed)
+    assert cost(lengths, micros) == best
+    assert len(micros) >= min(fewest, count)
+    assert sorted(torch.cat(micros).tolist()) == list(range(count))
+    assert all(1 <= len(m) <= most for m in micros)
+
+
+def test_a_pipeline_splits_an_even_bucket_it_would_keep_whole():
+    assert [len(m) for m in length_bucketed(torch.full((8,), 100), 8, fewest=4)] == [2, 2, 2, 2]
+    assert len(length_bucketed(torch.full((3,), 100), 8, fewest=4)) == 3  # one row each
+
+
 def test_a_bucket_is_cut_where_lengths_fall_and_kept_whole_where_they_do_not():
     even = length_bucketed(torch.full((8,), 100), 8)
     assert [len(m) for m in even] == [8]  # one micro-batch: cutting would only add its cost

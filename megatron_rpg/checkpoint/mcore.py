@@ -118,16 +118,42 @@ def model_checkpoint(checkpoint: str | Path) -> Path:
 def load_mcore(model_chunks: list[Any], checkpoint: str | Path) -> None:
     """The policy's weights (a training checkpoint's other state, optimizer and reference, is
     left unread)."""
-    from megatron.core import dist_checkpointing
 
     checkpoint = model_checkpoint(checkpoint)
     state = {
         _key(i, len(model_chunks)): chunk.sharded_state_dict()
         for i, chunk in enumerate(model_chunks)
     }
-    loaded = dist_checkpointing.load(state, str(checkpoint))
+    loaded = load_across_layer_specs(state, checkpoint)
     for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(loaded[_key(i, len(model_chunks))])
+        load_module_state(chunk, loaded[_key(i, len(model_chunks))])
+
+
+def load_across_layer_specs(state: dict[str, Any], directory: str | Path) -> dict[str, Any]:
+    """dist_checkpointing.load of `state`, where the checkpoint may come from the other layer
+    spec: both save the same weight keys, but only TE's attention has an `_extra_state` (empty
+    without FP8). Such entries absent from the checkpoint are left out of the load; any other
+    absent entry is refused, named."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    # "unexpected" in dist_checkpointing's words: asked for, but not in the checkpoint
+    loaded, _, absent = dist_checkpointing.load(
+        state, str(directory), strict=StrictHandling.RETURN_UNEXPECTED
+    )
+    refused = sorted(key for key in absent if not key.endswith("_extra_state"))
+    if refused:
+        raise KeyError(f"{directory}: the checkpoint has no {', '.join(refused[:4])}")
+    return loaded
+
+
+def load_module_state(module: Any, state: dict[str, Any]) -> None:
+    """module.load_state_dict, where only `_extra_state` entries may be absent (see
+    load_across_layer_specs)."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    refused = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
+    if refused:
+        raise KeyError(f"the checkpoint's state does not fit the model: {refused[:4]}")
 
 
 def checkpoint_hf_config(checkpoint: str | Path) -> dict[str, Any]:

@@ -33,7 +33,11 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rpg.checkpoint.hf import fsync
-from megatron_rpg.checkpoint.mcore import in_process_write_results
+from megatron_rpg.checkpoint.mcore import (
+    in_process_write_results,
+    load_across_layer_specs,
+    load_module_state,
+)
 from megatron_rpg.manifest import git_revision, sha256, versions
 
 MARKER = "COMPLETE"
@@ -92,10 +96,10 @@ def load_sharded_state(
     """Put what load_train_checkpoint returned for sharded_state(...) back into the parts."""
     count = len(policy_chunks)
     for i, chunk in enumerate(policy_chunks):
-        chunk.load_state_dict(loaded[_chunk_key("model", i, count)])
+        load_module_state(chunk, loaded[_chunk_key("model", i, count)])
     for i, chunk in enumerate(reference_chunks or []):
         state = loaded[_chunk_key("reference", i, count)]
-        chunk.load_state_dict({k.removeprefix("reference."): v for k, v in state.items()})
+        load_module_state(chunk, {k.removeprefix("reference."): v for k, v in state.items()})
     optimizer.load_state_dict(loaded["optimizer"])
 
 
@@ -256,9 +260,7 @@ def latest_valid(run_dir: str | Path) -> Path | None:
 
 def load_train_checkpoint(directory: Path, state_dicts: dict[str, Any]) -> tuple[dict, dict]:
     """Collective: (loaded sharded state, train state); restores this rank's RNG states."""
-    from megatron.core import dist_checkpointing
-
-    loaded = dist_checkpointing.load(state_dicts, str(directory / "dist"))
+    loaded = load_across_layer_specs(state_dicts, directory / "dist")
     set_rng_state(torch.load(directory / "rng" / f"rank_{dist.get_rank()}.pt", weights_only=True))
     return loaded, json.loads((directory / "state.json").read_text())
 

@@ -2,9 +2,13 @@
 
     chunks = build_model_chunks(arch, ParallelConfig(tensor_parallel=2), torch.float32)
 
-One chunk per virtual pipeline stage. The Transformer Engine layer spec is used when CUDA and
-Transformer Engine are available, else Megatron's local spec (the CPU path). Layouts that do not
-divide the model are refused before anything is built.
+One chunk per virtual pipeline stage. The layer spec (model.layer_spec): `te` is Transformer
+Engine's (fused layernorm + linear modules, `linear_qkv.layer_norm_weight`), on the CPU built from
+stand-ins with TE's module tree and names (parallel/cpu_shim.py); `local` is Megatron's local spec
+(separate norm modules, `input_layernorm.weight`); `auto` is `te` with CUDA and Transformer Engine,
+else `local`. Both specs hold the same weights under two names (models/hf_mapping.py) and save the
+same distributed-checkpoint keys. Layouts that do not divide the model are refused before anything
+is built.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from megatron_rpg.config import ConfigError, ParallelConfig
 from megatron_rpg.models.arch import ModelArch
 
 VOCAB_DIVISIBLE_BY = 128  # Megatron-LM's make-vocab-size-divisible-by default
+LAYER_SPECS = ("auto", "te", "local")
 
 
 def unwrap(module: Any) -> Any:
@@ -104,6 +109,12 @@ def transformer_config(
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
         batch_p2p_comm=False,  # interleaved PP=2 with batched p2p is silently wrong
+        # micro-batches of any shape in one schedule (forward_backward.py): each p2p transfer is
+        # preceded by its shape. The shape exchange always batches its ops, so interleaved PP
+        # sends in one direction per call (overlap_p2p_comm), or at PP=2 the shapes would cross.
+        variable_seq_lengths=parallel.pipeline_parallel > 1,
+        overlap_p2p_comm=vpp > 1,
+        moe_token_dispatcher_type="alltoall",  # the config check's demand with variable lengths
         **skip_init,
         **(
             dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -115,29 +126,53 @@ def transformer_config(
     )
 
 
-def _layer_spec(arch: ModelArch) -> Any:
+def _have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_layer_spec(layer_spec: str) -> str:
+    """'auto' -> 'te' with CUDA and Transformer Engine, else 'local'; 'te' on a GPU without
+    Transformer Engine is refused (on the CPU it is the stand-in spec)."""
+    if layer_spec not in LAYER_SPECS:
+        raise ConfigError("model.layer_spec", layer_spec, " | ".join(LAYER_SPECS))
+    cuda = torch.cuda.is_available()
+    if layer_spec == "auto":
+        return "te" if cuda and _have_transformer_engine() else "local"
+    if layer_spec == "te" and cuda and not _have_transformer_engine():
+        raise ConfigError("model.layer_spec", "te", "local or auto (Transformer Engine is missing)")
+    return layer_spec
+
+
+def _layer_spec(arch: ModelArch, layer_spec: str) -> Any:
     from megatron.core.models.gpt import gpt_layer_specs
 
+    qk_layernorm = arch.family.qk_layernorm
+    if resolve_layer_spec(layer_spec) == "local":
+        return gpt_layer_specs.get_gpt_layer_local_spec(
+            qk_layernorm=qk_layernorm, normalization="RMSNorm"
+        )
     if torch.cuda.is_available():
-        try:
-            import transformer_engine  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-                qk_layernorm=arch.family.qk_layernorm
-            )
-    return gpt_layer_specs.get_gpt_layer_local_spec(
-        qk_layernorm=arch.family.qk_layernorm, normalization="RMSNorm"
-    )
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    from megatron_rpg.parallel import cpu_shim
+
+    return cpu_shim.te_layer_spec(qk_layernorm)
 
 
 def build_model_chunks(
-    arch: ModelArch, parallel: ParallelConfig, dtype: torch.dtype, initialize: bool = True
+    arch: ModelArch,
+    parallel: ParallelConfig,
+    dtype: torch.dtype,
+    initialize: bool = True,
+    layer_spec: str = "auto",
 ) -> list:
     """This rank's GPTModel chunks (one per virtual pipeline stage). Call after
     megatron_rpg.parallel.initialize_model_parallel with the same `parallel`. initialize=False
-    leaves the weights' memory as allocated, for a model about to load every weight."""
+    leaves the weights' memory as allocated, for a model about to load every weight.
+    layer_spec: auto | te | local (module docstring)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -148,13 +183,14 @@ def build_model_chunks(
             "attention here; set it to null (sequences must fit the window)"
         )
     vpp = parallel.virtual_pipeline_parallel
+    spec = _layer_spec(arch, layer_spec)
     chunks = []
     for stage in range(vpp):
         vp_stage = stage if vpp > 1 else None
         chunks.append(
             GPTModel(
                 config=config,
-                transformer_layer_spec=_layer_spec(arch),
+                transformer_layer_spec=spec,
                 vocab_size=padded_vocab_size(arch.vocab_size, parallel.tensor_parallel),
                 max_sequence_length=arch.max_position_embeddings,
                 pre_process=parallel_state.is_pipeline_first_stage(False, vp_stage),

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from megatron_rpg.models.arch import ModelArch
 from megatron_rpg.models.builder import unwrap
-from megatron_rpg.models.hf_mapping import megatron_names, to_hf
+from megatron_rpg.models.hf_mapping import layer_spec_of, megatron_names, to_hf
 from megatron_rpg.models.sharding import full_name, sharded_parameters, tp_join
 from megatron_rpg.parallel.groups import ProcessGroup, ProcessGroups
 
@@ -62,10 +62,11 @@ def export_plan(
     everyone: list[dict[str, PlannedTensor]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(everyone, local)
     merged = {k: v for plans in everyone for k, v in plans.items()}
-    missing = [n for n in megatron_names(arch) if n not in merged]
+    names = megatron_names(arch, layer_spec_of(merged))
+    missing = [n for n in names if n not in merged]
     if missing:
         raise ValueError(f"the model has no tensors {missing[:3]}... that the mapping expects")
-    return [merged[n] for n in megatron_names(arch)]
+    return [merged[n] for n in names]
 
 
 def _buckets(plan: list[PlannedTensor], bucket_bytes: int) -> Iterator[list[PlannedTensor]]:
@@ -141,20 +142,20 @@ class WeightStream:
     @torch.no_grad()
     def buckets(self) -> Iterator[list[tuple[str, Tensor]]]:
         """Yield each bucket's (hf_name, full tensor) pairs on every rank (see the module
-        docstring). Tensors of a bucket stay valid until the next bucket is fetched: they are
-        views of one buffer that every bucket reuses."""
+        docstring). Each bucket is a fresh buffer, its tensors views of it: a consumer may keep
+        them past the next bucket (vLLM's packed NCCL transfer collects views across buckets
+        before concatenating them). The stream itself holds no bucket once it has moved on."""
         plan, arch = self.plan, self.arch
         params = {name: p for c in self.model_chunks for name, p, _, _ in sharded_parameters(c)}
         my_stage, pp_group = self.groups.pp_rank, self.groups.pp
         device = next(iter(params.values())).device
-        buckets = list(_buckets(plan, self.bucket_bytes))
         dtype = plan[0].dtype
         if any(t.dtype != dtype for t in plan):
             raise ValueError("the model's parameters must share one dtype to be exported")
-        largest = max(sum(t.nbytes for t in bucket) for bucket in buckets)
-        buffer = torch.empty(largest // dtype.itemsize, dtype=dtype, device=device)
-        for bucket in buckets:
-            flat = buffer[: sum(t.nbytes for t in bucket) // dtype.itemsize]
+        for bucket in _buckets(plan, self.bucket_bytes):
+            flat = torch.empty(
+                sum(t.nbytes for t in bucket) // dtype.itemsize, dtype=dtype, device=device
+            )
             views, offset = [], 0
             for t in bucket:
                 numel = int(torch.Size(t.shape).numel())
@@ -171,6 +172,7 @@ class WeightStream:
                 for view, t in zip(views, bucket, strict=True)
                 for pair in to_hf(t.name, view, arch)
             ]
+            del flat, views
 
 
 def iter_hf_weights(

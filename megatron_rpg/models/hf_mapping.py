@@ -14,6 +14,13 @@ Full (unsharded) tensors, Megatron local-spec names:
     model.norm.weight                            decoder.final_layernorm.weight
     lm_head.weight                               output_layer.weight  (absent when tied; padded)
 
+Transformer Engine's spec (layer_spec "te") fuses each norm into the linear after it, so two names
+differ (Megatron's distributed checkpoints use these names for both specs):
+
+    model.layers.i.input_layernorm.weight        decoder.layers.i.self_attention.linear_qkv
+                                                                             .layer_norm_weight
+    model.layers.i.post_attention_layernorm.w    decoder.layers.i.mlp.linear_fc1.layer_norm_weight
+
 Megatron's fused QKV interleaves by query group g: rows [q heads of g; k_g; v_g] for each g, each
 head `head_dim` rows (the per-group layout that keeps a TP shard a contiguous block of groups).
 """
@@ -21,7 +28,7 @@ head `head_dim` rows (the per-group layout that keeps a TP shard a contiguous bl
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -39,11 +46,35 @@ _LAYER_DIRECT = {
     "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",  # te spec
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",  # te spec
+}
+# The local spec's separate norm -> the TE spec's norm fused into the next linear.
+_TE_NORM_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
 
 
-def megatron_names(arch: ModelArch) -> list[str]:
-    """Every full Megatron (local spec) parameter name of the model, in model order."""
+def layer_spec_of(names: Iterable[str]) -> str:
+    """'te' or 'local': which spec a model's parameter names come from."""
+    te = any(name.endswith(_TE_NORM_NAMES["input_layernorm.weight"]) for name in names)
+    return "te" if te else "local"
+
+
+def spec_name(local_name: str, layer_spec: str) -> str:
+    """A local-spec parameter name (or its suffix within a layer) under layer_spec."""
+    if layer_spec != "te":
+        return local_name
+    for local, te in _TE_NORM_NAMES.items():
+        if local_name.endswith(local):
+            return local_name.removesuffix(local) + te
+    return local_name
+
+
+def megatron_names(arch: ModelArch, layer_spec: str = "local") -> list[str]:
+    """Every full Megatron parameter name of the model under layer_spec ('local' or 'te'), in
+    HF order."""
     layer = ["input_layernorm.weight", "self_attention.linear_qkv.weight"]
     if arch.family.qkv_bias:
         layer.append("self_attention.linear_qkv.bias")
@@ -55,6 +86,7 @@ def megatron_names(arch: ModelArch) -> list[str]:
         "mlp.linear_fc1.weight",
         "mlp.linear_fc2.weight",
     ]
+    layer = [spec_name(suffix, layer_spec) for suffix in layer]
     names = ["embedding.word_embeddings.weight"]
     names += [f"decoder.layers.{i}.{s}" for i in range(arch.num_layers) for s in layer]
     names.append("decoder.final_layernorm.weight")
@@ -131,10 +163,10 @@ def to_megatron(name: str, get: Callable[[str], Tensor], arch: ModelArch) -> Ten
     sources = [get(s) for s in hf_sources(name)]
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return pad_vocab(sources[0], arch)
-    if ".linear_qkv." in name:
+    if len(sources) == 3:  # linear_qkv's weight or bias
         q, k, v = sources
         return fuse_qkv(q, k, v, arch)
-    if name.endswith("linear_fc1.weight"):
+    if len(sources) == 2:  # linear_fc1's [gate; up]
         return torch.cat(sources, dim=0)
     return sources[0]
 
@@ -144,9 +176,9 @@ def to_hf(name: str, tensor: Tensor, arch: ModelArch) -> list[tuple[str, Tensor]
     sources = hf_sources(name)
     if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return [(sources[0], tensor[: arch.vocab_size])]
-    if ".linear_qkv." in name:
+    if len(sources) == 3:  # linear_qkv's weight or bias
         return list(zip(sources, split_qkv(tensor, arch), strict=True))
-    if name.endswith("linear_fc1.weight"):
+    if len(sources) == 2:  # linear_fc1's [gate; up]
         return list(zip(sources, tensor.chunk(2, dim=0), strict=True))
     return [(sources[0], tensor)]
 

@@ -218,3 +218,125 @@ def _patch_missing_psutil() -> None:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
 
         filesystem_async._process_memory = lambda: 0
+
+
+# --- Transformer Engine's layer spec on the CPU ---------------------------------------------
+# Megatron's own get_gpt_layer_with_transformer_engine_spec, built with stand-ins for the TE
+# modules it names (TE's kernels are CUDA-only): the same module tree, parameter names and
+# state-dict entries, so that the `te` spec's mapping, conversion, checkpoint and export code runs
+# on the CPU. What stays CUDA-only: TE's fused kernels, FP8 and its metadata (the stand-ins'
+# `_extra_state` is empty, as TE's is without FP8).
+
+
+def te_layer_spec(qk_layernorm: bool) -> Any:
+    """Megatron's TE GPT layer spec with the CPU stand-ins in place of TESpecProvider's modules."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    missing = object()
+    real = getattr(gpt_layer_specs, "TESpecProvider", missing)
+    gpt_layer_specs.TESpecProvider = _TEStandInProvider  # type: ignore[attr-defined]
+    try:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    finally:
+        if real is missing:
+            del gpt_layer_specs.TESpecProvider
+        else:
+            gpt_layer_specs.TESpecProvider = real  # type: ignore[attr-defined]
+
+
+class _TEStandInProvider:
+    """The part of megatron's BackendSpecProvider that a dense GPT layer spec asks for."""
+
+    def column_parallel_layer_norm_linear(self) -> type:
+        return _stand_ins()[0]
+
+    def fuse_layernorm_and_linear(self) -> bool:
+        return True
+
+    def row_parallel_linear(self) -> type:
+        from megatron.core.tensor_parallel import RowParallelLinear
+
+        return RowParallelLinear  # TERowParallelLinear's names: weight, _extra_state
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False) -> type:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        return WrappedTorchNorm  # TENorm's names: weight
+
+    def core_attention(self) -> type:
+        return _stand_ins()[1]
+
+
+@functools.cache
+def _stand_ins() -> tuple[type, type]:
+    """(TELayerNormColumnParallelLinear's, TEDotProductAttention's stand-in): classes over
+    megatron's local modules, defined on first use so that importing this module stays cheap."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class LayerNormColumnParallelLinear(ColumnParallelLinear):
+        """RMSNorm(x) * layer_norm_weight, then the column-parallel linear (its input
+        all-gathered over TP under sequence parallelism after the norm, as TE does).
+        `layer_norm_weight` is tagged `sequence_parallel` as TE tags it, so that its gradient
+        is summed over the TP group."""
+
+        def __init__(
+            self,
+            input_size: int,
+            output_size: int,
+            *,
+            config: Any,
+            init_method: Callable[..., Any],
+            gather_output: bool,
+            bias: bool,
+            skip_bias_add: bool,
+            is_expert: bool,
+            skip_weight_param_allocation: bool = False,
+            tp_comm_buffer_name: str | None = None,
+            tp_group: Any = None,
+            stride: int = 1,
+        ):
+            if config.normalization != "RMSNorm":
+                raise ValueError(f"normalization={config.normalization!r}: the stand-in is RMSNorm")
+            super().__init__(
+                input_size,
+                output_size,
+                config=config,
+                init_method=init_method,
+                gather_output=gather_output,
+                bias=bias,
+                skip_bias_add=skip_bias_add,
+                is_expert=is_expert,
+                skip_weight_param_allocation=skip_weight_param_allocation,
+                tp_comm_buffer_name=tp_comm_buffer_name,
+                tp_group=tp_group,
+                stride=stride,
+            )
+            self.eps = config.layernorm_epsilon
+            self.layer_norm_weight = torch.nn.Parameter(
+                torch.ones(input_size, dtype=config.params_dtype)
+            )
+            self.layer_norm_weight.sequence_parallel = config.sequence_parallel
+
+        def forward(self, input_: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            weight = self.layer_norm_weight
+            normed = torch.nn.functional.rms_norm(input_, (input_.shape[-1],), weight, self.eps)
+            return super().forward(normed, *args, **kwargs)
+
+    class DotProductAttentionWithExtraState(DotProductAttention):
+        """Megatron's unfused attention with TEDotProductAttention's (empty) `_extra_state`;
+        a state dict without it (a local-spec checkpoint) loads, as megatron's linears allow."""
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._register_load_state_dict_pre_hook(
+                lambda state_dict, prefix, *a, **k: state_dict.setdefault(f"{prefix}_extra_state")
+            )
+
+        def get_extra_state(self) -> None:
+            return None
+
+        def set_extra_state(self, state: Any) -> None:
+            """Nothing to restore: there is no FP8 metadata on the CPU."""
+
+    return LayerNormColumnParallelLinear, DotProductAttentionWithExtraState
