@@ -64,7 +64,7 @@ def hf_model(name, seed=0, families=FAMILIES):
     return model
 
 
-def load_in_layout(name, hf_state, tp, pp, families=FAMILIES):
+def load_in_layout(name, hf_state, tp, pp, families=FAMILIES, layer_spec="local"):
     """HF weights -> full Megatron tensors -> this rank's shards at TP x PP."""
     from megatron_rpg.config import ParallelConfig
     from megatron_rpg.models import ModelArch, build_model_chunks, load_full_state_dict
@@ -74,8 +74,9 @@ def load_in_layout(name, hf_state, tp, pp, families=FAMILIES):
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
     initialize_model_parallel(parallel, seed=0)
     arch = ModelArch.from_hf(families[name])
-    chunks = build_model_chunks(arch, parallel, torch.float32)
-    full = {n: to_megatron(n, hf_state.__getitem__, arch) for n in megatron_names(arch)}
+    chunks = build_model_chunks(arch, parallel, torch.float32, layer_spec=layer_spec)
+    names = megatron_names(arch, layer_spec)
+    full = {n: to_megatron(n, hf_state.__getitem__, arch) for n in names}
     for chunk in chunks:
         load_full_state_dict(chunk, full)
     return arch, chunks
@@ -89,12 +90,12 @@ def megatron_logits(name, hf_state, tp, pp):
     return full_logits(chunks, TOKENS, arch.vocab_size)
 
 
-def export_from_layout(name, hf_state, tp, pp, bucket_bytes):
+def export_from_layout(name, hf_state, tp, pp, bucket_bytes, layer_spec="local"):
     """Load at TP x PP, stream the weights back out under HF names; rank 0 keeps them, with the
-    bytes of each bucket and of the buffer the buckets share."""
+    bytes of each bucket and of the largest buffer its tensors are views of."""
     from megatron_rpg.models.export import iter_hf_weights
 
-    arch, chunks = load_in_layout(name, hf_state, tp, pp)
+    arch, chunks = load_in_layout(name, hf_state, tp, pp, layer_spec=layer_spec)
     exported, bucket_sizes, buffers = {}, [], set()
     for bucket in iter_hf_weights(chunks, arch, bucket_bytes).buckets():
         bucket_sizes.append(sum(t.numel() * t.element_size() for _, t in bucket))

@@ -4,6 +4,7 @@ configs refused before any work."""
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -37,7 +38,7 @@ TINY = [
     "checkpoint.save_interval=2",
     "eval_interval=3",
 ]
-TIMING = ("time/", "throughput/")
+TIMING = ("time/", "throughput/", "perf/")
 EVERY_STEP = [
     "reward/mean",
     "kl/k3",
@@ -125,6 +126,51 @@ def test_short_runs_on_tp2_and_tp1_dp2_log_every_metric(pool2, tmp_path):
     assert tp2["response/length_mean"] == dp2["response/length_mean"]
     assert abs(tp2["loss"] - dp2["loss"]) < 1e-5
     assert max(r["rollout/abs_gap_max"] for r in runs["tp2"]) < 1e-4  # engine == trainer
+
+
+def test_sequence_parallel_gives_the_same_steps_at_tp2(uninterrupted, pool2, tmp_path):
+    """The GPU recipes' branch: SP (micro-batches padded to a multiple of TP) on and off, under
+    Transformer Engine's spec (its CPU stand-ins), from the same weights (the whole run's step-4
+    checkpoint, saved under the local spec at TP1): the same step metrics within 1e-5."""
+    start = uninterrupted[0] / "checkpoints" / "step_00000004"
+    runs = {}
+    for sp in ("false", "true"):
+        overrides = [
+            *TINY,
+            "train_steps=2",
+            "sft.steps=0",
+            f"model.checkpoint={start}",
+            "parallel.tensor_parallel=2",
+            "model.layer_spec=te",
+            f"parallel.sequence_parallel={sp}",
+            f"logging.run_dir={tmp_path / sp}",
+        ]
+        runs[sp] = without_timing(pool2.run(short_run, str(CONFIG), overrides)[0])
+    assert len(runs["true"]) == 2 and runs["true"][0].keys() == runs["false"][0].keys()
+    gaps = {
+        (step, key): abs(on[key] - off[key]) / max(1.0, abs(off[key]))
+        for step, (on, off) in enumerate(zip(runs["true"], runs["false"], strict=True))
+        for key in on
+    }
+    assert max(gaps.values()) < 1e-5, sorted(gaps.items(), key=lambda item: -item[1])[:5]
+    assert all(r["grad_norm"] > 0 for r in runs["true"])
+
+
+def test_te_spec_trains_at_tp2_pp2_with_sequence_parallel_and_logs_the_bubble(pool4, tmp_path):
+    overrides = [
+        *TINY,
+        "train_steps=2",
+        "parallel.tensor_parallel=2",
+        "parallel.pipeline_parallel=2",
+        "parallel.sequence_parallel=true",
+        "model.layer_spec=te",
+        f"logging.run_dir={tmp_path}",
+    ]
+    history = pool4.run(short_run, str(CONFIG), overrides)[0]
+    assert len(history) == 2
+    for record in history:
+        assert 0.0 <= record["perf/pipeline_bubble"] < 1.0
+        assert record["grad_norm"] > 0 and math.isfinite(record["loss"])
 
 
 def test_killed_run_resumes_bit_identically(uninterrupted, tmp_path):

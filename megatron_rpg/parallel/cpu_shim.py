@@ -316,7 +316,7 @@ def _stand_ins() -> tuple[type, type]:
             self.layer_norm_weight = torch.nn.Parameter(
                 torch.ones(input_size, dtype=config.params_dtype)
             )
-            self.layer_norm_weight.sequence_parallel = config.sequence_parallel
+            self.layer_norm_weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
 
         def forward(self, input_: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             weight = self.layer_norm_weight

@@ -82,7 +82,7 @@ def rank0_answers() -> Iterator[None]:
         try:
             yield
         finally:
-            store.set(key, b"1")
+            store.set(key, "1")
         return
     yield
     pause = 0.001

@@ -32,11 +32,10 @@ def test_fused_bf16_matches_fp32_reference_on_qwen_vocabulary():
         torch.testing.assert_close(got.float(), want, atol=2e-2 * scale.item(), rtol=0)
 
 
-def test_one_training_step_of_a_tiny_policy_on_gpu():
-    """The real GPU path: NCCL world of one, bf16, the shim not applied, DDP + optimizer."""
-    import os
-
-    import torch.distributed as dist
+@pytest.mark.parametrize("layer_spec", ["local", "te"])
+def test_one_training_step_of_a_tiny_policy_on_gpu(nccl_world, check, layer_spec):
+    """The real GPU path: NCCL world of one, bf16, the shim not applied, DDP + optimizer, under
+    Megatron's local spec and Transformer Engine's."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -47,12 +46,11 @@ def test_one_training_step_of_a_tiny_policy_on_gpu():
     from megatron_rpg.config import ParallelConfig
     from megatron_rpg.forward_backward import LogprobOptions, forward_backward
     from megatron_rpg.models import ModelArch, build_model_chunks
+    from megatron_rpg.models.builder import _have_transformer_engine
     from megatron_rpg.parallel import cpu_shim, destroy_model_parallel, initialize_model_parallel
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", rank=0, world_size=1)
+    if layer_spec == "te" and not _have_transformer_engine():
+        pytest.skip("Transformer Engine is not installed")
     assert cpu_shim.apply() is False
     initialize_model_parallel(ParallelConfig(), seed=0)
     try:
@@ -69,7 +67,7 @@ def test_one_training_step_of_a_tiny_policy_on_gpu():
             max_position_embeddings=128,
         )
         arch = ModelArch.from_hf(hf)
-        chunks = build_model_chunks(arch, ParallelConfig(), torch.bfloat16)
+        chunks = build_model_chunks(arch, ParallelConfig(), torch.bfloat16, layer_spec=layer_spec)
         chunks = [c.cuda() for c in chunks]
         config = chunks[0].config
         ddp = [DistributedDataParallel(config, DistributedDataParallelConfig(), c) for c in chunks]
@@ -89,6 +87,7 @@ def test_one_training_step_of_a_tiny_policy_on_gpu():
             out = forward_backward(ddp, [{"tokens": tokens}], options, nll_loss)
             opt.step()
             losses.append(out[0]["nll"].item())
+        check(losses[-1] / losses[0], "< 1 (the loss falls)")
         assert losses[-1] < losses[0]
     finally:
         destroy_model_parallel()

@@ -17,8 +17,14 @@ pytestmark = pytest.mark.skipif(
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_trainer_runs_on_cuda(tmp_path, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "engine"), [("float32", "embedded"), ("bfloat16", "embedded"), ("float32", "vllm")]
+)
+def test_trainer_runs_on_cuda(tmp_path, check, dtype, engine):
+    """A few RPG steps; with vLLM colocated (sleep/wake around the update), every step's weight
+    sync is checked by the trainer's log-probs of the sampled tokens against vLLM's."""
+    if engine == "vllm":
+        pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e .[gpu])")
     env = dict(
         os.environ,
         RANK="0",
@@ -41,6 +47,7 @@ def test_trainer_runs_on_cuda(tmp_path, dtype):
             "checkpoint.save_interval=6",
             "eval_interval=6",
             f"model.params_dtype={dtype}",
+            f"rollout.engine={engine}",
             f"logging.run_dir={run_dir}",
         ],
         capture_output=True,
@@ -55,6 +62,10 @@ def test_trainer_runs_on_cuda(tmp_path, dtype):
     for r in records:
         assert all(v == v for k, v in r.items() if k in ("loss", "reward/mean", "kl/k3"))
     assert any((run_dir / "checkpoints").glob("*12*"))
+    gap = max(r["rollout/abs_gap_max"] for r in records)
+    bound = 1e-3 if dtype == "float32" else 0.1
+    check(gap, f"< {bound} (engine vs trainer log-probs)")
+    assert gap < bound
     print(
         f"{dtype}: {records[-1]['time/step'] * 1e3:.0f} ms/step, reward "
         f"{records[0]['reward/mean']:.3f} -> {records[-1]['reward/mean']:.3f}"
