@@ -30,6 +30,9 @@ HF = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
     tie_word_embeddings=False,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    hidden_act="silu",
 )
 
 
