@@ -9,7 +9,8 @@
 # Variables (all optional): MRPG_PYTHON (interpreter with megatron_rpg; default .venv/bin/python
 # when present, python3 in a container), MRPG_OUTPUT_ROOT / MRPG_EXPERIMENT (where a recipe's run goes: see mrpg_train),
 # MRPG_CONTAINER_IMAGE / MRPG_CONTAINER_MOUNTS (pyxis/enroot: srun
-# --container-image), NCCL_* / MRPG_IB_HCA (InfiniBand adapters, e.g. mlx5), MRPG_SOCKET_IFNAME.
+# --container-image), NCCL_* / MRPG_IB_HCA (InfiniBand adapters, e.g. mlx5), MRPG_SOCKET_IFNAME (the network
+# interface, e.g. ib0, for NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME alike).
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-.}"
@@ -41,7 +42,11 @@ export WORLD_SIZE=$SLURM_NTASKS
 # GPUs: Megatron's TP comm overlap needs one connection per device; NCCL over InfiniBand
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 export NCCL_IB_HCA=${MRPG_IB_HCA:-${NCCL_IB_HCA:-}}
-export NCCL_SOCKET_IFNAME=${MRPG_SOCKET_IFNAME:-${NCCL_SOCKET_IFNAME:-}}
+# one interface for both backends: NCCL's bootstrap and gloo (the CPU collectives and the weight
+# transfer's gloo groups) must reach the other nodes over the same network
+if [ -n "${MRPG_SOCKET_IFNAME:-}" ]; then
+    export NCCL_SOCKET_IFNAME=$MRPG_SOCKET_IFNAME GLOO_SOCKET_IFNAME=$MRPG_SOCKET_IFNAME
+fi
 export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}
 export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}

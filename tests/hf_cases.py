@@ -106,15 +106,16 @@ def export_from_layout(name, hf_state, tp, pp, bucket_bytes, layer_spec="local")
 
 
 def verify_against(name, hf_dir):
-    """Seed-0 weights at TP2 checked against another model's directory: the message, or None."""
+    """Seed-0 weights at TP2 checked against another model's directory: (the message or None,
+    how many model chunks the caller still holds after the check, which releases them)."""
     from megatron_rpg.checkpoint.convert import verify_logits
 
     arch, chunks = load_in_layout(name, hf_model(name).state_dict(), 2, 1)
     try:
         verify_logits(chunks, arch, hf_dir)
     except ValueError as err:
-        return str(err)
-    return None
+        return str(err), len(chunks)
+    return None, len(chunks)
 
 
 def checkpoint_logits(checkpoint, tp, pp, tokens):

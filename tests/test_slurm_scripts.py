@@ -218,3 +218,12 @@ def test_in_a_container_the_pre_flight_and_the_server_run_in_the_image(tmp_path)
     common_sh(tmp_path, serve, MRPG_ENGINE_MODEL=str(model), **image)
     server = (tmp_path / "calls.log").read_text().split()
     assert "--container-image=nvcr.io/x:1" in server and "python3" in server  # the image's
+
+
+def test_one_variable_names_the_network_for_nccl_and_gloo(tmp_path):
+    show = 'echo "nccl=${NCCL_SOCKET_IFNAME-unset} gloo=${GLOO_SOCKET_IFNAME-unset}"'
+    done = common_sh(tmp_path, show, MRPG_SOCKET_IFNAME="ib0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["nccl=ib0", "gloo=ib0"]
+    unset = common_sh(tmp_path, show)  # unset: both backends choose, as without the variable
+    assert unset.stdout.split() == ["nccl=unset", "gloo=unset"]

@@ -10,6 +10,7 @@ Outputs are written atomically and never replace an existing directory without f
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,14 +54,21 @@ def check_difference(difference: float, dtype: torch.dtype, what: str) -> float:
 
 def verify_logits(chunks: list[Any], arch: ModelArch, hf_dir: str | Path) -> float | None:
     """Compare our model's logits with the transformers model in `hf_dir` on a fixed prompt.
-    Collective; the last stage's ranks compare and raise if they differ beyond the tolerance.
-    Returns the max |difference| there (None elsewhere). Needs transformers."""
+    Collective. Our logits are computed first; then `chunks` is emptied (the caller's model is
+    released) before the world's last rank alone loads the transformers model and compares,
+    so that no host holds two full models (at 70B, 141 GB each in bf16). Raises there if they
+    differ beyond the tolerance; returns the max |difference| there (None elsewhere). Needs
+    transformers."""
     from megatron_rpg.forward_backward import full_logits
 
     prompt = verify_prompt(arch.vocab_size)
     ours = full_logits(chunks, prompt, arch.vocab_size)
-    if ours is None:
+    dtype = chunks[0].config.params_dtype
+    chunks.clear()
+    gc.collect()
+    if dist.get_rank() != dist.get_world_size() - 1:
         return None
+    assert ours is not None  # the last rank is on the last pipeline stage
     try:
         import transformers
     except ImportError:
@@ -71,12 +79,11 @@ def verify_logits(chunks: list[Any], arch: ModelArch, hf_dir: str | Path) -> flo
     with torch.no_grad():
         theirs = reference(prompt).logits
     difference = (ours.float() - theirs).abs().max().item()
-    what = f"from the transformers model in {hf_dir}"
-    return check_difference(difference, chunks[0].config.params_dtype, what)
+    return check_difference(difference, dtype, f"from the transformers model in {hf_dir}")
 
 
 def _report(difference: float | None) -> None:
-    if difference is not None and dist.get_rank() == dist.get_world_size() - 1:
+    if difference is not None:
         print(f"verify: max |logits difference| vs transformers = {difference:.3g}", flush=True)
 
 

@@ -23,8 +23,14 @@ over TP; the replicated norms are negligible), D = data-parallel size:
     runtime      1.5 GB                   CUDA context, cuBLAS workspaces, allocator slack
                                           (~1 GB on an H100) and NCCL's buffers for the
                                           TP/PP/DP/weight-transfer communicators (~0.5 GB)
-    export       2 x bucket               the weight sync's bucket buffer (512 MiB) and one
-                                          tensor's gathered shards, while the engine is awake
+    export       B + F (+ 2 GiB)          the weight sync, while the engine is awake: the export
+                                          stream's bucket buffer B = max(512 MiB, the largest
+                                          tensor: the embedding at 70B, one bucket alone), the
+                                          gathered TP shards of linear_fc1 F = 2 f h bytes (the
+                                          largest tensor gathered through a copy), and to a
+                                          served engine over NCCL vLLM's packing (a 1 GiB pack of
+                                          views that keeps its buckets alive, and their 1 GiB
+                                          concatenation)
 
 Colocated (rollout.engine_nodes = 0): training holds weights + gradients + optimizer +
 reference + activations + runtime; rollout and the weight sync hold the same states (they stay
@@ -49,6 +55,17 @@ GB = 1e9
 KV_BYTES = 2  # bf16 KV cache
 RUNTIME_GB = 1.5  # CUDA context + cuBLAS workspaces + allocator slack (~1) + NCCL buffers (~0.5)
 EXPORT_BUCKET_BYTES = 512 * 2**20  # rollout/sync.py's bucket
+VLLM_PACKED_BYTES = 2**30  # vLLM's packed NCCL transfer buffer (DEFAULT_PACKED_BUFFER_SIZE_BYTES)
+
+
+def export_bytes(arch: ModelArch, element_bytes: int, served: bool) -> float:
+    """What the weight sync holds beyond the trainer's states (the module docstring's export)."""
+    h = arch.hidden_size
+    qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
+    largest = max(padded_vocab_size(arch.vocab_size, 1), 2 * arch.ffn_hidden_size, qkv_rows) * h
+    bucket = max(EXPORT_BUCKET_BYTES, largest * element_bytes)
+    gathered = 2 * arch.ffn_hidden_size * h * element_bytes
+    return bucket + gathered + (2 * VLLM_PACKED_BYTES if served else 0)
 
 
 def layer_parameters(arch: ModelArch) -> int:
@@ -221,7 +238,7 @@ def memory_plan(
         "activations": (activations + 64 * 2**20) / GB,  # + one 64 MiB block of log-prob logits
         "engine": engine / GB,
         "runtime": RUNTIME_GB,
-        "export": 2 * EXPORT_BUCKET_BYTES / GB,
+        "export": export_bytes(arch, 2 if bf16 else 4, c.rollout.engine_nodes > 0) / GB,
         "engine_weights": engine_weights / GB,
         "kv_cache": kv_cache / GB,
         "kv_tokens": max(kv_cache, 0) / kv_per_token,
