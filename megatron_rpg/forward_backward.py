@@ -249,11 +249,11 @@ def forward_backward(
     multiple = groups.tp_size if config.sequence_parallel else 1
     widths = [int(mb["tokens"].shape[1]) for mb in micro_batches]
     padded = [pad_to_multiple(mb, multiple) for mb in micro_batches]
-    config.timers = times
+    previous, config.timers = config.timers, times
     try:
         outputs = _schedule(model_chunks, padded, options, loss_fn, token_loss_fn, groups)
     finally:
-        config.timers = None
+        config.timers = previous
     if not unwrap(model_chunks[-1]).post_process:
         return []
     return [
