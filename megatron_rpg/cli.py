@@ -38,14 +38,14 @@ def _convert(args: argparse.Namespace) -> int:
             )
         sys.stdout.write(f"wrote {args.out}\n")
         return 0
-    actions: dict[str, Callable[[str, str, int, int, bool, bool], None]] = {
+    actions: dict[str, Callable[[str, str, int, int, bool, bool, str], None]] = {
         "hf-to-mcore": convert.hf_to_mcore,
         "mcore-to-hf": convert.mcore_to_hf,
         "reshard": convert.reshard,
     }
     fn = actions[args.action]
     source = args.hf if args.action == "hf-to-mcore" else args.ckpt
-    fn_args = (source, args.out, args.tp, args.pp, args.force, args.verify)
+    fn_args = (source, args.out, args.tp, args.pp, args.force, args.verify, args.layer_spec)
     if "RANK" in os.environ:
         from megatron_rpg.parallel import init_process_group
 
@@ -325,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--tp", type=_positive_int, default=1, help="tensor parallel size")
     convert.add_argument("--pp", type=_positive_int, default=1, help="pipeline parallel size")
     convert.add_argument("--force", action="store_true", help="replace an existing --out")
+    convert.add_argument(
+        "--layer-spec",
+        choices=["auto", "te", "local"],
+        default="auto",
+        help="the Megatron model's layer spec while converting (model.layer_spec; the checkpoint "
+        "is the same under both)",
+    )
     convert.add_argument(
         "--verify",
         action="store_true",

@@ -6,7 +6,8 @@ A change that would make the checkpoint mean something else (another model, layo
 random stream or optimizer state) is refused with the key, both values and the reason; start a
 new run to make it. Keys that only matter for a fresh run (initial weights, the SFT warm-up)
 are ignored. Every other change (train_steps, learning rate, loss knobs, sampling, logging,
-checkpointing, evaluation) is applied from the resumed step on and listed in the returned lines.
+checkpointing, evaluation, the layer spec and sequence parallelism: the checkpoint's keys are the
+same under both specs) is applied from the resumed step on and listed in the returned lines.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from megatron_rpg.config import ConfigError, RunConfig, config_to_dict
 
 REFUSED = {
     "seed": "the run's random streams (sampling, data order) derive from it",
-    "model": "the checkpoint holds this model's weights",
+    "model.hf_config": "the checkpoint holds this model's weights",
+    "model.tokenizer": "the checkpoint holds this model's weights",
+    "model.params_dtype": "the checkpoint holds this model's weights",
     "parallel.tensor_parallel": "the checkpoint's RNG states are per rank of this layout",
     "parallel.pipeline_parallel": "the checkpoint's RNG states are per rank of this layout",
     "parallel.virtual_pipeline_parallel": "the checkpoint holds one state per model chunk",

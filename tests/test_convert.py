@@ -1,5 +1,6 @@
 """The conversion tool end to end on spawned gloo ranks, against a tiny transformers model:
-HF -> Megatron TP2xPP2 -> reshard TP1 -> HF must be bit-identical to the source."""
+HF -> Megatron TP2xPP2 -> reshard TP1 -> HF must be bit-identical to the source, through both
+layer specs (Transformer Engine's names, Megatron's local ones)."""
 
 import subprocess
 import sys
@@ -31,16 +32,36 @@ def hf_dir(tmp_path_factory):
 
 
 def test_hf_to_tp2pp2_to_tp1_to_hf_is_bit_identical(tmp_path, hf_dir):
+    """te spec in, local to reshard, te out: the checkpoint is the same under both."""
     done = convert(
-        "hf-to-mcore", "--hf", hf_dir, "--out", tmp_path / "mc", "--tp", 2, "--pp", 2, "--verify"
+        "hf-to-mcore",
+        *("--hf", hf_dir, "--out", tmp_path / "mc", "--tp", 2, "--pp", 2, "--verify"),
+        *("--layer-spec", "te"),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "verify: max |logits difference| vs transformers = " in done.stdout
     assert "parameters loaded (rank 0) " in done.stderr  # the progress line
-    done = convert("reshard", "--ckpt", tmp_path / "mc", "--out", tmp_path / "tp1", "--tp", 1)
+    done = convert(
+        "reshard",
+        "--ckpt",
+        tmp_path / "mc",
+        "--out",
+        tmp_path / "tp1",
+        "--tp",
+        1,
+        "--layer-spec",
+        "local",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     done = convert(
-        "mcore-to-hf", "--ckpt", tmp_path / "tp1", "--out", tmp_path / "back", "--verify"
+        "mcore-to-hf",
+        "--ckpt",
+        tmp_path / "tp1",
+        "--out",
+        tmp_path / "back",
+        "--verify",
+        "--layer-spec",
+        "te",
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "verify: max |logits difference| vs transformers = " in done.stdout

@@ -41,13 +41,15 @@ def test_hyperparameter_changes_are_applied_and_fresh_run_keys_ignored(tmp_path)
         "optimizer.lr=3e-6",
         "sft.steps=5",
         "model.checkpoint=examples/tiny_model",
+        "model.layer_spec=te",
     )
     assert "loss.beta: 0.001 -> 0.25 (applied)" in lines
+    assert "model.layer_spec: 'auto' -> 'te' (applied)" in lines
     assert "train_steps: 10 -> 12 (applied)" in lines
     assert "optimizer.lr: 0.0003 -> 3e-06 (applied)" in lines
     assert any(line.startswith("sft.steps: ") and "(ignored: the warm-up" in line for line in lines)
     assert any(line.startswith("model.checkpoint: ''") and "ignored" in line for line in lines)
-    assert len(lines) == 5
+    assert len(lines) == 6
 
 
 @pytest.mark.parametrize(
@@ -58,6 +60,7 @@ def test_hyperparameter_changes_are_applied_and_fresh_run_keys_ignored(tmp_path)
         ("parallel.pipeline_parallel=2", "parallel.pipeline_parallel", "per rank"),
         ("model.hf_config=examples/other", "model.hf_config", "this model's weights"),
         ("model.params_dtype=bfloat16", "model.params_dtype", "this model's weights"),
+        ("model.tokenizer=other.model", "model.tokenizer", "this model's weights"),
         ("data.max_operand=5", "data.max_operand", "data position"),
         ("loss.kl_anchor=ref", "loss.kl_anchor", "reference model"),
         ("optimizer.adam_beta2=0.99", "optimizer.adam_beta2", "optimizer state"),

@@ -142,6 +142,7 @@ def test_sequence_parallel_gives_the_same_steps_at_tp2(uninterrupted, pool2, tmp
             f"model.checkpoint={start}",
             "parallel.tensor_parallel=2",
             "model.layer_spec=te",
+            "loss.kl_anchor=ref",  # the reference's log-probs under SP too
             f"parallel.sequence_parallel={sp}",
             f"logging.run_dir={tmp_path / sp}",
         ]
@@ -375,6 +376,22 @@ def test_resume_applies_allowed_changes_and_refuses_the_rest(uninterrupted, tmp_
     assert without_timing(records[:6]) == without_timing(metrics(whole))
     assert [r["step"] for r in records[6:]] == [7, 8]
     assert records[5]["lr"] == pytest.approx(3e-4) and records[6]["lr"] == pytest.approx(1e-3)
+
+
+def test_a_run_resumes_under_the_other_layer_spec_to_the_same_steps(uninterrupted, tmp_path):
+    """Saved under Megatron's local spec, resumed under Transformer Engine's (its CPU stand-ins):
+    the model, reference and optimizer state load by the same checkpoint keys, and the steps
+    after the checkpoint are the whole run's."""
+    import shutil
+
+    whole, _ = uninterrupted
+    run_dir = tmp_path / "respec"
+    shutil.copytree(whole, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")  # resume from step 4
+    done = train(*TINY, f"logging.run_dir={run_dir}", "model.layer_spec=te", "--resume")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resume: model.layer_spec: 'auto' -> 'te' (applied)" in done.stdout
+    assert without_timing(metrics(run_dir)) == without_timing(metrics(whole))
 
 
 def test_a_full_disk_is_named_and_leaves_no_partial_checkpoint(tmp_path):

@@ -93,11 +93,14 @@ def _refuse_existing(out: str, force: bool) -> None:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
 
 
-def _build(hf_config: dict[str, Any], tp: int, pp: int) -> tuple[ModelArch, list[Any]]:
+def _build(
+    hf_config: dict[str, Any], tp: int, pp: int, layer_spec: str
+) -> tuple[ModelArch, list[Any]]:
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
     arch = ModelArch.from_hf(hf_config)
     initialize_model_parallel(parallel, seed=0)
-    return arch, build_model_chunks(arch, parallel, torch.float32, initialize=False)
+    chunks = build_model_chunks(arch, parallel, torch.float32, False, layer_spec)
+    return arch, chunks
 
 
 def _counted(stream: Iterable[T], total: int) -> Iterator[T]:
@@ -109,11 +112,17 @@ def _counted(stream: Iterable[T], total: int) -> Iterator[T]:
 
 
 def hf_to_mcore(
-    hf_dir: str, out: str, tp: int, pp: int, force: bool = False, verify: bool = False
+    hf_dir: str,
+    out: str,
+    tp: int,
+    pp: int,
+    force: bool = False,
+    verify: bool = False,
+    layer_spec: str = "auto",
 ) -> None:
     _refuse_existing(out, force)
     source = HFCheckpoint(hf_dir)
-    arch, chunks = _build(source.config, tp, pp)
+    arch, chunks = _build(source.config, tp, pp, layer_spec)
     count = sum(len(list(sharded_parameters(chunk))) for chunk in chunks)
     progress = Progress(count, "parameters loaded (rank 0)", enabled=dist.get_rank() == 0)
 
@@ -136,11 +145,17 @@ def hf_to_mcore(
 
 
 def mcore_to_hf(
-    checkpoint: str, out: str, tp: int = 1, pp: int = 1, force: bool = False, verify: bool = False
+    checkpoint: str,
+    out: str,
+    tp: int = 1,
+    pp: int = 1,
+    force: bool = False,
+    verify: bool = False,
+    layer_spec: str = "auto",
 ) -> None:
     _refuse_existing(out, force)
     hf_config = checkpoint_hf_config(checkpoint)
-    arch, chunks = _build(hf_config, tp, pp)
+    arch, chunks = _build(hf_config, tp, pp, layer_spec)
     load_mcore(chunks, checkpoint)
     stream = iter_hf_weights(chunks, arch)
     if dist.get_rank() == 0:
@@ -160,11 +175,17 @@ def mcore_to_hf(
 
 
 def reshard(
-    checkpoint: str, out: str, tp: int, pp: int, force: bool = False, verify: bool = False
+    checkpoint: str,
+    out: str,
+    tp: int,
+    pp: int,
+    force: bool = False,
+    verify: bool = False,
+    layer_spec: str = "auto",
 ) -> None:
     """(verify applies to conversions from or to HF; a reshard has no HF side to compare.)"""
     _refuse_existing(out, force)
     hf_config = checkpoint_hf_config(checkpoint)
-    _, chunks = _build(hf_config, tp, pp)
+    _, chunks = _build(hf_config, tp, pp, layer_spec)
     load_mcore(chunks, checkpoint)
     save_mcore(chunks, out, hf_config, force=force, tokenizer_from=model_checkpoint(checkpoint))
