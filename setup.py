@@ -8,6 +8,8 @@ setup(
     description="RL post-training of LLMs with the RPG family of KL-regularized policy gradients",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_rpg", "megatron_rpg.*"]),
+    # the benchmarks' JSON lines (AIME24/25, AMC23, MATH-500, GSM8K) with their sources
+    package_data={"megatron_rpg.data": ["benchmarks/*.jsonl", "benchmarks/README.md"]},
     install_requires=[
         # Ranges, not pins: GPU containers bring their own torch / megatron-core.
         # CPU machines and CI pin exact versions through constraints/cpu.txt.

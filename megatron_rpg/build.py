@@ -88,7 +88,7 @@ def build_tokenizer(
 
 def wrap_ddp(chunks: list[Any]) -> list[Any]:
     """Megatron DDP around each chunk, with finalize_model_grads wired in (without it data-
-    parallel replicas silently diverge: ../shared/docs/megatron_cpu.md)."""
+    parallel replicas silently diverge: docs/install.md)."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,

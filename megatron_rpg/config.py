@@ -275,6 +275,10 @@ class CheckpointConfig(Section):
         check("stop_after_minutes", self.stop_after_minutes, self.stop_after_minutes >= 0, ">= 0")
 
 
+# advantage estimators whose baseline is the prompt's group of responses (losses/advantages.py)
+GROUP_ESTIMATORS = ("group_mean", "group_mean_std", "group_mean_whitened")
+
+
 @dataclass
 class RunConfig(Section):
     seed: int = 1234
@@ -334,6 +338,15 @@ class RunConfig(Section):
                     "step: this knob would do nothing); loss.kl_anchor=ref for a reference "
                     "model",
                 )
+        grouped = self.algorithm.advantage in GROUP_ESTIMATORS
+        check(
+            "rollout.n",
+            self.rollout.n,
+            not grouped or self.rollout.n >= 2,
+            f">= 2 with algorithm.advantage {self.algorithm.advantage!r} (a group's baseline is "
+            "its own mean: one response per prompt has advantage 0 and nothing is learned); "
+            "batch_mean or reinforce_pp for one response per prompt",
+        )
         check(
             "sft.steps",
             self.sft.steps,

@@ -1,6 +1,6 @@
 """Benchmark evaluation: AIME24/25, AMC23, MATH-500, GSM8K with mean@k, pass@k and maj@k.
 
-    problems = load_benchmark("aime24")                       # ../shared/data/aime24.jsonl
+    problems = load_benchmark("aime24")                       # package data: 30 problems
     results = evaluate({"aime24": problems}, generate, k=32, pool=GraderPool())
     print(to_markdown(results))
 

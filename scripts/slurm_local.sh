@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real Slurm on this machine, for tests, CI and developers (recipe: ../shared/docs/slurm_local.md):
+# A real Slurm on this machine, for tests, CI and developers (slurm/README.md):
 #   bash scripts/slurm_local.sh start     # install if missing (Debian), start; idempotent
 #   bash scripts/slurm_local.sh stop      # cancel jobs, stop only the daemons it started
 #   bash scripts/slurm_local.sh status

@@ -67,6 +67,13 @@ def test_saved_config_reproduces_the_run(tmp_path):
             "tensor_parallel > 1",
         ),
         (["checkpoint.resume=yes please"], "checkpoint.resume", "true or false"),
+        (["rollout.n=1"], "rollout.n", ">= 2 with algorithm.advantage 'group_mean'"),
+        (
+            ["rollout.n=1", "algorithm.advantage=group_mean_std"],
+            "rollout.n",
+            ">= 2 with algorithm.advantage 'group_mean_std'",
+        ),
+        (["loss.kl_estimate_clamp=0"], "loss.kl_estimate_clamp", "null (off) or > 0"),
         (["algorithm.loss=ppo"], "algorithm.loss", "rpg_reinforce_urkl"),
         (["optimizer.mini_batch_size=6"], "optimizer.mini_batch_size", "a multiple of"),
         (["train_steps=0"], "train_steps", ">= 1"),
@@ -177,6 +184,7 @@ def test_paper_recipes_run_the_papers_setup(recipe):
     a, d = cfg.algorithm, cfg.data
     assert (d.prompts_per_step, cfg.rollout.n, cfg.optimizer.mini_batch_size) == (512, 16, 512)
     assert a.loss == "rpg_reinforce_urkl" and a.advantage == "group_mean"
+    assert cfg.loss.kl_estimate_clamp == 10.0  # the authors' kl_penalty
     assert a.dynamic_sampling and a.dynamic_sampling_max_rounds == 20
     assert a.overlong_buffer == cfg.rollout.max_tokens // 4 and a.incorrect_reward == -1.0
     assert (cfg.loss.beta, cfg.loss.clip, cfg.loss.kl_anchor) == (1e-4, "dual", "old")

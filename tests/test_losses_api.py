@@ -102,13 +102,11 @@ def test_reinforce_pp_baseline_whitens_group_advantages_over_tokens():
     mask = torch.arange(5)[None] < torch.tensor([1, 5, 3, 2, 4, 2])[:, None]
     got = compute_advantages("group_mean_whitened", rewards, groups, response_mask=mask)
     tokens = compute_advantages("group_mean", rewards, groups)[:, None].expand(-1, 5)[mask]
-    mean, std = tokens.mean(), tokens.std(unbiased=False)
-    want = (compute_advantages("group_mean", rewards, groups) - mean) / (std + 1e-6)
+    mean, std = tokens.mean(), tokens.std(unbiased=True)  # verl's masked_whiten: unbiased
+    want = (compute_advantages("group_mean", rewards, groups) - mean) / (std**2 + 1e-8).sqrt()
     torch.testing.assert_close(got, want)
     whitened_tokens = got[:, None].expand(-1, 5)[mask]
-    assert (
-        abs(whitened_tokens.mean()) < 1e-6 and abs(whitened_tokens.std(unbiased=False) - 1) < 1e-5
-    )
+    assert abs(whitened_tokens.mean()) < 1e-6 and abs(whitened_tokens.std() - 1) < 1e-5
     with pytest.raises(ValueError, match="needs group_ids and response_mask"):
         compute_advantages("group_mean_whitened", rewards, groups)
 
@@ -128,7 +126,7 @@ def test_reinforce_pp_advantages_by_hand():
     r0 = [-0.05, 0.0 + 1.0]  # sequence 0: two valid tokens, reward 1
     r1 = [0.05, 0.0, -0.1 + 0.0]  # sequence 1: three valid tokens, reward 0
     flat = torch.tensor([r0[0] + r0[1], r0[1], sum(r1), r1[1] + r1[2], r1[2]])
-    whitened = (flat - flat.mean()) / (flat.std(unbiased=False) + 1e-6)
+    whitened = (flat - flat.mean()) / (flat.var(unbiased=True) + 1e-8).sqrt()
     got = compute_advantages(
         "reinforce_pp", rewards, response_mask=mask, old_logprobs=old, ref_logprobs=ref, beta=beta
     )

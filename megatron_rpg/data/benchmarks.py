@@ -5,40 +5,13 @@ where they are and how they are read. Evaluation (evaluation.py) and the config'
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 from megatron_rpg.data.records import read_records
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def shared_data_dir() -> Path:
-    """The shipped data sets: $MEGATRON_RPG_DATA, else ../shared/data beside the project, else
-    beside the checkout this one was cloned from (a CI clone elsewhere on the same machine)."""
-    if os.environ.get("MEGATRON_RPG_DATA"):
-        return Path(os.environ["MEGATRON_RPG_DATA"])
-    beside = PROJECT_ROOT.parent / "shared" / "data"
-    if beside.is_dir():
-        return beside
-    try:
-        origin = subprocess.run(
-            ["git", "config", "--get", "remote.origin.url"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=PROJECT_ROOT,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        origin = ""
-    if origin and Path(origin).is_dir():
-        cloned_from = Path(origin).resolve().parent / "shared" / "data"
-        if cloned_from.is_dir():
-            return cloned_from
-    return beside  # absent: load_benchmark names the missing file
-
-
-DATA_DIR = shared_data_dir()
+# Package data (installed with the package; sources, licences and checksums in its README.md);
+# $MEGATRON_RPG_DATA points elsewhere (a directory of files with these names).
+DATA_DIR = Path(os.environ.get("MEGATRON_RPG_DATA") or Path(__file__).with_name("benchmarks"))
 BENCHMARKS = {
     "aime24": "aime24.jsonl",
     "aime25": "aime25.jsonl",

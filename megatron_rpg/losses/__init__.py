@@ -1,4 +1,4 @@
-"""The RPG loss library: pure tensor functions (spec: ../shared/docs/rpg_spec.md).
+"""The RPG loss library: pure tensor functions (the math: docs/rpg_math.md).
 
 loss, metrics = policy_loss("rpg_reinforce_urkl", logprobs, old_logprobs, advantages,
                             response_mask, config=LossConfig(beta=1e-4, clip="dual"))

@@ -10,7 +10,10 @@ Sequence rewards R_i, [batch]; `group_ids` [batch] says which prompt each respon
                      the broadcast advantage): REINFORCE++-Baseline, the paper's Tables 5, 7, 8
     reinforce_pp:    token rewards r_t = -beta*(lp_old_t - lp_ref_t), plus R_i at the last valid
                      token; returns G_t = sum_{s>=t} r_s; whitened over all valid tokens of the
-                     batch: A_t = (G_t - mean G) / (std G + eps)            (REINFORCE++)
+                     batch: A_t = (G_t - mean G) / sqrt(var G + 1e-8)     (REINFORCE++)
+
+Whitening is verl's masked_whiten: the masked mean, the masked *unbiased* variance (n - 1), and
+(x - mean) * rsqrt(var + 1e-8), over every data-parallel rank's tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ ESTIMATORS: tuple[str, ...] = (
     "group_mean_whitened",
     "reinforce_pp",
 )
+
+
+WHITEN_EPS = 1e-8  # verl's masked_whiten: inside the square root
 
 
 def _group_index(group_ids: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,15 +75,16 @@ def batch_mean_advantages(rewards: Tensor) -> Tensor:
 
 
 def group_mean_whitened_advantages(
-    rewards: Tensor, group_ids: Tensor, token_counts: Tensor, eps: float = 1e-6
+    rewards: Tensor, group_ids: Tensor, token_counts: Tensor
 ) -> Tensor:
-    """Group-mean advantages whitened with the token-weighted mean and (population) std."""
+    """Group-mean advantages whitened as `whiten` whitens them broadcast over each response's
+    tokens (verl's masked_whiten): the token-weighted mean and unbiased variance."""
     centred = group_mean_advantages(rewards, group_ids)
     weights = token_counts.to(centred.dtype)
-    total = weights.sum().clamp(min=1.0)
-    mean = (weights * centred).sum() / total
-    std = ((weights * (centred - mean).square()).sum() / total).sqrt()
-    return (centred - mean) / (std + eps)
+    total = weights.sum()
+    mean = (weights * centred).sum() / total.clamp(min=1.0)
+    variance = (weights * (centred - mean).square()).sum() / (total - 1).clamp(min=1.0)
+    return (centred - mean) * torch.rsqrt(variance + WHITEN_EPS)
 
 
 def reinforce_pp_returns(
@@ -96,21 +103,22 @@ def reinforce_pp_returns(
     return token_rewards.flip(-1).cumsum(-1).flip(-1) * mask
 
 
-def whiten(
-    values: Tensor, mask: Tensor, group: ProcessGroup | None = None, eps: float = 1e-6
-) -> Tensor:
-    """(values - mean) / (std + eps) over the masked entries, zero elsewhere; the mean and the
-    (population) std are taken over every rank of `group` when one is given (two all-reduces)."""
+def whiten(values: Tensor, mask: Tensor, group: ProcessGroup | None = None) -> Tensor:
+    """(values - mean) * rsqrt(var + 1e-8) over the masked entries, zero elsewhere, as verl's
+    masked_whiten: var is the unbiased masked variance, sum (x - mean)^2 / (n - 1). Mean and
+    variance are taken over every rank of `group` when one is given (two all-reduces). With a
+    single valid entry (n = 1, where verl refuses) every value is 0."""
     mask = mask.to(values.dtype)
     totals = torch.stack([(values * mask).sum(), mask.sum()])
     if group is not None:
         torch.distributed.all_reduce(totals, group=group)
-    mean = totals[0] / totals[1].clamp(min=1.0)
+    count = totals[1]
+    mean = totals[0] / count.clamp(min=1.0)
     square = ((values - mean) * mask).square().sum()
     if group is not None:
         torch.distributed.all_reduce(square, group=group)
-    std = (square / totals[1].clamp(min=1.0)).sqrt()
-    return (values - mean) / (std + eps) * mask
+    variance = square / (count - 1).clamp(min=1.0)
+    return (values - mean) * torch.rsqrt(variance + WHITEN_EPS) * mask
 
 
 def reinforce_pp_advantages(
@@ -119,11 +127,10 @@ def reinforce_pp_advantages(
     old_logprobs: Tensor,
     ref_logprobs: Tensor,
     beta: float,
-    eps: float = 1e-6,
 ) -> Tensor:
     """REINFORCE++ token advantages [batch, response_len] (see the module docstring)."""
     returns = reinforce_pp_returns(rewards, response_mask, old_logprobs, ref_logprobs, beta)
-    return whiten(returns, response_mask, eps=eps)
+    return whiten(returns, response_mask)
 
 
 def compute_advantages(

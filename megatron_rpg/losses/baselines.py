@@ -5,9 +5,11 @@ clip='dual' (dual_clip_c = inf gives the single clip of the published GRPO / DAP
 
     grpo:               PPO + beta*k3(pi_ref/pi_theta), no importance weight on the KL (as
                         published; its expected KL gradient is E_old[(1 - 1/r) grad lp], which is
-                        not the gradient of -beta*UKL(pi_theta || pi_ref)). log r is clamped to
-                        [-20, 20] inside k3, as verl's low_var_kl (where the paper's baselines
-                        ran): exp(-log r) is past fp32's range below log r ~ -88.
+                        not the gradient of -beta*UKL(pi_theta || pi_ref)). k3 exactly as verl's
+                        low_var_kl (where the paper's baselines ran): log r clamped to [-20, 20]
+                        inside it (exp(-log r) is past fp32's range below log r ~ -88), then k3
+                        clamped to [-10, 10] (its gradient is zero where |log r| is large enough
+                        for k3 > 10: log r > 11 or log r < -2.4).
     grpo_kl_corrected:  PPO + beta*w*k3(pi_ref/pi_theta), whose expected gradient is
                         E_old[w log r grad lp], the urkl gradient; w*k3 is written as
                         exp(log w - log r) - w*(1 - log r), finite where w underflows.
@@ -42,12 +44,14 @@ def _with_kl(surrogate: Surrogate, kl: Tensor) -> Surrogate:
 
 
 K3_LOG_RATIO_BOUND = 20.0  # verl's clamp of log r in its k3 ("low_var_kl")
+K3_BOUND = 10.0  # verl's clamp of k3 itself
 
 
 @register_loss("grpo", has_kl=True, clip_modes=("none", "dual"))
 def grpo(terms: TokenTerms, config: LossConfig) -> Surrogate:
     log_r = terms.log_ref_ratio.clamp(-K3_LOG_RATIO_BOUND, K3_LOG_RATIO_BOUND)
-    return _with_kl(ppo_surrogate(terms, config), config.beta * k3(log_r))
+    kl = k3(log_r).clamp(-K3_BOUND, K3_BOUND)
+    return _with_kl(ppo_surrogate(terms, config), config.beta * kl)
 
 
 @register_loss("grpo_kl_corrected", has_kl=True, clip_modes=("none", "dual"))

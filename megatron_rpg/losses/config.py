@@ -19,7 +19,9 @@ class LossConfig(Section):
     agg: aggregation over tokens; kl_anchor: 'old' (pi_ref = pi_old, the paper's iterative
     reference update) or 'ref' (a separate reference model); rollout_is: truncated importance
     sampling against the rollout engine's log-probs, per 'token' or 'sequence', capped at
-    rollout_is_cap.
+    rollout_is_cap; kl_estimate_clamp: None, or c: the fully differentiable RPG losses' per-token
+    KL estimate (ufkl, urkl, rkl; fkl is not clamped) is clamped to [-c, c], as the authors'
+    release does (c = 10), so its gradient is zero where the clamp is active (docs/rpg_math.md).
     """
 
     beta: float = 1e-4
@@ -31,6 +33,7 @@ class LossConfig(Section):
     kl_anchor: Literal["old", "ref"] = "old"
     rollout_is: Literal["none", "token", "sequence"] = "none"
     rollout_is_cap: float = field(default=2.0, metadata=UNBOUNDED)
+    kl_estimate_clamp: float | None = None
 
     def validate(self) -> None:
         check("beta", self.beta, self.beta >= 0 and math.isfinite(self.beta), "finite, >= 0")
@@ -38,3 +41,5 @@ class LossConfig(Section):
         check("eps_high", self.eps_high, self.eps_high >= 0, ">= 0")
         check("dual_clip_c", self.dual_clip_c, self.dual_clip_c > 1, "> 1 (inf disables it)")
         check("rollout_is_cap", self.rollout_is_cap, self.rollout_is_cap > 0, "> 0 (inf allowed)")
+        clamp = self.kl_estimate_clamp
+        check("kl_estimate_clamp", clamp, clamp is None or clamp > 0, "null (off) or > 0")

@@ -1,6 +1,6 @@
 """KL estimators and the four RPG divergences as per-token, importance-weighted terms.
 
-Notation (docs: ../shared/docs/rpg_spec.md), per response token, samples drawn from pi_old:
+Notation (docs/rpg_math.md), per response token, samples drawn from pi_old:
 
     log_w   = lp - lp_old    importance log-ratio       (carries gradient)
     log_r   = lp - lp_ref    log-ratio to the KL anchor (carries gradient)
@@ -53,6 +53,8 @@ class Divergence:
     folds_into_advantage: Algorithm 1 folds the KL into the regularized advantage
         A_hat = A + C_KL / w (urkl, rkl); for fkl/ufkl A_hat = A and the KL term stays outside
         the clip.
+    clamped_by_authors: the authors' release clamps this estimate to [-10, 10] per token in its
+        KL loss (ufkl, urkl, rkl; not fkl): loss.kl_estimate_clamp reproduces it.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Divergence:
     kl_weight_unscaled: _DivergenceTerm
     kl_weight_over_w_unscaled: _DivergenceTerm
     folds_into_advantage: bool
+    clamped_by_authors: bool
 
     def kl_weight(self, beta: float, log_w: Tensor, log_r: Tensor, log_rho: Tensor) -> Tensor:
         return beta * self.kl_weight_unscaled(log_w, log_r, log_rho)
@@ -81,6 +84,7 @@ UFKL = Divergence(
     kl_weight_unscaled=lambda log_w, log_r, log_rho: torch.exp(log_rho) - torch.exp(log_w),
     kl_weight_over_w_unscaled=lambda log_w, log_r, log_rho: torch.exp(log_rho - log_w) - 1.0,
     folds_into_advantage=False,
+    clamped_by_authors=True,
 )
 
 # UKL(pi_theta || pi_ref) = E_old[w*log r + (rho - w)];   C_KL = -beta*w*log r
@@ -93,6 +97,7 @@ URKL = Divergence(
     kl_weight_unscaled=lambda log_w, log_r, log_rho: -torch.exp(log_w) * log_r,
     kl_weight_over_w_unscaled=lambda log_w, log_r, log_rho: -log_r,
     folds_into_advantage=True,
+    clamped_by_authors=True,
 )
 
 # KL(pi_ref || pi_theta) = E_old[-rho*log r];   C_KL = beta*rho
@@ -103,6 +108,7 @@ FKL = Divergence(
     kl_weight_unscaled=lambda log_w, log_r, log_rho: torch.exp(log_rho),
     kl_weight_over_w_unscaled=lambda log_w, log_r, log_rho: torch.exp(log_rho - log_w),
     folds_into_advantage=False,
+    clamped_by_authors=False,
 )
 
 # KL(pi_theta || pi_ref) = E_old[w*log r];   C_KL = -beta*w*(log r + 1)
@@ -113,6 +119,7 @@ RKL = Divergence(
     kl_weight_unscaled=lambda log_w, log_r, log_rho: -torch.exp(log_w) * (log_r + 1.0),
     kl_weight_over_w_unscaled=lambda log_w, log_r, log_rho: -(log_r + 1.0),
     folds_into_advantage=True,
+    clamped_by_authors=True,
 )
 
 DIVERGENCES: dict[str, Divergence] = {d.name: d for d in (UFKL, URKL, FKL, RKL)}

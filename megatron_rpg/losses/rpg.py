@@ -8,6 +8,11 @@ Fully differentiable, `rpg_<div>`:   L = -w*A + beta*estimate_D(w, r, rho)      
     A_hat = A + C_KL/w for urkl and rkl, A_hat = A for fkl and ufkl.
 REINFORCE, `rpg_reinforce_<div>`:    L = -SG(w*A + C_KL) * lp                        (section 2)
     clip='dual': Algorithm 2; clip='truncate': w -> clip(w, 1-eps_low, 1+eps_high) inside SG.
+
+loss.kl_estimate_clamp = c (the authors' release: 10) clamps the fully differentiable forms'
+estimate_D to [-c, c] for ufkl, urkl and rkl, as the authors' KL loss does: where the clamp is
+active the KL term is the constant +-beta*c and its gradient is zero, folded into A_hat or not.
+The REINFORCE forms are left as they are (the authors' REINFORCE loss does not clamp its C_KL).
 """
 
 from __future__ import annotations
@@ -36,11 +41,17 @@ def rpg_loss(divergence: Divergence, terms: TokenTerms, config: LossConfig) -> S
         terms.advantages,
     )
     w = torch.exp(log_w)
-    kl_term = config.beta * divergence.estimate(log_w, log_r, log_rho)
+    estimate = divergence.estimate(log_w, log_r, log_rho)
+    bound = config.kl_estimate_clamp if divergence.clamped_by_authors else None
+    kl_live = torch.ones_like(estimate) if bound is None else (estimate.detach().abs() <= bound)
+    if bound is not None:
+        estimate = estimate.clamp(-bound, bound)
+    kl_term = config.beta * estimate
     if config.clip == "none":
         return Surrogate(-w * adv + kl_term)
-    if divergence.folds_into_advantage:
-        adv_hat = (adv + divergence.kl_weight_over_w(config.beta, log_w, log_r, log_rho)).detach()
+    if divergence.folds_into_advantage:  # the KL's gradient, zero where the clamp is active
+        kl_over_w = divergence.kl_weight_over_w(config.beta, log_w, log_r, log_rho) * kl_live
+        adv_hat = (adv + kl_over_w).detach()
         clipped = ppo_dual_clip(w, adv_hat, config.eps_low, config.eps_high, config.dual_clip_c)
         return Surrogate(clipped.loss, clipped)
     clipped = ppo_dual_clip(w, adv, config.eps_low, config.eps_high, config.dual_clip_c)

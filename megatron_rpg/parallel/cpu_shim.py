@@ -2,7 +2,7 @@
 
 `apply()` patches once per process and only when CUDA is unavailable; on a GPU it does nothing.
 Each patch names the megatron-core call site that needs it (0.16.1; the recipe and the failure
-each patch prevents are in ../shared/docs/megatron_cpu.md). Import it in every spawned rank:
+each patch prevents are in docs/install.md). Import it in every spawned rank:
 patches are not inherited with the spawn start method.
 
 Not covered (no CPU code path of ours uses them): the distributed optimizer's checkpoint resume
@@ -166,7 +166,7 @@ def _patch_cuda_type_checks() -> None:
 def _patch_tied_embedding_sync() -> None:
     """LanguageModule.setup_embeddings_and_output_layer (tied embeddings with PP > 1) moves the
     weight with `.cuda()` before all-reducing it between the first and last stage. Not in the
-    recipe of ../shared/docs/megatron_cpu.md (found with tied Qwen2 at PP=2): while it runs,
+    CPU recipe we started from (found with tied Qwen2 at PP=2): while it runs,
     `.cuda()` leaves tensors where they are."""
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
