@@ -338,6 +338,15 @@ class RunConfig(Section):
                     "step: this knob would do nothing); loss.kl_anchor=ref for a reference "
                     "model",
                 )
+        from megatron_rpg.losses.rpg import kl_inside_clip
+
+        check(
+            "loss.rollout_is_on_kl",
+            self.loss.rollout_is_on_kl,
+            self.loss.rollout_is_on_kl or not kl_inside_clip(self.algorithm.loss, self.loss.clip),
+            f"true with algorithm.loss {self.algorithm.loss!r} and loss.clip "
+            f"{self.loss.clip!r}: its KL is inside the clip, so the weight cannot leave it out",
+        )
         grouped = self.algorithm.advantage in GROUP_ESTIMATORS
         check(
             "rollout.n",

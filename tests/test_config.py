@@ -74,6 +74,7 @@ def test_saved_config_reproduces_the_run(tmp_path):
             ">= 2 with algorithm.advantage 'group_mean_std'",
         ),
         (["loss.kl_estimate_clamp=0"], "loss.kl_estimate_clamp", "null (off) or > 0"),
+        (["loss.rollout_is_on_kl=false"], "loss.rollout_is_on_kl", "its KL is inside the clip"),
         (["algorithm.loss=ppo"], "algorithm.loss", "rpg_reinforce_urkl"),
         (["optimizer.mini_batch_size=6"], "optimizer.mini_batch_size", "a multiple of"),
         (["train_steps=0"], "train_steps", ">= 1"),

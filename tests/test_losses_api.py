@@ -18,6 +18,7 @@ from megatron_rpg.losses import (
     separable_policy_loss,
     token_weights,
 )
+from megatron_rpg.losses.rpg import kl_inside_clip
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")
 
@@ -283,6 +284,20 @@ def test_separable_form_sums_to_the_loss_chunk_by_chunk(name, clip, agg, rollout
     """The fused path's per-token terms, computed a few flattened tokens at a time (chunks that
     cut through sequences), sum to policy_loss in value and gradient; ratios away from 1 so that
     clips are active, a reference anchor, counts of a larger step."""
+    check_separable(name, clip, agg, rollout_is, on_policy, on_kl=True)
+
+
+VERL_PLACEMENT = [(n, c) for n, c in VALID_CLIPS if LOSSES[n].has_kl and not kl_inside_clip(n, c)]
+
+
+@pytest.mark.parametrize("rollout_is", ["token", "sequence"])
+@pytest.mark.parametrize(("name", "clip"), VERL_PLACEMENT)
+def test_separable_form_with_the_weight_off_the_kl(name, clip, rollout_is):
+    """loss.rollout_is_on_kl=false (verl's placement): the token path still sums to the loss."""
+    check_separable(name, clip, "token-mean", rollout_is, on_policy=False, on_kl=False)
+
+
+def check_separable(name, clip, agg, rollout_is, on_policy, on_kl):
     if on_policy and rollout_is == "sequence":
         with pytest.raises(ValueError, match="rollout_is='sequence'"):
             separable_policy_loss(
@@ -308,6 +323,7 @@ def test_separable_form_sums_to_the_loss_chunk_by_chunk(name, clip, agg, rollout
         agg=agg,
         kl_anchor="ref",
         rollout_is=rollout_is,
+        rollout_is_on_kl=on_kl,
         eps_low=0.1,
         eps_high=0.1,
         dual_clip_c=1.5,

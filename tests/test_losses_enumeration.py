@@ -154,6 +154,27 @@ def test_rollout_importance_sampling_corrects_a_different_sampler(name, level):
     assert (plain - want).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("anchor", ["old", "ref"])
+@pytest.mark.parametrize("name", ["rpg_fkl", "rpg_ufkl", "rpg_reinforce_urkl", "grpo_kl_corrected"])
+def test_the_rollout_weight_belongs_on_the_kl_too(name, anchor):
+    """docs/rpg_math.md section 5: every KL estimate is an expectation under pi_old, so for
+    samples from mu the weight must multiply it as well: exact with rollout_is_on_kl (ours), off
+    by the mismatch with the policy-gradient part alone (verl's placement)."""
+    bandit = Bandit(seed=3, spread=0.5)
+    want = -bandit.true_gradient(name, anchor)
+    base = dict(rollout_is="token", rollout_is_cap=float("inf"))
+    ours = bandit.expected_surrogate_gradient(
+        name, config_for(name, anchor, "none", **base), bandit.rollout_logits
+    )
+    torch.testing.assert_close(ours, want, atol=1e-10, rtol=0)
+    verls = bandit.expected_surrogate_gradient(
+        name,
+        config_for(name, anchor, "none", rollout_is_on_kl=False, **base),
+        bandit.rollout_logits,
+    )
+    assert (verls - want).abs().max() > 1e-3
+
+
 class TwoTokenSequences:
     """Two-token responses y = (a1, a2): pi(y|c) = pi1(a1|c) pi2(a2|c, a1); sequence reward.
 

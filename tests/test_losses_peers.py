@@ -143,3 +143,24 @@ def test_reinforce_pp_and_baseline_advantages_whiten_as_verl():
     rel_close(
         baseline[:, None].expand(-1, 6)[mask], verl_masked_whiten(centred, mask.double())[mask]
     )
+
+
+def test_verls_placement_of_the_rollout_weight():
+    """loss.rollout_is_on_kl=false: the rollout weight on the policy-gradient part alone, the KL
+    added unweighted, as verl adds its KL loss to its (weighted) policy loss."""
+    lp, old, adv, mask = tensors(seed=6, spread=0.5)
+    g = torch.Generator().manual_seed(7)
+    ref = lp.detach() + 0.5 * torch.randn(lp.shape, generator=g)
+    rollout = old + 0.3 * torch.randn(lp.shape, generator=g)
+    common = dict(clip="dual", kl_anchor="ref", rollout_is="token", rollout_is_cap=2.0)
+    config = LossConfig(beta=0.2, rollout_is_on_kl=False, **common)
+    ours, _ = token_policy_loss("grpo", lp, old, adv, mask, ref, rollout, config=config)
+    policy_part, _ = token_policy_loss(
+        "grpo", lp, old, adv, mask, None, rollout, config=LossConfig(beta=0.0, **common)
+    )
+    theirs = policy_part + 0.2 * verl_low_var_kl(lp, ref) * mask
+    rel_close(ours, theirs)
+    weighted, _ = token_policy_loss(
+        "grpo", lp, old, adv, mask, ref, rollout, config=LossConfig(beta=0.2, **common)
+    )
+    assert (weighted - theirs).abs().max() > 1e-3  # the default weighs the KL too

@@ -40,7 +40,7 @@ def ppo_surrogate(terms: TokenTerms, config: LossConfig) -> Surrogate:
 
 
 def _with_kl(surrogate: Surrogate, kl: Tensor) -> Surrogate:
-    return Surrogate(surrogate.loss + kl, surrogate.clipped)
+    return Surrogate(surrogate.loss + kl, surrogate.clipped, kl)
 
 
 K3_LOG_RATIO_BOUND = 20.0  # verl's clamp of log r in its k3 ("low_var_kl")

@@ -19,7 +19,10 @@ class LossConfig(Section):
     agg: aggregation over tokens; kl_anchor: 'old' (pi_ref = pi_old, the paper's iterative
     reference update) or 'ref' (a separate reference model); rollout_is: truncated importance
     sampling against the rollout engine's log-probs, per 'token' or 'sequence', capped at
-    rollout_is_cap; kl_estimate_clamp: None, or c: the fully differentiable RPG losses' per-token
+    rollout_is_cap; rollout_is_on_kl: the weight multiplies the whole token loss, KL included
+    (true: unbiased for every anchor, docs/rpg_math.md section 5) or the policy-gradient part only
+    (false: verl's placement, for parity runs; needs the KL as a term of its own);
+    kl_estimate_clamp: None, or c: the fully differentiable RPG losses' per-token
     KL estimate (ufkl, urkl, rkl; fkl is not clamped) is clamped to [-c, c], as the authors'
     release does (c = 10), so its gradient is zero where the clamp is active (docs/rpg_math.md).
     """
@@ -33,6 +36,7 @@ class LossConfig(Section):
     kl_anchor: Literal["old", "ref"] = "old"
     rollout_is: Literal["none", "token", "sequence"] = "none"
     rollout_is_cap: float = field(default=2.0, metadata=UNBOUNDED)
+    rollout_is_on_kl: bool = True
     kl_estimate_clamp: float | None = None
 
     def validate(self) -> None:

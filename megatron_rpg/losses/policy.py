@@ -4,14 +4,16 @@ Tensors are [batch, response_len]; advantages are [batch] (per sequence) or [bat
 Pure tensor math: no model, no process group. Global token/sequence counts for the aggregation
 are passed in by the trainer (see aggregation.py).
 
-Rollout/trainer mismatch (spec section 5): with rollout_is='token' each token's loss is multiplied
-by SG(min(exp(lp_old - lp_rollout), C)); with 'sequence' by SG(min(exp(sum_t (lp_old - lp_rollout)),
-C)). The gap metrics are reported whenever rollout_logprobs are given.
+Rollout/trainer mismatch (docs/rpg_math.md section 5): with rollout_is='token' each token's loss
+is multiplied by SG(min(exp(lp_old - lp_rollout), C)); with 'sequence' by
+SG(min(exp(sum_t (lp_old - lp_rollout)), C)). With rollout_is_on_kl false (verl's placement) only
+the policy-gradient part is: loss = (loss - KL) * weight + KL, for losses whose KL is a term of
+its own (refused where it is inside the clip). The gap metrics are reported whenever
+rollout_logprobs are given.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import cast
@@ -23,6 +25,7 @@ from megatron_rpg.losses.aggregation import aggregate, masked_mean, token_weight
 from megatron_rpg.losses.config import LossConfig
 from megatron_rpg.losses.kl import k1, k3
 from megatron_rpg.losses.registry import LOSSES, LossSpec, TokenTerms
+from megatron_rpg.losses.rpg import kl_inside_clip
 
 Metrics = dict[str, Tensor]
 
@@ -90,18 +93,16 @@ def separable_policy_loss(
     weights = token_weights(mask, config.agg, num_tokens, num_sequences, advantages.dtype)
     if advantages.dim() == 1:
         advantages = advantages[:, None].expand(mask.shape)
-    chunk_config, chunk_rollout = config, rollout_logprobs
+    sequence_weights = None
     if config.rollout_is == "sequence" and rollout_logprobs is not None:
         if old_logprobs is None:
             raise ValueError(
                 "loss.rollout_is='sequence' weighs a sequence by all its tokens' pi_old: the token "
                 "path needs old_logprobs"
             )
-        seq = rollout_is_weights(
+        sequence_weights = rollout_is_weights(
             old_logprobs, rollout_logprobs, mask, "sequence", config.rollout_is_cap
-        )
-        weights = weights * seq  # stop-gradient: the same factor for every chunk of a sequence
-        chunk_config, chunk_rollout = dataclasses.replace(config, rollout_is="none"), None
+        ).expand(mask.shape)  # stop-gradient: the same factor for every chunk of a sequence
 
     def flat(tensor: Tensor | None, rows: slice | Tensor) -> Tensor | None:
         return None if tensor is None else tensor.reshape(-1)[rows][None]
@@ -116,8 +117,9 @@ def separable_policy_loss(
             cast(Tensor, flat(advantages, rows)),
             cast(Tensor, flat(mask, rows)),
             flat(ref_logprobs, rows),
-            flat(chunk_rollout, rows),
-            chunk_config,
+            flat(rollout_logprobs, rows),
+            config,
+            rollout_weights=flat(sequence_weights, rows),
         )
         return (token_loss * cast(Tensor, flat(weights, rows)))[0]
 
@@ -133,8 +135,12 @@ def token_policy_loss(
     ref_logprobs: Tensor | None = None,
     rollout_logprobs: Tensor | None = None,
     config: LossConfig | None = None,
+    *,
+    rollout_weights: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
-    """Per-token loss [batch, response_len] (zero where masked) before aggregation, and metrics."""
+    """Per-token loss [batch, response_len] (zero where masked) before aggregation, and metrics.
+    rollout_weights: the rollout importance weights, given (a chunk of tokens cannot compute its
+    sequence's), else computed from rollout_logprobs as loss.rollout_is says."""
     config = config or LossConfig()
     spec = _lookup(name)
     _validate(
@@ -168,10 +174,15 @@ def token_policy_loss(
         lp_rollout = _masked(rollout_logprobs.detach(), mask)
         metrics.update(_rollout_gap_metrics(lp_old, lp_rollout, mask))
         if config.rollout_is != "none":
-            is_weight = rollout_is_weights(
-                lp_old, lp_rollout, mask, config.rollout_is, config.rollout_is_cap
-            )
-            token_loss = token_loss * is_weight
+            is_weight = rollout_weights
+            if is_weight is None:
+                is_weight = rollout_is_weights(
+                    lp_old, lp_rollout, mask, config.rollout_is, config.rollout_is_cap
+                )
+            if config.rollout_is_on_kl or surrogate.kl is None:
+                token_loss = token_loss * is_weight
+            else:  # verl's placement: the policy-gradient part only
+                token_loss = (token_loss - surrogate.kl) * is_weight + surrogate.kl
             metrics["rollout/is_weight_mean"] = masked_mean(is_weight.expand_as(lp), mask)
     token_loss = _masked(token_loss, mask)
 
@@ -267,3 +278,8 @@ def _validate(
         )
     if config.rollout_is != "none" and rollout_logprobs is None:
         raise ValueError(f"loss.rollout_is={config.rollout_is!r} needs rollout_logprobs")
+    if not config.rollout_is_on_kl and kl_inside_clip(spec.name, config.clip):
+        raise ValueError(
+            f"loss.rollout_is_on_kl=false weighs the policy-gradient part alone, but loss "
+            f"{spec.name!r} with loss.clip={config.clip!r} has its KL inside the clip"
+        )

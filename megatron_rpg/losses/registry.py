@@ -29,10 +29,12 @@ class TokenTerms:
 
 @dataclass
 class Surrogate:
-    """A surrogate's per-token loss, and where a clip removed the gradient (None: no clip)."""
+    """A surrogate's per-token loss, where a clip removed the gradient (None: no clip), and the
+    loss's KL part when it is a term of its own (None: no KL, or the KL inside a clip)."""
 
     loss: Tensor
     clipped: ClippedLoss | None = None
+    kl: Tensor | None = None
 
 
 SurrogateFn = Callable[[TokenTerms, LossConfig], Surrogate]

@@ -48,14 +48,14 @@ def rpg_loss(divergence: Divergence, terms: TokenTerms, config: LossConfig) -> S
         estimate = estimate.clamp(-bound, bound)
     kl_term = config.beta * estimate
     if config.clip == "none":
-        return Surrogate(-w * adv + kl_term)
+        return Surrogate(-w * adv + kl_term, kl=kl_term)
     if divergence.folds_into_advantage:  # the KL's gradient, zero where the clamp is active
         kl_over_w = divergence.kl_weight_over_w(config.beta, log_w, log_r, log_rho) * kl_live
         adv_hat = (adv + kl_over_w).detach()
         clipped = ppo_dual_clip(w, adv_hat, config.eps_low, config.eps_high, config.dual_clip_c)
         return Surrogate(clipped.loss, clipped)
     clipped = ppo_dual_clip(w, adv, config.eps_low, config.eps_high, config.dual_clip_c)
-    return Surrogate(clipped.loss + kl_term, clipped)
+    return Surrogate(clipped.loss + kl_term, clipped, kl_term)
 
 
 def rpg_reinforce_loss(divergence: Divergence, terms: TokenTerms, config: LossConfig) -> Surrogate:
@@ -83,14 +83,26 @@ def rpg_reinforce_loss(divergence: Divergence, terms: TokenTerms, config: LossCo
     if config.clip == "truncate":
         log_w_bar = log_w.clamp(math.log1p(-config.eps_low), math.log1p(config.eps_high))
         log_r_bar = log_w_bar - log_rho  # log r = log w - log rho
-        weight = torch.exp(log_w_bar) * adv + divergence.kl_weight(
-            config.beta, log_w_bar, log_r_bar, log_rho
-        )
+        c_kl = divergence.kl_weight(config.beta, log_w_bar, log_r_bar, log_rho)
+        weight = torch.exp(log_w_bar) * adv + c_kl
         upper, lower = truncation_masks(w.detach(), config.eps_low, config.eps_high)
         loss = -weight.detach() * terms.logprobs
-        return Surrogate(loss, ClippedLoss(loss, upper, lower, torch.zeros_like(upper)))
-    weight = w * adv + divergence.kl_weight(config.beta, log_w, log_r, log_rho)
-    return Surrogate(-weight.detach() * terms.logprobs)
+        clipped = ClippedLoss(loss, upper, lower, torch.zeros_like(upper))
+        return Surrogate(loss, clipped, -c_kl.detach() * terms.logprobs)
+    c_kl = divergence.kl_weight(config.beta, log_w, log_r, log_rho)
+    weight = w * adv + c_kl
+    return Surrogate(-weight.detach() * terms.logprobs, kl=-c_kl.detach() * terms.logprobs)
+
+
+def kl_inside_clip(name: str, clip: str) -> bool:
+    """Whether the loss `name` with loss.clip=`clip` has its KL inside the clip, not as a term of
+    its own: Algorithm 1 folds urkl's and rkl's into A_hat, Algorithm 2 every REINFORCE form's
+    into its weight."""
+    if name.startswith("rpg_reinforce_"):
+        return clip == "dual"
+    if name.startswith("rpg_") and name[4:] in DIVERGENCES:
+        return clip == "dual" and DIVERGENCES[name[4:]].folds_into_advantage
+    return False
 
 
 for _divergence in DIVERGENCES.values():
