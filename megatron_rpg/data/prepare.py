@@ -59,7 +59,8 @@ def _field(path: Path, number: int, row: dict[str, Any], *keys: str | int) -> An
 
 
 def dapo_records(path: Path, english: bool = True) -> list[dict[str, str]]:
-    out, seen = [], set()
+    out: list[dict[str, str]] = []
+    seen: set[str] = set()
     for number, row in read_rows(path):
         prompt = str(_field(path, number, row, "prompt", 0, "content"))
         if not (prompt.startswith(_DAPO_BEFORE) and prompt.endswith(_DAPO_AFTER)):
@@ -74,7 +75,7 @@ def dapo_records(path: Path, english: bool = True) -> list[dict[str, str]]:
 
 
 def gsm8k_records(path: Path, split: str = "train") -> list[dict[str, str]]:
-    out = []
+    out: list[dict[str, str]] = []
     for number, row in read_rows(path):
         question = str(_field(path, number, row, "question"))
         solution = str(_field(path, number, row, "answer"))
