@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megatron_rpg.plot import write_curves_png  # noqa: E402
+from megatron_rpg.run.plot import write_curves_png  # noqa: E402
 
 RPG = ("fkl", "rkl", "ufkl", "urkl")
 VARIANTS = {  # the baselines as the paper ran them (Tables 5, 7, 8; verl's GRPO and DAPO)

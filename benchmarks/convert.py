@@ -111,11 +111,14 @@ def timed_conversion(src: str, out: str) -> dict:
     convert_s = time.perf_counter() - start
     destroy_model_parallel()
     # the export stream over a loaded model, vs a plain copy of its parameters
-    from megatron_rpg.checkpoint.convert import _build
     from megatron_rpg.checkpoint.mcore import load_mcore
+    from megatron_rpg.config import ParallelConfig
+    from megatron_rpg.models import build_model_chunks
+    from megatron_rpg.parallel import initialize_model_parallel
 
     arch = ModelArch.from_hf(HFCheckpoint(src).config)
-    _, chunks = _build(HFCheckpoint(src).config, 1, 1)
+    initialize_model_parallel(ParallelConfig(), seed=0)
+    chunks = build_model_chunks(arch, ParallelConfig(), torch.float32, initialize=False)
     load_mcore(chunks, out)
     start = time.perf_counter()
     streamed = sum(t.numel() * t.element_size() for _, t in iter_hf_weights(chunks, arch))

@@ -3,7 +3,7 @@
   (a) per shape:  one Megatron schedule per distinct micro-batch shape (the code before issue 32:
                   length-bucketed micro-batches, each shape's schedule filling and draining alone)
   (b) one schedule: every micro-batch in one schedule (shapes exchanged per transfer), at least
-                  2 x PP micro-batches (megatron_rpg.forward_backward, rl_batch.length_bucketed)
+                  2 x PP micro-batches (forward_backward.py; step/batch.py: length_bucketed)
 
 Same model, same rows: a mini-batch of 32 sequences with lengths drawn like a rollout's (prompt
 32-64 + response 16-128 tokens), cut by length_bucketed (micro-batch size 8; (b) with fewest=2P).
@@ -53,7 +53,7 @@ def measure(pp: int, repeats: int) -> dict[str, tuple[float, float, int, int]]:
     from megatron_rpg.forward_backward import LogprobOptions, ScheduleTimes, forward_backward
     from megatron_rpg.models import ModelArch, build_model_chunks
     from megatron_rpg.parallel import initialize_model_parallel
-    from megatron_rpg.rl_batch import length_bucketed
+    from megatron_rpg.step.batch import length_bucketed
 
     parallel = ParallelConfig(pipeline_parallel=pp)
     layout = initialize_model_parallel(parallel, seed=0)

@@ -106,7 +106,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, 600, process)
-        run("vllm serve fp32", VLLMServerEngine(url, hf))
+        run("vllm serve fp32", VLLMServerEngine(url, hf, "mrpg_gloo"))
     finally:
         os.killpg(process.pid, 9)
         process.wait()

@@ -59,11 +59,11 @@ def update_variants(trainer: Any) -> dict[str, float]:
     from megatron_rpg import forward_backward as fb
     from megatron_rpg.forward_backward import forward_backward
     from megatron_rpg.losses import compute_advantages
-    from megatron_rpg.rl_batch import length_bucketed
-    from megatron_rpg.update import MiniBatch, policy_losses
+    from megatron_rpg.step.batch import MiniBatch, length_bucketed
+    from megatron_rpg.step.update import LossSettings, policy_losses
 
     c = trainer.config
-    batch, _ = trainer.rollout()
+    batch = trainer.rl_step.collect().batch
     advantages = compute_advantages(c.algorithm.advantage, batch.rewards, batch.group_ids)
     micro = c.optimizer.micro_batch_size
 
@@ -81,12 +81,11 @@ def update_variants(trainer: Any) -> dict[str, float]:
     tokens, sequences = float(batch.response_mask.sum()), float(len(batch))
     bucketed_micros = [bucketed(rows) for rows in length_bucketed(batch.lengths(), micro)]
     padded_micros = [padded(rows) for rows in torch.arange(len(batch)).split(micro)]
-    recompute = dataclasses.replace(
-        c, optimizer=dataclasses.replace(c.optimizer, loss_in_forward=False)
-    )
-    variants = {  # name: (mini-batch, config, the output layer on every position)
-        "in_forward": (MiniBatch(bucketed_micros, tokens, sequences), c, False),
-        "every_position": (MiniBatch(bucketed_micros, tokens, sequences), c, True),
+    fused = LossSettings(c.algorithm.loss, c.loss, c.optimizer.loss_in_forward)
+    recompute = dataclasses.replace(fused, in_forward=False)
+    variants = {  # name: (mini-batch, loss settings, the output layer on every position)
+        "in_forward": (MiniBatch(bucketed_micros, tokens, sequences), fused, False),
+        "every_position": (MiniBatch(bucketed_micros, tokens, sequences), fused, True),
         "recompute": (MiniBatch(bucketed_micros, tokens, sequences), recompute, True),
         "padded": (MiniBatch(padded_micros, tokens, sequences), recompute, True),
     }
@@ -95,9 +94,9 @@ def update_variants(trainer: Any) -> dict[str, float]:
         "response_tokens": tokens,
     }
     for _ in range(2):
-        for name, (mini, config, every_position) in variants.items():
-            loss_fn, token_loss_fn = policy_losses(config, mini)
-            assert (token_loss_fn is not None) == (config is c)
+        for name, (mini, settings, every_position) in variants.items():
+            loss_fn, token_loss_fn = policy_losses(settings, mini)
+            assert (token_loss_fn is not None) == (settings is fused)
             for chunk in trainer.policy:
                 chunk.zero_grad_buffer()
             scoring = mock.patch.object(fb, "scored_positions", lambda batch: None)

@@ -1,6 +1,6 @@
 """A run's parts from its config: the model's Hugging Face config, the tokenizer, the policy in
-Megatron DDP, the optimizer and its LR schedule. Each builder takes what it needs, not the
-trainer, and names the config key of anything it refuses (ConfigError).
+Megatron DDP and the reference model, the optimizer and its LR schedule. Each builder takes what
+it needs, not the trainer, and names the config key of anything it refuses (ConfigError).
 """
 
 from __future__ import annotations
@@ -11,10 +11,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_rpg.config import ConfigError, OptimizerConfig, RunConfig
+from megatron_rpg.checkpoint.mcore import load_mcore
+from megatron_rpg.config import (
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    RunConfig,
+)
 from megatron_rpg.data import ArithmeticTask, MathDataset, Task
-from megatron_rpg.models import ModelArch
+from megatron_rpg.models import ModelArch, ReferenceModel, build_model_chunks
 from megatron_rpg.models.arch import read_hf_config
+from megatron_rpg.models.builder import resolve_dtype
 from megatron_rpg.rollout.placement import rollout_placement
 from megatron_rpg.tokenizer import HFTokenizer, Tokenizer, load_tokenizer, train_sentencepiece
 
@@ -30,11 +39,24 @@ def model_hf_config(path: str) -> dict[str, Any]:
         raise ConfigError("model.hf_config", path, allowed) from None
 
 
+def build_task(data: DataConfig) -> ArithmeticTask | MathDataset:
+    """The training task that `data` describes (data.task: arithmetic or math)."""
+    if data.task == "arithmetic":
+        return ArithmeticTask(data.max_operand, data.operators)
+    return MathDataset(
+        data.train_path,
+        data.prompt_key,
+        data.answer_key,
+        data.answer_extraction,
+        data.prompt_template,
+    )
+
+
 def check_before_ranks(config: RunConfig, world_size: int) -> None:
     """What a launcher checks before it starts `world_size` ranks: the model's config and where
     the rollout engine runs (ConfigError naming the key)."""
     arch = ModelArch.from_hf(model_hf_config(config.model.hf_config))
-    rollout_placement(config.rollout, arch, world_size)
+    rollout_placement(config.rollout, arch, world_size, config.model.params_dtype)
 
 
 def check_batch_layout(o: OptimizerConfig, data_parallel: int) -> None:
@@ -150,3 +172,37 @@ def make_scheduler(optimizer: Any, o: OptimizerConfig, train_steps: int) -> Any:
         override_opt_param_scheduler=True,  # on resume the config's values apply
         use_checkpoint_opt_param_scheduler=False,
     )
+
+
+class LRSchedule:
+    """Megatron's scheduler (make_scheduler) as a checkpoint component: resumed, its counters are
+    the saved ones and the configured `lr` applies from there (the saved param groups carry the
+    saved LR)."""
+
+    def __init__(self, scheduler: Any, optimizer: Any, lr: float):
+        self.scheduler, self.optimizer, self.lr = scheduler, optimizer, lr
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)
+        for group in self.optimizer.param_groups:
+            group["max_lr"] = group["min_lr"] = self.lr
+
+
+def build_models(
+    arch: ModelArch, model: ModelConfig, parallel: ParallelConfig, with_reference: bool
+) -> tuple[list[Any], ReferenceModel | None]:
+    """The policy's chunks (model.checkpoint loaded, DDP-wrapped) and, with `with_reference`,
+    the frozen reference model, a copy of the policy."""
+    dtype = resolve_dtype(model.params_dtype)
+    chunks = build_model_chunks(arch, parallel, dtype, layer_spec=model.layer_spec)
+    if model.checkpoint:
+        load_mcore(chunks, model.checkpoint)
+    policy = wrap_ddp(chunks)
+    if not with_reference:
+        return policy, None
+    reference = build_model_chunks(arch, parallel, dtype, layer_spec=model.layer_spec)
+    return policy, ReferenceModel(reference, policy)

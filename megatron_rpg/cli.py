@@ -69,15 +69,15 @@ def _train(args: argparse.Namespace) -> int:
     import os
     import signal
 
-    from megatron_rpg.preemption import StopSignals
+    from megatron_rpg.run.preemption import StopSignals
 
     # under srun / torchrun: this process is a rank; a signal from here on is kept, not fatal
     stop = StopSignals() if "RANK" in os.environ else None
 
     from megatron_rpg.build import check_before_ranks
     from megatron_rpg.config import check_input_paths
-    from megatron_rpg.resume_check import check_resume
-    from megatron_rpg.run_dir import claimed_run_dir
+    from megatron_rpg.run.resume_check import check_resume
+    from megatron_rpg.run.run_dir import claimed_run_dir
     from megatron_rpg.trainer import run_training
 
     cfg = load_config(args.config, args.overrides)
@@ -146,8 +146,6 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
     """Build the engine from --hf or --ckpt, generate, grade; write JSON + Markdown; the table."""
     import json
 
-    import torch
-
     from megatron_rpg.evaluation import (
         benchmark_name,
         compare_to_markdown,
@@ -156,7 +154,8 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
         to_markdown,
     )
     from megatron_rpg.rewards.sandbox import GraderPool
-    from megatron_rpg.rollout import EmbeddedEngine, SamplingParams
+    from megatron_rpg.rollout import SamplingParams
+    from megatron_rpg.rollout.build import checkpoint_engine
     from megatron_rpg.rollout.text import TextGenerator
     from megatron_rpg.tokenizer import load_tokenizer
 
@@ -165,48 +164,11 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
         from megatron_rpg.checkpoint.mcore import model_checkpoint
 
         source = model_checkpoint(source)  # a training checkpoint: its dist/
-    engine: Any
-    if args.engine == "vllm":
-        if not args.hf:
-            raise ConfigError("--ckpt", args.ckpt, "--hf with --engine vllm (mcore-to-hf first)")
-        from megatron_rpg.rollout.vllm_engine import VLLMEngine
-
-        tp = args.tensor_parallel
-        if tp == "auto":
-            from megatron_rpg.models import ModelArch
-            from megatron_rpg.models.arch import read_hf_config
-            from megatron_rpg.rollout.placement import largest_engine_tp
-
-            arch = ModelArch.from_hf(read_hf_config(source))
-            tp = largest_engine_tp(arch, torch.cuda.device_count())
-        engine = VLLMEngine(
-            source,
-            tp,
-            dtype=args.dtype,
-            seed=args.seed,
-            gpu_memory_utilization=0.9,
-            load_format="auto",
-        )
-    elif args.hf:
-        from megatron_rpg.checkpoint import HFCheckpoint
-
-        checkpoint = HFCheckpoint(source)
-        engine = EmbeddedEngine(checkpoint.config)
-        engine.update_weights((n, checkpoint.get(n).float()) for n in checkpoint.names())
-    else:
-        from megatron_rpg.checkpoint.mcore import checkpoint_hf_config, load_mcore
-        from megatron_rpg.config import ParallelConfig
-        from megatron_rpg.models import ModelArch, build_model_chunks
-        from megatron_rpg.parallel import initialize_model_parallel
-        from megatron_rpg.rollout import sync_weights
-
-        hf_config = checkpoint_hf_config(source)
-        arch = ModelArch.from_hf(hf_config)
-        initialize_model_parallel(ParallelConfig(), seed=0)
-        chunks = build_model_chunks(arch, ParallelConfig(), torch.float32, initialize=False)
-        load_mcore(chunks, source)
-        engine = EmbeddedEngine(hf_config)
-        sync_weights(chunks, arch, engine)
+    if args.engine == "vllm" and not args.hf:
+        raise ConfigError("--ckpt", args.ckpt, "--hf with --engine vllm (mcore-to-hf first)")
+    engine = checkpoint_engine(
+        source, bool(args.hf), args.engine, args.tensor_parallel, args.dtype, args.seed
+    )
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
     )
@@ -230,7 +192,7 @@ def _evaluate_on_rank(args: argparse.Namespace) -> str:
         (out / "comparison.md").write_text(comparison)
         table += f"\nagainst {args.baseline}:\n\n{comparison}"
     if args.manifest:
-        from megatron_rpg.manifest import record_evaluation
+        from megatron_rpg.run.manifest import record_evaluation
 
         record_evaluation(args.manifest, out.name, {"source": str(source), "results": results})
     return table

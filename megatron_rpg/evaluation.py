@@ -37,7 +37,7 @@ from megatron_rpg.rollout.protocol import SamplingParams
 from megatron_rpg.rollout.text import Generates, TextGenerator
 
 if TYPE_CHECKING:
-    from megatron_rpg.config import RunConfig
+    from megatron_rpg.config import DataConfig
 
 Generate = Callable[[list[str], int], list[list[str]]]
 EVAL_PROBLEMS = 256  # greedy_accuracy reads the task's first 256 problems
@@ -143,31 +143,46 @@ def greedy_accuracy(
     return sum(scores) / len(scores)
 
 
-def run_benchmarks(
-    config: RunConfig, engine: Generates, tokenizer: Any, pool: GraderPool | None
-) -> dict[str, float]:
-    """A run's periodic evaluation: mean@k, pass@k and maj@k of config.eval_benchmarks (the
-    first eval_limit problems of each) with the rollout engine. With a collective engine, on
-    every rank; pool None (ranks other than 0): generation only, {}."""
-    c = config
-    names = [n for n in c.eval_benchmarks.split(",") if n]
-    if not names:
-        return {}
-    params = SamplingParams(
-        temperature=c.rollout.temperature,
-        top_p=c.rollout.top_p,
-        max_tokens=c.rollout.max_tokens,
-        seed=c.seed,
-    )
-    results = evaluate(
-        {name: load_benchmark(name)[: c.eval_limit or None] for name in names},
-        TextGenerator(engine, tokenizer, params),
-        c.eval_k,
-        pool,
-        c.data.answer_extraction,
-        c.data.prompt_template,
-    )
-    return benchmark_metrics(results, c.eval_k)
+class RunEvaluation:
+    """A run's periodic evaluation, every `interval` steps (0: never), with the rollout engine:
+    greedy accuracy on the task's first problems (greedy_accuracy), and mean@k, pass@k and maj@k
+    of `benchmarks` (comma-separated; the first `limit` problems of each, 0: all) sampled with
+    `params`. Collective: rank 0 grades; the others get {} for the benchmarks."""
+
+    def __init__(
+        self,
+        interval: int,
+        benchmarks: str,
+        k: int,
+        limit: int,
+        params: SamplingParams,
+        data: DataConfig,
+        task: Any,
+        tokenizer: Any,
+    ):
+        self.interval, self.k, self.params, self.data = interval, k, params, data
+        names = [n for n in benchmarks.split(",") if n]
+        self.benchmarks = {name: load_benchmark(name)[: limit or None] for name in names}
+        self.task, self.tokenizer = task, tokenizer
+
+    def due(self, step: int) -> bool:
+        return bool(self.interval) and step % self.interval == 0
+
+    def __call__(self, engine: Any) -> dict[str, float]:
+        """`engine`: the rollout service (generate, grade, grader_pool)."""
+        max_tokens = self.params.max_tokens
+        accuracy = greedy_accuracy(self.task, self.tokenizer, engine, engine.grade, max_tokens)
+        if not self.benchmarks:
+            return {"eval/accuracy": accuracy}
+        results = evaluate(
+            self.benchmarks,
+            TextGenerator(engine, self.tokenizer, self.params),
+            self.k,
+            engine.grader_pool,
+            self.data.answer_extraction,
+            self.data.prompt_template,
+        )
+        return {"eval/accuracy": accuracy, **benchmark_metrics(results, self.k)}
 
 
 def benchmark_metrics(results: dict[str, Any], k: int) -> dict[str, float]:

@@ -19,7 +19,8 @@ from megatron_rpg.config import SFTConfig
 from megatron_rpg.data import ArithmeticTask
 from megatron_rpg.forward_backward import LogprobOptions, forward_backward
 from megatron_rpg.parallel import ParallelLayout
-from megatron_rpg.progress import Progress
+from megatron_rpg.run.progress import Progress
+from megatron_rpg.step.batch import pack_sequences
 from megatron_rpg.tokenizer import HFTokenizer, Tokenizer
 
 
@@ -50,12 +51,7 @@ def supervised_warmup(
             prompt = tokenizer.encode_prompt(task.prompt(problem))  # as the rollout sees it
             answer = tokenizer.encode(task.noisy_answer(problem, c.correct_fraction, rng))
             rows.append((prompt, [*answer, tokenizer.eos_id]))
-        width = max(len(p) + len(a) for p, a in rows)
-        tokens = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)
-        for b, (prompt, answer) in enumerate(rows):
-            tokens[b, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-            mask[b, len(prompt) - 1 : len(prompt) + len(answer) - 1] = True
+        tokens, mask = pack_sequences([p for p, _ in rows], [a for _, a in rows], tokenizer.pad_id)
         mine = slice(layout.dp_rank, None, layout.data_parallel)
         micro = {"tokens": tokens[mine], "response_mask": mask[mine], "count": mask.sum().float()}
 

@@ -214,11 +214,11 @@ def reference_update(name, weights):
 
 def padded_and_bucketed(name, weights, tp, pp):
     """One loss over 8 sequences of lengths 3..16, its gradients two ways: micro-batches in row
-    order padded to the batch's width, and length-bucketed (rl_batch.length_bucketed), each
+    order padded to the batch's width, and length-bucketed (step/batch.py: length_bucketed), each
     trimmed to its longest sequence. Per parameter, max |difference| / max |padded gradient|."""
     from megatron_rpg.forward_backward import LogprobOptions, forward_backward
     from megatron_rpg.models import load_full_state_dict
-    from megatron_rpg.rl_batch import RolloutBatch, length_bucketed
+    from megatron_rpg.step.batch import RolloutBatch, length_bucketed
 
     layout, arch, chunks = _setup(CONFIGS[name], tp, pp)
     for chunk in chunks:
@@ -303,16 +303,17 @@ def loading_errors(name, weights):
 
 
 def update_paths(name, weights, tp, pp, loss_name, loss_overrides, with_old):
-    """The trainer's micro-batch losses (update.policy_losses) on rollout-like micro-batches: the
-    gradients with the loss taken in the forward pass against the recompute path's, on this
-    rank's shard: max |difference| / max |gradient| over every parameter, and the metrics."""
+    """The trainer's micro-batch losses (step/update.py: policy_losses) on rollout-like
+    micro-batches: the gradients with the loss taken in the forward pass against the recompute
+    path's, on this rank's shard: max |difference| / max |gradient| over every parameter, and
+    the metrics."""
     import dataclasses
 
-    from megatron_rpg.config import RunConfig
     from megatron_rpg.forward_backward import LogprobOptions, forward_backward
     from megatron_rpg.losses import LossConfig
     from megatron_rpg.models import load_full_state_dict, sharded_parameters
-    from megatron_rpg.update import MiniBatch, policy_losses
+    from megatron_rpg.step.batch import MiniBatch
+    from megatron_rpg.step.update import LossSettings, policy_losses
 
     layout, arch, chunks = _setup(CONFIGS[name], tp, pp)
     for chunk in chunks:
@@ -339,18 +340,12 @@ def update_paths(name, weights, tp, pp, loss_name, loss_overrides, with_old):
         if with_old:
             micro["old_logprobs"] = lp + 0.2 * torch.randn(b, s - 1, generator=g)
         micros.append(micro)
-    base = RunConfig()
-    loss = LossConfig(**{**dataclasses.asdict(base.loss), **loss_overrides})
-    algorithm = dataclasses.replace(base.algorithm, loss=loss_name)
-    config = dataclasses.replace(base, loss=loss, algorithm=algorithm)
+    loss = LossConfig(**{**dataclasses.asdict(LossConfig()), **loss_overrides})
     tokens = float(sum(m["response_mask"].sum() for m in micros))
     mini = MiniBatch(micros, num_tokens=2 * tokens, num_sequences=16.0)  # a larger step's counts
 
     def gradients(loss_in_forward):
-        c = dataclasses.replace(
-            config, optimizer=dataclasses.replace(config.optimizer, loss_in_forward=loss_in_forward)
-        )
-        loss_fn, token_loss_fn = policy_losses(c, mini)
+        loss_fn, token_loss_fn = policy_losses(LossSettings(loss_name, loss, loss_in_forward), mini)
         for chunk in ddp:
             chunk.zero_grad_buffer()
         out = forward_backward(ddp, mini.micros, options, loss_fn, token_loss_fn)

@@ -35,7 +35,7 @@ def colocated_engine(hf_config, model_dir, tensor_parallel):
 def server_engine(hf_config, url):
     from megatron_rpg.rollout.vllm_engine import VLLMServerEngine
 
-    return VLLMServerEngine(url, hf_config, timeout_s=120)
+    return VLLMServerEngine(url, hf_config, "mrpg_gloo", timeout_s=120)
 
 
 def _trainer_logprobs(chunks, arch, tokens):

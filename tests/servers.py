@@ -5,19 +5,13 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import urllib.request
 from pathlib import Path
 
+from megatron_rpg.parallel import free_port
 from megatron_rpg.rollout.vllm_server import server_command, server_environment, wait_until_healthy
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_dir(parent, hf_config, state_dict=None):

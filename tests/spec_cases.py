@@ -114,9 +114,11 @@ def vllm_packed_broadcast(name, hf_state, tp, bucket_bytes, packed_bytes, layer_
 
 def engine_outlasting_the_timeout(seconds):
     """Rank 0's engine generates for `seconds`, longer than the process group's timeout; every
-    rank gets its responses through CollectiveEngine, then grades through on_rank0 as long."""
-    from megatron_rpg.rollout.collective import CollectiveEngine, on_rank0
+    rank gets its responses through the RolloutService, then grades through on_rank0 as long."""
+    from megatron_rpg.rewards.grader import TaskGrader
+    from megatron_rpg.rollout.collective import on_rank0
     from megatron_rpg.rollout.protocol import Response
+    from megatron_rpg.rollout.service import RolloutService
 
     class SlowEngine:
         collective = False
@@ -126,8 +128,8 @@ def engine_outlasting_the_timeout(seconds):
             return [[Response(token_ids=[7, 8], logprobs=[-0.5, -0.25], finish_reason="stop")]]
 
     rank = torch.distributed.get_rank()
-    engine = CollectiveEngine(SlowEngine() if rank == 0 else None, rank)
-    groups = engine.generate([[1, 2, 3]], None)
+    service = RolloutService(SlowEngine() if rank == 0 else None, TaskGrader("exact"), rank)
+    groups = service.generate([[1, 2, 3]], None)
 
     def grade():
         time.sleep(seconds)

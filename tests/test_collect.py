@@ -4,13 +4,13 @@ during the rounds ends the rollout after the current round."""
 
 import pytest
 
-from megatron_rpg.rollout.collect import (
+from megatron_rpg.rollout.protocol import Response, SamplingParams
+from megatron_rpg.step.collect import (
     CollectSettings,
     RolloutStopped,
     collect_groups,
     groups_to_batch,
 )
-from megatron_rpg.rollout.protocol import Response, SamplingParams
 
 
 class Task:

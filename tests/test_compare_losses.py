@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # minutes: left out of the quick run, pytest -m "not slow"
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
     "sft.steps=2",

@@ -1,7 +1,5 @@
 """Typed configuration: YAML + key=value overrides; every bad key or value is named."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -134,26 +132,10 @@ def test_bad_yaml_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_cli_prints_resolved_config_and_names_bad_keys():
-    ok = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_rpg.cli",
-            "config",
-            "--config",
-            str(PAPER),
-            "loss.beta=0.01",
-        ],
-        capture_output=True,
-        text=True,
-    )
+def test_cli_prints_resolved_config_and_names_bad_keys(cli):
+    ok = cli("config", "--config", PAPER, "loss.beta=0.01")
     assert ok.returncode == 0 and "beta: 0.01" in ok.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "megatron_rpg.cli", "config", "loss.nope=1"],
-        capture_output=True,
-        text=True,
-    )
+    bad = cli("config", "loss.nope=1")
     assert bad.returncode == 2 and "'loss.nope'" in bad.stderr
 
 

@@ -13,6 +13,8 @@ from megatron_rpg.checkpoint import HFCheckpoint, write_hf_checkpoint
 
 from hf_cases import hf_model
 
+pytestmark = pytest.mark.slow  # minutes: left out of the quick run, pytest -m "not slow"
+
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
 
 

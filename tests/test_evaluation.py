@@ -140,12 +140,10 @@ def test_a_jsonl_file_is_a_benchmark_named_by_its_stem_graded_by_last_number(tmp
     assert flexible["mean@2"] == flexible["maj@2"] == 0.5
 
 
-def test_eval_command_from_hf_and_from_megatron_checkpoint_agree(tmp_path):
+@pytest.mark.slow
+def test_eval_command_from_hf_and_from_megatron_checkpoint_agree(tmp_path, cli):
     """End to end on a tiny random model with a tokenizer trained here: the HF directory and its
     Megatron conversion generate the same responses, so their results are identical."""
-    import subprocess
-    import sys
-
     import torch
     import transformers
 
@@ -171,21 +169,13 @@ def test_eval_command_from_hf_and_from_megatron_checkpoint_agree(tmp_path):
     write_hf_checkpoint(hf, model.state_dict().items(), config.to_dict())
     (hf / "tokenizer.model").write_bytes((tmp_path / "tokenizer.model").read_bytes())
 
-    def run(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "megatron_rpg.cli", *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-
     common = ["--benchmarks", "aime24,gsm8k", "--k", 2, "--limit", 3, "--max-tokens", 6]
-    done = run("eval", "--hf", hf, *common, "--out", tmp_path / "from_hf")
+    done = cli("eval", "--hf", hf, *common, "--out", tmp_path / "from_hf")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| aime24 | 3 |" in done.stdout and "| gsm8k | 3 |" in done.stdout
-    done = run("convert", "hf-to-mcore", "--hf", hf, "--out", tmp_path / "mcore")
+    done = cli("convert", "hf-to-mcore", "--hf", hf, "--out", tmp_path / "mcore")
     assert done.returncode == 0, done.stderr[-3000:]
-    done = run("eval", "--ckpt", tmp_path / "mcore", *common, "--out", tmp_path / "from_mcore")
+    done = cli("eval", "--ckpt", tmp_path / "mcore", *common, "--out", tmp_path / "from_mcore")
     assert done.returncode == 0, done.stderr[-3000:]
     from_hf = json.loads((tmp_path / "from_hf" / "results.json").read_text())
     from_mcore = json.loads((tmp_path / "from_mcore" / "results.json").read_text())
@@ -216,8 +206,9 @@ def test_multiplication_problems_hold_out_whole_problems_and_state_true_products
 def test_training_prompts_are_the_evaluation_prompts(tmp_path, template):
     """The task built from the config uses data.prompt_template, as evaluate() does (training
     once used the DAPO prompt whatever the config said)."""
+    from megatron_rpg.build import build_task
     from megatron_rpg.config import DataConfig
-    from megatron_rpg.data import PROMPT_TEMPLATES, build_task
+    from megatron_rpg.data import PROMPT_TEMPLATES
 
     path = tmp_path / "train.jsonl"
     path.write_text('{"problem": "What is 6 x 7?", "answer": "42"}\n')
@@ -229,7 +220,7 @@ def test_training_prompts_are_the_evaluation_prompts(tmp_path, template):
 
 def test_before_after_table_and_manifest_record(tmp_path):
     from megatron_rpg.evaluation import compare_to_markdown
-    from megatron_rpg.manifest import record_evaluation, write_manifest
+    from megatron_rpg.run.manifest import record_evaluation, write_manifest
 
     def result(mean, low, high):
         r = {"problems": 150, "k": 4}

@@ -15,11 +15,13 @@ from megatron_rpg.data import MathDataset
 from megatron_rpg.evaluation import DATA_DIR
 from megatron_rpg.parallel import run_on_ranks
 from megatron_rpg.rollout import Response, SamplingParams
-from megatron_rpg.rollout.collect import CollectSettings, collect_groups
 from megatron_rpg.rollout.text import TextGenerator
+from megatron_rpg.step.collect import CollectSettings, collect_groups
 from megatron_rpg.tokenizer import load_tokenizer, train_sentencepiece
 
 from hf_cases import checkpoint_logits
+
+pytestmark = pytest.mark.slow  # minutes: left out of the quick run, pytest -m "not slow"
 
 TOLERANCE = 1e-4  # fp32, max |logit difference|
 
@@ -192,11 +194,8 @@ def test_chat_template_on_without_a_template_is_refused(tmp_path):
         load_tokenizer(tmp_path, "on")
 
 
-def test_eval_runs_on_the_converted_model(smollm2_hf, tmp_path):
+def test_eval_runs_on_the_converted_model(smollm2_hf, tmp_path, cli):
     """megatron-rpg eval on the real model, its chat template on (auto), GSM8K test problems."""
-    import subprocess
-    import sys
-
     args = [
         "eval",
         "--hf",
@@ -212,12 +211,7 @@ def test_eval_runs_on_the_converted_model(smollm2_hf, tmp_path):
         "--out",
         tmp_path / "eval",
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "megatron_rpg.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = cli(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| gsm8k | 3 |" in done.stdout
     result = json.loads((tmp_path / "eval" / "results.json").read_text())["gsm8k"]

@@ -76,6 +76,7 @@ def test_vllm_packed_nccl_transfer_of_the_export_stream_is_bit_identical(pool2, 
         assert torch.equal(out["received"][key], tensor), key
 
 
+@pytest.mark.slow
 def test_ranks_waiting_for_rank0s_rollout_outlive_the_process_group_timeout():
     """Rank 0 generates, then grades, for 6 s each under a 2 s collective timeout: the others
     wait on the store, not in a collective, and all get rank 0's answers."""

@@ -165,6 +165,7 @@ ADVERSARIAL = [
 ]
 
 
+@pytest.mark.slow
 def test_adversarial_outputs_score_zero_in_time_and_leave_no_process(tmp_path):
     marker = "/tmp/pwned_by_grader"
     if os.path.exists(marker):

@@ -59,25 +59,9 @@ def test_70b_plan_matches_the_hand_calculation():
     plan.check()
 
 
-def test_dry_run_prints_the_plan():
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_rpg.cli",
-            "launch",
-            "--config",
-            str(RECIPE_70B),
-            "--nodes",
-            "8",
-            "--dry-run",
-            f"model.hf_config={ROOT / 'examples/models/llama3.1-70b'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+def test_dry_run_prints_the_plan(cli):
+    hf = f"model.hf_config={ROOT / 'examples/models/llama3.1-70b'}"
+    done = cli("launch", "--config", RECIPE_70B, "--nodes", 8, "--dry-run", hf, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "trainer TP 8 x PP 4 x DP 2" in done.stdout and "plan: fits" in done.stdout
     assert "training peak   30.64   rollout peak   59.79" in done.stdout
@@ -205,20 +189,20 @@ def test_evaluation_tp_auto_fits_the_heads(model, gpus, tp):
     assert largest_engine_tp(arch, gpus) == tp
 
 
-def test_launch_submits_the_checked_config_with_a_task_per_gpu(tmp_path):
+def test_launch_submits_the_checked_config_with_a_task_per_gpu(tmp_path, cli):
     """`launch --script`: sbatch gets this config file (CONFIG, which the recipes read), one task
     per GPU and the overrides; a missing initial checkpoint is refused before anything queues."""
     stub = tmp_path / "sbatch"
     stub.write_text(f'#!/usr/bin/env bash\necho "$@" >"{tmp_path}/sbatch.args"\n')
     stub.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
-    base = [sys.executable, "-m", "megatron_rpg.cli", "launch", "--config", str(RECIPE_70B)]
+    base = ["launch", "--config", RECIPE_70B]
     hf = f"model.hf_config={ROOT / 'examples/models/llama3.1-70b'}"
     data = tmp_path / "train.jsonl"
     data.write_text("")
     args = ["--nodes", "8", "--gpus-per-node", "8", "--script", "slurm/rpg_70b.sh", hf]
     args += [f"data.train_path={data}"]
-    done = subprocess.run([*base, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    done = cli(*base, *args, env=env)
     assert done.returncode == 0, done.stderr
     submitted = (tmp_path / "sbatch.args").read_text().split()
     assert submitted[:4] == [
@@ -228,13 +212,7 @@ def test_launch_submits_the_checked_config_with_a_task_per_gpu(tmp_path):
         f"--export=ALL,CONFIG={RECIPE_70B}",
     ]
     assert submitted[4:] == ["slurm/rpg_70b.sh", hf, f"data.train_path={data}"]
-    missing = subprocess.run(
-        [*base, *args, f"model.checkpoint={tmp_path / 'nowhere'}"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    missing = cli(*base, *args, f"model.checkpoint={tmp_path / 'nowhere'}", env=env)
     assert missing.returncode != 0 and "model.checkpoint" in missing.stderr
     assert (tmp_path / "sbatch.args").read_text().split()[4:] == submitted[4:]  # not submitted
 

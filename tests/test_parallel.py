@@ -56,6 +56,7 @@ def test_a_rank_exception_is_reraised_with_its_traceback(pool2):
     assert pool2.run(whoami, "after")[1] == ("after", 1, 2, 1)  # the pool still serves
 
 
+@pytest.mark.slow
 def test_a_rank_stuck_in_a_collective_is_cleaned_up(pool2):
     with pytest.raises(RankError, match="rank one gave up"):
         pool2.run(fail_while_peer_waits_in_collective)
@@ -194,6 +195,7 @@ def work_until_terminated(pid_dir):
     return "stopped"
 
 
+@pytest.mark.slow
 def test_ranks_of_a_killed_parent_die_with_it(tmp_path):
     """kill -9 of the process holding the pool (no atexit runs, its run-directory lock is gone):
     its ranks die at once instead of writing on as orphans beside the next run."""
@@ -240,6 +242,7 @@ def die_without_a_result():
     os._exit(9)
 
 
+@pytest.mark.slow
 def test_a_function_may_outlast_the_collective_timeout_and_a_dead_rank_is_named():
     """timeout_s bounds collectives, not the function (a 30-minute default once killed every
     training run at 30 minutes); a rank that dies is reported, not waited for."""

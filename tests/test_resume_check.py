@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from megatron_rpg.config import ConfigError, config_to_dict, load_config, save_config
-from megatron_rpg.resume_check import IGNORED, REFUSED, _flatten, check_resume
+from megatron_rpg.run.resume_check import IGNORED, REFUSED, _flatten, check_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["model.hf_config=examples/tiny_model", "train_steps=10", "seed=3"]

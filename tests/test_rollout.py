@@ -36,10 +36,10 @@ def vllm_server_engine(name, parent):
     model = hf_model(name, families=VLLM_FAMILIES)
     directory = model_dir(parent, VLLM_FAMILIES[name], model.state_dict())
     with running_server(directory, load_format="auto") as (url, _):
-        yield VLLMServerEngine(url, VLLM_FAMILIES[name]), model, 1e-4
+        yield VLLMServerEngine(url, VLLM_FAMILIES[name], "mrpg_gloo"), model, 1e-4
 
 
-@pytest.fixture(scope="module", params=["embedded", "vllm"])
+@pytest.fixture(scope="module", params=["embedded", pytest.param("vllm", marks=pytest.mark.slow)])
 def engine(request, tmp_path_factory):
     if request.param == "embedded":
         yield embedded_engine("llama")

@@ -2,13 +2,11 @@
 refused, and the command says so in one line before starting any rank."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from megatron_rpg.config import ConfigError
-from megatron_rpg.run_dir import claim_run_dir
+from megatron_rpg.run.run_dir import claim_run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,22 +44,10 @@ def test_a_second_writer_is_refused_with_the_owner_named(tmp_path):
     claim_run_dir(tmp_path, resume=True, overwrite=False).close()
 
 
-def test_train_refuses_in_one_line_before_spawning_ranks(tmp_path):
+def test_train_refuses_in_one_line_before_spawning_ranks(tmp_path, cli):
     run = holding_a_run(tmp_path)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_rpg.cli",
-            "train",
-            "--config",
-            os.path.join(ROOT, "examples", "tiny_cpu.yaml"),
-            f"logging.run_dir={run}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    config = os.path.join(ROOT, "examples", "tiny_cpu.yaml")
+    done = cli("train", "--config", config, f"logging.run_dir={run}", timeout=120)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "--overwrite replaces it" in done.stderr
 
@@ -69,7 +55,7 @@ def test_train_refuses_in_one_line_before_spawning_ranks(tmp_path):
 def test_a_resumed_run_keeps_its_wandb_run_id(tmp_path):
     """logging.wandb_project: a requeued job's wandb.init gets the id of the run directory's
     first start (resume='allow' alone made a new wandb run per requeue)."""
-    from megatron_rpg.metrics import wandb_run_id
+    from megatron_rpg.run.metrics import wandb_run_id
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

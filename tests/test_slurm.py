@@ -45,7 +45,7 @@ def _slurm_running() -> str | None:
 _why = _slurm_running()
 if _why and os.environ.get("MEGATRON_RPG_REQUIRE_SLURM") == "1":
     raise RuntimeError(f"MEGATRON_RPG_REQUIRE_SLURM=1 but {_why}")
-pytestmark = pytest.mark.skipif(_why is not None, reason=_why or "")
+pytestmark = [pytest.mark.skipif(_why is not None, reason=_why or ""), pytest.mark.slow]
 
 
 def sbatch(tmp_path, *overrides):

@@ -156,6 +156,7 @@ def test_the_conversion_job_runs_on_tp_x_pp_tasks(tmp_path):
     assert " ".join(call).endswith(tail)
 
 
+@pytest.mark.slow
 def test_a_recipe_run_goes_under_the_output_root_one_directory_per_experiment(tmp_path):
     """mrpg_train: logging.run_dir = MRPG_OUTPUT_ROOT/<job name>-<job id> (the same across
     requeues), or MRPG_EXPERIMENT; an explicit logging.run_dir argument wins."""

@@ -23,6 +23,8 @@ from trainer_cases import (
 
 from megatron_rpg.checkpoint.train_state import verify
 
+pytestmark = pytest.mark.slow  # minutes: left out of the quick run, pytest -m "not slow"
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "tiny_cpu.yaml"
 # a warm-up long enough that the rewards differ within groups: every step's update moves the
@@ -316,7 +318,7 @@ def test_kill_anywhere_resumes_bit_identically(uninterrupted, tmp_path):
 
 
 def test_a_bad_metrics_line_is_named_and_only_a_torn_last_one_dropped(tmp_path):
-    from megatron_rpg.metrics import read_metrics
+    from megatron_rpg.run.metrics import read_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rew')
@@ -622,7 +624,7 @@ def test_the_reference_interval_counts_optimizer_steps_as_the_paper():
     """The paper's 'every K optimizer steps': 512 prompts x 16 in mini-batches of 512 sequences
     are 16 optimizer steps per RL step, so K = 32 renews the reference after every second step."""
     from megatron_rpg.config import load_config
-    from megatron_rpg.trainer import reference_update_due
+    from megatron_rpg.step.reference import reference_update_due
 
     paper = Path(__file__).parents[1] / "examples" / "rpg_paper_qwen3_4b.yaml"
     config = load_config(paper, ["loss.kl_anchor=ref", "algorithm.ref_update_interval=32"])

@@ -20,6 +20,8 @@ from megatron_rpg.rollout.placement import rollout_placement
 
 from hf_cases import VLLM_FAMILIES, hf_model
 
+pytestmark = pytest.mark.slow  # minutes: left out of the quick run, pytest -m "not slow"
+
 TINY_MODEL = ROOT / "examples" / "tiny_model"
 # a longer warm-up than the default run's (reward about 0.7 after it), then RL past 0.8
 LEARNS = [

@@ -31,7 +31,7 @@ def non_finite_step_is_skipped(config_path, overrides):
 
     def poisoned(mini):
         inner, inner_terms = honest(mini)
-        factor = math.nan if trainer.step == 1 else 1.0
+        factor = math.nan if trainer.counters.step == 1 else 1.0
 
         def loss(lp, entropy, micro):
             value, metrics = inner(lp, entropy, micro)
@@ -53,7 +53,7 @@ def non_finite_step_is_skipped(config_path, overrides):
     after = snapshot()
     destroy_model_parallel()
     return {
-        "skipped": trainer.skipped_steps,
+        "skipped": trainer.counters.skipped_steps,
         "unchanged": all(torch.equal(a, b) for a, b in zip(before, after_skip, strict=True)),
         "moved_after": not all(torch.equal(a, b) for a, b in zip(after_skip, after, strict=True)),
         "finite": all(bool(torch.isfinite(p).all()) for p in after),
@@ -68,12 +68,14 @@ def dynamic_sampling_rollouts(config_path, overrides):
     trainer = Trainer(load_config(config_path, overrides))
     out = []
     for _ in range(2):
-        batch, metrics = trainer.rollout()
+        collected = trainer.rl_step.collect()
+        batch, metrics = collected.batch, collected.metrics
+        trainer.counters.data_position = collected.position  # as a step does
         varied = [
             len(set(batch.rewards[batch.group_ids == g].tolist())) > 1
             for g in range(int(batch.group_ids.max()) + 1)
         ]
-        out.append((varied, metrics, trainer.data_position, batch.rewards.tolist()))
+        out.append((varied, metrics, trainer.counters.data_position, batch.rewards.tolist()))
     destroy_model_parallel()
     return out
 
@@ -98,9 +100,9 @@ def signal_during_step_3(config_path, overrides, run_dir, where):
     run's, the stop's message); the others None."""
     import torch.distributed as dist
 
-    from megatron_rpg import update
     from megatron_rpg.parallel import destroy_model_parallel
-    from megatron_rpg.preemption import StopSignals
+    from megatron_rpg.run.preemption import StopSignals
+    from megatron_rpg.step import update
     from megatron_rpg.trainer import Trainer, run_training
 
     whole = run_training(load_config(config_path, [*overrides, f"logging.run_dir={run_dir}/a"]))
@@ -109,7 +111,7 @@ def signal_during_step_3(config_path, overrides, run_dir, where):
     trainer = Trainer(stopped_config)
     stop = StopSignals()
     owner, name, nth = {
-        "rollout": (trainer.engine, "generate", 1),
+        "rollout": (trainer.rollout, "generate", 1),
         "logprob pass": (update, "forward_backward", 1),
         "last logprob pass": (update, "forward_backward", 2),
         "update": (trainer.optimizer, "step", 1),
@@ -119,7 +121,7 @@ def signal_during_step_3(config_path, overrides, run_dir, where):
 
     def then_signal(*args, **kwargs):
         out = original(*args, **kwargs)
-        if trainer.step == 2:
+        if trainer.counters.step == 2:
             calls.append(name)
             stop.received = len(calls) >= nth  # as the handler does on SIGUSR1
         return out

@@ -31,7 +31,7 @@ from megatron_rpg.models.export import iter_hf_weights
 from megatron_rpg.models.hf_mapping import hf_names, hf_sources, to_megatron
 from megatron_rpg.models.sharding import sharded_parameters
 from megatron_rpg.parallel import initialize_model_parallel
-from megatron_rpg.progress import Progress
+from megatron_rpg.run.progress import Progress
 
 T = TypeVar("T")
 VERIFY_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1}  # max |logit difference|

@@ -26,7 +26,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -38,14 +38,10 @@ from megatron_rpg.checkpoint.mcore import (
     load_across_layer_specs,
     load_module_state,
 )
-from megatron_rpg.manifest import git_revision, sha256, versions
+from megatron_rpg.run.manifest import git_revision, sha256, versions
+from megatron_rpg.run.run_dir import MARKER, checkpoint_dir, complete_checkpoints
 
-MARKER = "COMPLETE"
 FULL_BELOW_BYTES = 2**20  # a failed write with less free space than this: the disk is full
-
-
-def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
 def rng_state() -> dict[str, Any]:
@@ -202,12 +198,6 @@ def _write_staging(
     dist.barrier()
 
 
-def complete_checkpoints(directory: str | Path) -> list[Path]:
-    """The checkpoints under `directory` that carry the COMPLETE marker, oldest first
-    (step_NNNNNNNN names sort by step)."""
-    return sorted(p for p in Path(directory).glob("step_*") if (p / MARKER).is_file())
-
-
 def _prune(directory: Path, keep_last: int) -> None:
     for old in complete_checkpoints(directory)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
@@ -265,11 +255,19 @@ def load_train_checkpoint(directory: Path, state_dicts: dict[str, Any]) -> tuple
     return loaded, json.loads((directory / "state.json").read_text())
 
 
+class Stateful(Protocol):
+    """A checkpoint component whose state is small and the same on every rank (counters, an LR
+    schedule, a moving average): saved as JSON under its name in state.json."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 class Checkpointer:
     """A run's training checkpoints (as torchtitan's CheckpointManager): the sharded state of the
-    policy's chunks (unwrapped), the optimizer and the reference model's chunks, with the
-    Stateful `owner`'s own state (state_dict / load_state_dict: counters, the LR schedule).
-    Collective."""
+    policy's chunks (unwrapped), the optimizer and the reference model's chunks, with the state of
+    every Stateful component by name. Collective."""
 
     def __init__(
         self,
@@ -277,13 +275,13 @@ class Checkpointer:
         policy_chunks: list[Any],
         optimizer: Any,
         reference_chunks: list[Any] | None,
-        owner: Any,
+        components: dict[str, Stateful],
         settings: Any,  # the config's CheckpointConfig
         config_yaml: str,
         model_files: dict[str, bytes],
     ):
         self.run_dir, self.policy, self.optimizer = run_dir, policy_chunks, optimizer
-        self.reference, self.owner, self.settings = reference_chunks, owner, settings
+        self.reference, self.components, self.settings = reference_chunks, components, settings
         self.config_yaml, self.model_files = config_yaml, model_files
 
     def _state(self, is_loading: bool) -> dict[str, Any]:
@@ -294,7 +292,7 @@ class Checkpointer:
             self.run_dir,
             step,
             self._state(False),
-            self.owner.state_dict(),
+            {name: part.state_dict() for name, part in self.components.items()},
             self.config_yaml,
             self.settings.keep_last,
             self.settings.verify_checksums,
@@ -302,12 +300,18 @@ class Checkpointer:
         )
 
     def resume(self) -> Path | None:
-        """Load the newest usable checkpoint into the parts and the owner; its directory, or
-        None when the run has none."""
+        """Load the newest usable checkpoint into the parts and the components (rank 0 says which);
+        its directory, or None when the run has none."""
         directory = latest_valid(self.run_dir)
+        if dist.get_rank() == 0:
+            fresh = f"no usable checkpoint in {self.run_dir}; starting fresh"
+            step = (directory / MARKER).read_text() if directory else ""
+            found = f"continuing from {directory} (step {step})"
+            print(f"resume: {found if directory else fresh}", flush=True)
         if directory is None:
             return None
         loaded, state = load_train_checkpoint(directory, self._state(True))
         load_sharded_state(loaded, self.policy, self.optimizer, self.reference)
-        self.owner.load_state_dict(state)
+        for name, part in self.components.items():
+            part.load_state_dict(state[name])
         return directory

@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from megatron_rpg.manifest import write_text_atomic
+from megatron_rpg.data.records import write_text_atomic
 
 FACTORS = range(2, 13)
 TEMPLATES = (

@@ -1,4 +1,5 @@
-"""Reading JSON lines of problems, and the seeded order in which a run takes them."""
+"""Reading JSON lines of problems, the seeded order in which a run takes them, and writing a file
+whole (atomically)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,13 @@ def take(items: list[T], seed: int, position: int, count: int) -> list[T]:
             orders[epoch] = order
         out.append(items[orders[epoch][i % size]])
     return out
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to a temporary file beside `path` and rename it over `path`: a reader (or a
+    crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+    return path

@@ -197,7 +197,9 @@ def memory_plan(
         raise ConfigError("parallel", f"TP{tp} x PP{pp}", f"a divisor of the {gpus} GPUs")
     engine_tp = c.rollout.tensor_parallel
     if c.rollout.engine == "vllm":  # the trainer's own check (rollout/placement.py)
-        rollout_placement(c.rollout, arch, gpus, gpus_per_node, cuda=True)
+        rollout_placement(
+            c.rollout, arch, gpus, c.model.params_dtype, gpus_per_node=gpus_per_node, cuda=True
+        )
     if gpus_per_node % engine_tp:
         raise ConfigError(
             "rollout.tensor_parallel",

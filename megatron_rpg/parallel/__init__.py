@@ -8,7 +8,7 @@ from megatron_rpg.parallel.distributed import (
 )
 from megatron_rpg.parallel.groups import ProcessGroups
 from megatron_rpg.parallel.seeding import seed_everything
-from megatron_rpg.parallel.spawn import RankError, RankPool, every_core, run_on_ranks
+from megatron_rpg.parallel.spawn import RankError, RankPool, every_core, free_port, run_on_ranks
 
 __all__ = [
     "ParallelLayout",
@@ -17,6 +17,7 @@ __all__ = [
     "RankPool",
     "destroy_model_parallel",
     "every_core",
+    "free_port",
     "init_process_group",
     "initialize_model_parallel",
     "run_on_ranks",

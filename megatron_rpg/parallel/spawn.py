@@ -58,9 +58,10 @@ class RankError(RuntimeError):
         super().__init__(f"rank {rank} raised:\n{remote_traceback}")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on every interface of this machine (a rendezvous, a transfer group)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return int(s.getsockname()[1])
 
 
@@ -139,7 +140,7 @@ class RankPool:
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         self._procs = [

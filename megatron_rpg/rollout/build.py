@@ -1,6 +1,6 @@
 """The trainer's rollout engine on this rank, as the placement says (rollout/placement.py).
 
-engine = build_engine(config, placement, hf_config, run_dir, rank)   # None: no engine here
+engine = build_engine(rollout, placement, hf_config, run_dir, rank, seed, max_model_len)
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_rpg.config import ConfigError, RunConfig
+from megatron_rpg.config import ConfigError, RolloutConfig
 from megatron_rpg.models import ModelArch
+from megatron_rpg.models.arch import read_hf_config
 from megatron_rpg.rollout.embedded import EmbeddedEngine
-from megatron_rpg.rollout.placement import RolloutPlacement
+from megatron_rpg.rollout.placement import RolloutPlacement, engine_tensor_parallel
+from megatron_rpg.rollout.sync import sync_weights
 
 
 def engine_model_dir(hf_config: dict[str, Any], run_dir: Path) -> Path:
@@ -34,19 +36,22 @@ def engine_model_dir(hf_config: dict[str, Any], run_dir: Path) -> Path:
 
 
 def build_engine(
-    config: RunConfig,
+    rollout: RolloutConfig,
     placement: RolloutPlacement,
     hf_config: dict[str, Any],
     run_dir: Path,
     rank: int,
+    seed: int,
+    max_model_len: int,
 ) -> Any:
-    r = config.rollout
+    """This rank's engine (None where the placement puts none), built with the placement's
+    resolved values."""
     if placement.engine == "embedded":
         return EmbeddedEngine(hf_config, dtype=torch.float32) if rank == 0 else None
     from megatron_rpg.rollout.vllm_engine import API_KEY, VLLMEngine, VLLMServerEngine
 
     if not placement.colocated:
-        urls = r.server_url or os.environ.get("MRPG_ENGINE_URL", "")
+        urls = rollout.server_url or os.environ.get("MRPG_ENGINE_URL", "")
         if not urls:
             raise ConfigError(
                 "rollout.server_url",
@@ -57,32 +62,65 @@ def build_engine(
         return VLLMServerEngine(
             urls,
             hf_config,
-            trainer_address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
             backend=placement.transfer,
-            timeout_s=r.request_timeout_s,
-            retries=r.request_retries,
+            trainer_address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            timeout_s=rollout.request_timeout_s,
+            retries=rollout.request_retries,
             api_key=os.environ.get(API_KEY),
         )
     return VLLMEngine(
         engine_model_dir(hf_config, run_dir),
         placement.tensor_parallel,
-        dtype=engine_dtype(config),
-        gpu_memory_utilization=r.gpu_memory_utilization,
-        kv_cache_gb=r.kv_cache_gb,
-        max_model_len=engine_max_model_len(config, hf_config),
-        seed=config.seed,
+        dtype=placement.dtype,
+        gpu_memory_utilization=rollout.gpu_memory_utilization,
+        kv_cache_gb=rollout.kv_cache_gb,
+        max_model_len=max_model_len,
+        seed=seed,
     )
 
 
-def engine_dtype(config: RunConfig) -> str:
-    """rollout.dtype, else the model's (auto: bf16 with CUDA, fp32 on CPUs)."""
-    dtype = config.rollout.dtype if config.rollout.dtype != "auto" else config.model.params_dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    return dtype
+def engine_max_model_len(max_prompt_tokens: int, max_tokens: int, hf_config: dict[str, Any]) -> int:
+    """The longest sequence the engine serves: a prompt (data.max_prompt_tokens) and its response
+    (rollout.max_tokens), within the model's."""
+    return min(int(hf_config["max_position_embeddings"]), max_prompt_tokens + max_tokens)
 
 
-def engine_max_model_len(config: RunConfig, hf_config: dict[str, Any]) -> int:
-    """The longest sequence the engine serves: a prompt and its response, within the model's."""
-    longest = config.data.max_prompt_tokens + config.rollout.max_tokens
-    return min(int(hf_config["max_position_embeddings"]), longest)
+def checkpoint_engine(
+    source: Path, is_hf: bool, kind: str, tensor_parallel: int | str, dtype: str, seed: int
+) -> Any:
+    """An engine holding a model checkpoint, for `megatron-rpg eval`: vLLM (`kind` "vllm") on a
+    Hugging Face directory, with `tensor_parallel` GPUs ("auto": the most that fit the model on
+    this machine); else the embedded engine, from a Hugging Face directory (`is_hf`) or a
+    Megatron checkpoint (loaded on this rank and streamed in as the trainer's policy is)."""
+    if kind == "vllm":
+        from megatron_rpg.rollout.vllm_engine import VLLMEngine
+
+        arch = ModelArch.from_hf(read_hf_config(source))
+        return VLLMEngine(
+            source,
+            engine_tensor_parallel(tensor_parallel, arch, torch.cuda.device_count()),
+            dtype=dtype,
+            seed=seed,
+            gpu_memory_utilization=0.9,
+            load_format="auto",
+        )
+    if is_hf:
+        from megatron_rpg.checkpoint import HFCheckpoint
+
+        checkpoint = HFCheckpoint(source)
+        engine = EmbeddedEngine(checkpoint.config)
+        engine.update_weights((n, checkpoint.get(n).float()) for n in checkpoint.names())
+        return engine
+    from megatron_rpg.checkpoint.mcore import checkpoint_hf_config, load_mcore
+    from megatron_rpg.config import ParallelConfig
+    from megatron_rpg.models import build_model_chunks
+    from megatron_rpg.parallel import initialize_model_parallel
+
+    hf_config = checkpoint_hf_config(source)
+    arch = ModelArch.from_hf(hf_config)
+    initialize_model_parallel(ParallelConfig(), seed=0)
+    chunks = build_model_chunks(arch, ParallelConfig(), torch.float32, initialize=False)
+    load_mcore(chunks, source)
+    engine = EmbeddedEngine(hf_config)
+    sync_weights(chunks, arch, engine)
+    return engine

@@ -1,5 +1,5 @@
 """The rollout engine seen from every rank of a run: each rank gets the same responses and the
-same grades, so that every rank runs the step's loop (rollout/collect.py) in lockstep.
+same grades, so that every rank runs the step's loop (step/collect.py) in lockstep.
 
 A colocated vLLM engine is collective itself (each rank's engine samples its share). The embedded
 engine and a vLLM server are driven by rank 0, which broadcasts what they return, and broadcasts a
@@ -28,35 +28,30 @@ from megatron_rpg.rollout.protocol import EngineError, Response, SamplingParams
 T = TypeVar("T")
 
 
-class CollectiveEngine:
+def collective_generate(
+    engine: Any, rank: int, prompts: Sequence[Sequence[int]], params: SamplingParams
+) -> list[list[Response]]:
     """`generate` on every rank (collective) over this rank's engine (None off rank 0 when the
-    engine is not colocated)."""
-
-    def __init__(self, engine: Any, rank: int):
-        self.engine, self.rank = engine, rank
-
-    def generate(
-        self, prompts: Sequence[Sequence[int]], params: SamplingParams
-    ) -> list[list[Response]]:
-        if self.engine is not None and self.engine.collective:
-            groups: list[list[Response]] = self.engine.generate(prompts, params)
-            return groups
-        payload: list[Any] = [None]
-        failure: Exception | None = None
-        with rank0_answers():
-            if self.rank == 0:
-                try:
-                    with every_core():  # the other ranks poll the store meanwhile
-                        payload = [(self.engine.generate(prompts, params), None)]
-                except Exception as err:
-                    failure, payload = err, [(None, f"{type(err).__name__}: {err}")]
-        dist.broadcast_object_list(payload, src=0)
-        groups, error = payload[0]
-        if failure is not None:
-            raise failure
-        if error is not None:
-            raise EngineError(f"rank 0's rollout engine failed: {error}")
-        return cast(list[list[Response]], groups)
+    engine is not colocated): every rank returns the same response groups."""
+    if engine is not None and engine.collective:
+        response_groups: list[list[Response]] = engine.generate(prompts, params)
+        return response_groups
+    payload: list[Any] = [None]
+    failure: Exception | None = None
+    with rank0_answers():
+        if rank == 0:
+            try:
+                with every_core():  # the other ranks poll the store meanwhile
+                    payload = [(engine.generate(prompts, params), None)]
+            except Exception as err:
+                failure, payload = err, [(None, f"{type(err).__name__}: {err}")]
+    dist.broadcast_object_list(payload, src=0)
+    response_groups, error = payload[0]
+    if failure is not None:
+        raise failure
+    if error is not None:
+        raise EngineError(f"rank 0's rollout engine failed: {error}")
+    return cast(list[list[Response]], response_groups)
 
 
 def on_rank0(compute: Callable[[], T]) -> T:

@@ -29,16 +29,24 @@ class RolloutPlacement:
     tensor_parallel: int  # ranks (GPUs) per engine
     engines: int  # colocated engines (0: a server's own count)
     transfer: str  # weight-transfer backend; "" for the embedded engine
+    dtype: str  # the engine's weights: "float32" for the embedded engine
 
-    def describe(self) -> str:
-        if self.engine == "embedded":
-            return "embedded engine on rank 0"
-        where = (
-            f"{self.engines} colocated engine(s) of TP {self.tensor_parallel}"
-            if self.colocated
-            else "a vllm serve of its own"
-        )
-        return f"vLLM: {where}, weights by {self.transfer}"
+
+def engine_dtype(rollout_dtype: str, params_dtype: str, cuda: bool) -> str:
+    """rollout.dtype, else the model's (model.params_dtype); 'auto' there: bf16 with CUDA, fp32
+    on CPUs."""
+    dtype = params_dtype if rollout_dtype == "auto" else rollout_dtype
+    if dtype == "auto":
+        return "bfloat16" if cuda else "float32"
+    return dtype
+
+
+def server_transfer(name: str, cuda: bool) -> str:
+    """rollout.weight_transfer for a vllm serve: 'auto' is NCCL from a CUDA trainer, gloo
+    (mrpg_gloo) otherwise."""
+    if name == "auto":
+        return "nccl" if cuda else "mrpg_gloo"
+    return name
 
 
 def engine_tp_fits(arch: ModelArch, tp: int) -> bool:
@@ -53,15 +61,26 @@ def largest_engine_tp(arch: ModelArch, devices: int) -> int:
     return max(tp for tp in range(1, max(devices, 1) + 1) if engine_tp_fits(arch, tp))
 
 
+def engine_tensor_parallel(value: int | str, arch: ModelArch, devices: int) -> int:
+    """An engine's tensor parallelism: `value`, or for 'auto' the largest that fits the model on
+    `devices` GPUs (largest_engine_tp)."""
+    if value == "auto":
+        return largest_engine_tp(arch, devices)
+    return int(value)
+
+
 def rollout_placement(
     rollout: RolloutConfig,
     arch: ModelArch,
     trainer_ranks: int,
+    params_dtype: str = "auto",
     gpus_per_node: int | None = None,
     cuda: bool | None = None,
 ) -> RolloutPlacement:
-    """The placement, or ConfigError naming the key that cannot work. `cuda`: the trainer's
-    device (default: this machine's); the launch plan passes True."""
+    """The placement with every 'auto' resolved (engine, transfer, dtype), or ConfigError naming
+    the key that cannot work. `params_dtype`: model.params_dtype, the engine's dtype unless
+    rollout.dtype sets one; `cuda`: the trainer's device (default: this machine's); the launch
+    plan passes True."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     tp = rollout.tensor_parallel
     server = rollout.engine_nodes > 0 or bool(rollout.server_url)
@@ -78,7 +97,7 @@ def rollout_placement(
                     value,
                     "its default with rollout.engine=embedded (one process; vLLM for the others)",
                 )
-        return RolloutPlacement("embedded", False, 1, 1, "")
+        return RolloutPlacement("embedded", False, 1, 1, "", "float32")
     heads, groups = arch.num_attention_heads, arch.num_query_groups
     if not engine_tp_fits(arch, tp):
         raise ConfigError(
@@ -87,9 +106,10 @@ def rollout_placement(
             f"a divisor of the {heads} attention heads that divides or is a "
             f"multiple of the {groups} KV heads",
         )
-    transfer = rollout.weight_transfer
+    transfer: str = rollout.weight_transfer
+    dtype = engine_dtype(rollout.dtype, params_dtype, cuda)
     if server:
-        transfer = ("nccl" if cuda else "mrpg_gloo") if transfer == "auto" else transfer
+        transfer = server_transfer(transfer, cuda)
         allowed = ("nccl", "mrpg_gloo") if cuda else ("mrpg_gloo",)
         if transfer not in allowed:
             raise ConfigError(
@@ -98,7 +118,7 @@ def rollout_placement(
                 f"one of {['auto', *allowed]} for a vllm serve"
                 f"{'' if cuda else ' from a trainer without CUDA'}",
             )
-        return RolloutPlacement("vllm", False, tp, 0, transfer)
+        return RolloutPlacement("vllm", False, tp, 0, transfer, dtype)
     if transfer not in ("auto", "mrpg_local"):
         raise ConfigError(
             "rollout.weight_transfer",
@@ -118,4 +138,4 @@ def rollout_placement(
             tp,
             f"a divisor of the {gpus_per_node} GPUs per node (an engine's ranks share a node)",
         )
-    return RolloutPlacement("vllm", True, tp, trainer_ranks // tp, "mrpg_local")
+    return RolloutPlacement("vllm", True, tp, trainer_ranks // tp, "mrpg_local", dtype)

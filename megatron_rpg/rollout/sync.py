@@ -23,10 +23,6 @@ class SyncStats:
     bytes: int
     seconds: float
 
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes / 1e9 / self.seconds if self.seconds > 0 else float("inf")
-
 
 def sync_weights(
     model_chunks: list[Any],

@@ -27,7 +27,6 @@ whichever engine samples it, so the rollout does not depend on the layout.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +41,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megatron_rpg.models.export import WeightStream
+from megatron_rpg.parallel import free_port
 from megatron_rpg.rollout.protocol import EngineError, Response, SamplingParams, check_prompts
 from megatron_rpg.rollout.server_fleet import FleetSyncClient, fan_out, parse_server_urls
 
@@ -53,16 +53,6 @@ ENGINE_OPTIONS: dict[str, Any] = dict(
     hf_overrides={"head_dtype": "float32"},
     skip_tokenizer_init=True,
 )
-
-
-def transfer_backend(name: str, colocated: bool) -> str:
-    """rollout.weight_transfer 'auto': in-process for a colocated engine (any device: it shares
-    the trainer's process, so no IPC is needed), NCCL to a server on GPUs, gloo without CUDA."""
-    if name != "auto":
-        return name
-    if colocated:
-        return "mrpg_local"
-    return "nccl" if torch.cuda.is_available() else "mrpg_gloo"
 
 
 def vllm_sampling_kwargs(
@@ -338,8 +328,8 @@ class VLLMServerEngine:
         self,
         urls: str,
         hf_config: dict[str, Any],
+        backend: str,  # resolved by rollout/placement.py: nccl or mrpg_gloo
         trainer_address: str = "127.0.0.1",
-        backend: str = "auto",
         timeout_s: float = 600.0,
         retries: int = 2,
         max_concurrency: int = 256,
@@ -353,7 +343,7 @@ class VLLMServerEngine:
         if api_key:  # the servers' VLLM_API_KEY ($API_KEY in a job)
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.trainer_address, self.max_concurrency = trainer_address, max_concurrency
-        self.backend = transfer_backend(backend, colocated=False)
+        self.backend = backend
         self.vocab_size = int(hf_config["vocab_size"])
         self.max_len = int(hf_config["max_position_embeddings"])
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -444,7 +434,7 @@ class VLLMServerEngine:
         workers, port = [0] * len(self.urls), 0
         if self.rank == 0:
             replies = self._call_all("/get_world_size?include_dp=true")
-            workers, port = [int(r["world_size"]) for r in replies], _free_port()
+            workers, port = [int(r["world_size"]) for r in replies], free_port()
         client = FleetSyncClient(
             [HTTPVLLMWeightSyncClient(u, timeout=self.timeout_s) for u in self.urls], workers
         )
@@ -477,9 +467,3 @@ class VLLMServerEngine:
 
     def close(self) -> None:
         """The servers outlive the trainer's connection to them."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])

@@ -31,8 +31,8 @@ def server_command(
     port: int,
     tensor_parallel: int = 1,
     data_parallel: int = 1,
-    dtype: str = "auto",
-    backend: str = "auto",
+    dtype: str = "auto",  # vLLM's --dtype
+    backend: str = "mrpg_gloo",
     host: str = "0.0.0.0",
     max_model_len: int | None = None,
     load_format: str = "dummy",
@@ -40,8 +40,6 @@ def server_command(
 ) -> list[str]:
     """The command line of the server (run it with server_environment())."""
     cuda = torch.cuda.is_available()
-    if backend == "auto":
-        backend = "nccl" if cuda else "mrpg_gloo"
     command = [
         sys.executable,
         "-m",
@@ -106,18 +104,18 @@ def engine_settings(
     memory share) of a run config's engine: the values the launch plan checked."""
     from megatron_rpg.config import load_config
     from megatron_rpg.models.arch import read_hf_config
-    from megatron_rpg.rollout.build import engine_dtype, engine_max_model_len
+    from megatron_rpg.rollout.build import engine_max_model_len
+    from megatron_rpg.rollout.placement import engine_dtype
 
     config = load_config(config_path, overrides)
     r = config.rollout
     hf_config = read_hf_config(config.model.hf_config)
-    share = r.gpu_memory_utilization
     return (
         r.tensor_parallel,
         max(gpus // r.tensor_parallel, 1),
-        engine_dtype(config),
-        engine_max_model_len(config, hf_config),
-        share,
+        engine_dtype(r.dtype, config.model.params_dtype, torch.cuda.is_available()),
+        engine_max_model_len(config.data.max_prompt_tokens, r.max_tokens, hf_config),
+        r.gpu_memory_utilization,
     )
 
 
@@ -147,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--data-parallel", type=int, default=1)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--backend", default="auto", help="weight transfer: nccl, mrpg_gloo")
+    parser.add_argument(
+        "--backend", default="auto", help="weight transfer: nccl, mrpg_gloo (auto: by the device)"
+    )
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument(
         "--config",
@@ -168,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.config:
         tp, dp, dtype, max_len, share = engine_settings(args.config, args.set, args.gpus)
         extra += ["--gpu-memory-utilization", str(share)]
+    from megatron_rpg.rollout.placement import server_transfer
+
+    backend = server_transfer(args.backend, torch.cuda.is_available())
     command = server_command(
-        args.model_dir, args.port, tp, dp, dtype, args.backend, args.host, max_len, extra=extra
+        args.model_dir, args.port, tp, dp, dtype, backend, args.host, max_len, extra=extra
     )
     os.execve(command[0], command, server_environment(api_key=os.environ.get(API_KEY)))
     return 0  # not reached

@@ -68,3 +68,15 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def step_fields(metrics: dict[str, float]) -> dict[str, float]:
+    """The progress line's fields of an RL step's metrics."""
+    return dict(
+        reward=metrics["reward/mean"],
+        kl=metrics.get("kl/k3", float("nan")),
+        entropy=metrics.get("entropy/mean", float("nan")),
+        clip=metrics.get("clip/upper", 0.0) + metrics.get("clip/lower", 0.0),
+        len=metrics["response/length_mean"],
+        tok_s=metrics["throughput/tokens_per_s"],
+    )

@@ -86,3 +86,16 @@ def claimed_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> Itera
             (run_dir / LOCK).unlink()
             run_dir.rmdir()
         lock.close()
+
+
+MARKER = "COMPLETE"  # written last into a checkpoint directory: the checkpoint is whole
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def complete_checkpoints(directory: str | Path) -> list[Path]:
+    """The checkpoints under `directory` that carry the COMPLETE marker, oldest first
+    (step_NNNNNNNN names sort by step)."""
+    return sorted(p for p in Path(directory).glob("step_*") if (p / MARKER).is_file())

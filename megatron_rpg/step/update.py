@@ -1,6 +1,6 @@
-"""The policy update of one RL step, given its rollout batch and advantages (spec sections 1-5, 8).
+"""The update stage of an RL step, given its mini-batches (step/batch.py) with their advantages
+(spec sections 1-5, 8).
 
-    minis = mini_batches(batch, advantages, config.optimizer, layout, device)
     attach_logprobs(policy, minis, "old_logprobs", options, groups)    # pi_old, when needed
     metrics, grad_norms, skipped = update_policy(policy, optimizer, minis, options, ...)
     step_metrics = reduce_metrics(metrics, grad_norms, updates, layout, last_stage)
@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_rpg.config import OptimizerConfig, RunConfig
 from megatron_rpg.forward_backward import (
     LogprobOptions,
     LossFn,
@@ -34,51 +33,12 @@ from megatron_rpg.forward_backward import (
 )
 from megatron_rpg.logprobs import TokenLoss
 from megatron_rpg.losses import policy_loss, separable_policy_loss
-from megatron_rpg.losses.advantages import reinforce_pp_returns, whiten
 from megatron_rpg.losses.aggregation import masked_mean
+from megatron_rpg.losses.config import LossConfig
 from megatron_rpg.parallel import ParallelLayout, ProcessGroups
-from megatron_rpg.rl_batch import RolloutBatch, length_bucketed
-
-Batch = dict[str, Tensor]
-
-
-@dataclass
-class MiniBatch:
-    micros: list[Batch]  # this rank's micro-batches
-    num_tokens: float  # response tokens of the whole mini-batch (every data-parallel rank)
-    num_sequences: float
-
+from megatron_rpg.step.batch import Batch, MiniBatch
 
 Losses = Callable[[MiniBatch], tuple[LossFn, TokenLossFn | None]]
-
-
-def mini_batches(
-    batch: RolloutBatch,
-    advantages: Tensor,
-    o: OptimizerConfig,
-    layout: ParallelLayout,
-    device: torch.device,
-) -> list[MiniBatch]:
-    """This rank's micro-batches per mini-batch, length-bucketed (rl_batch.length_bucketed) and
-    each trimmed to its longest sequence; the loss is a sum over tokens with the mini-batch's
-    counts, so the grouping leaves it unchanged."""
-    lengths = batch.lengths()
-    minis = []
-    for start in range(0, len(batch), o.mini_batch_size):
-        micros = []
-        for rows in length_bucketed(
-            lengths[start : start + o.mini_batch_size],
-            o.micro_batch_size,
-            layout.dp_rank,
-            layout.data_parallel,
-            fewest=2 * layout.pipeline_parallel if layout.pipeline_parallel > 1 else 1,
-        ):
-            index = start + rows
-            micro = {**batch.rows(index), "advantages": advantages[index]}
-            micros.append({k: v.to(device) for k, v in micro.items()})
-        tokens = batch.response_mask[start : start + o.mini_batch_size].sum()
-        minis.append(MiniBatch(micros, float(tokens), float(o.mini_batch_size)))
-    return minis
 
 
 class PassStopped(Exception):
@@ -105,49 +65,34 @@ def attach_logprobs(
             micro[key] = out["logprobs"]
 
 
-def reinforce_pp_advantages(minis: list[MiniBatch], kl_in_reward: float, dp_group: Any) -> None:
-    """REINFORCE++ token advantages on the last stage: returns with the KL to the reference
-    (pi_old when kl_anchor=old) in the reward, whitened over the whole step: every micro-batch of
-    every data-parallel rank (losses/advantages.py)."""
-    micros = [m for mini in minis for m in mini.micros]
-    if not micros or "old_logprobs" not in micros[0]:
-        return  # not the last pipeline stage: the loss is not computed here
-    returns = torch.cat(
-        [
-            reinforce_pp_returns(
-                m["advantages"],
-                m["response_mask"],
-                m["old_logprobs"],
-                m.get("ref_logprobs", m["old_logprobs"]),
-                kl_in_reward,
-            ).reshape(-1)
-            for m in micros
-        ]
-    )  # flattened: the micro-batches differ in width
-    masks = torch.cat([m["response_mask"].reshape(-1) for m in micros])
-    whitened = whiten(returns, masks, dp_group).split([m["response_mask"].numel() for m in micros])
-    for micro, advantages in zip(micros, whitened, strict=True):
-        micro["advantages"] = advantages.reshape(micro["response_mask"].shape)
+@dataclass(frozen=True)
+class LossSettings:
+    """What the update needs to know of the loss: its name (algorithm.loss), its section
+    (loss), and whether its gradients are taken in the forward pass (optimizer.loss_in_forward)."""
+
+    name: str
+    config: LossConfig
+    in_forward: bool = True
 
 
-def policy_losses(config: RunConfig, mini: MiniBatch) -> tuple[LossFn, TokenLossFn | None]:
+def policy_losses(settings: LossSettings, mini: MiniBatch) -> tuple[LossFn, TokenLossFn | None]:
     """The micro-batch loss share of the configured loss with the mini-batch's counts, and its
-    per-token form for the fused path (None: optimizer.loss_in_forward off, or a sequence-level
-    rollout weight without pi_old's log-probs, which the whole sequence would need)."""
-    c = config
+    per-token form for the fused path (None: loss_in_forward off, or a sequence-level rollout
+    weight without pi_old's log-probs, which the whole sequence would need)."""
+    name, loss_config = settings.name, settings.config
     counts = {"num_tokens": mini.num_tokens, "num_sequences": mini.num_sequences}
 
     def loss(lp: Tensor, entropy: Tensor, micro: Batch) -> tuple[Tensor, dict[str, Any]]:
         mask = micro["response_mask"]
         value, metrics = policy_loss(
-            c.algorithm.loss,
+            name,
             lp,
             micro.get("old_logprobs", lp.detach()),
             micro["advantages"],
             mask,
             micro.get("ref_logprobs"),
             micro["rollout_logprobs"],
-            c.loss,
+            loss_config,
             **counts,
         )
         metrics["entropy/mean"] = masked_mean(entropy.detach(), mask)
@@ -156,19 +101,19 @@ def policy_losses(config: RunConfig, mini: MiniBatch) -> tuple[LossFn, TokenLoss
 
     def token_loss(micro: Batch) -> TokenLoss:
         terms = separable_policy_loss(
-            c.algorithm.loss,
+            name,
             micro.get("old_logprobs"),
             micro["advantages"],
             micro["response_mask"],
             micro.get("ref_logprobs"),
             micro["rollout_logprobs"],
-            c.loss,
+            loss_config,
             **counts,
         )
         return lambda lp, entropy, rows: terms(lp, rows)
 
     has_old = "old_logprobs" in mini.micros[0] if mini.micros else False
-    separable = c.optimizer.loss_in_forward and (c.loss.rollout_is != "sequence" or has_old)
+    separable = settings.in_forward and (loss_config.rollout_is != "sequence" or has_old)
     return loss, token_loss if separable else None
 
 

@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from megatron_rpg.data.records import write_text_atomic
+
 PACKAGES = (
     "megatron-rpg",
     "torch",
@@ -107,6 +109,20 @@ def write_manifest(
     Path(path).write_text(json.dumps(manifest(config, files), indent=2, sort_keys=True))
 
 
+def record_run_start(
+    run_dir: Path,
+    config: dict[str, Any],
+    config_yaml: str,
+    tokenizer: str | Path,
+    inputs: Iterable[str | Path],
+) -> None:
+    """Rank 0, as a run starts: its config (config.yaml) and its manifest, with the sha256 of
+    the tokenizer's file and of the `inputs` given (a directory stands for its config.json)."""
+    (run_dir / "config.yaml").write_text(config_yaml)
+    files = [Path(p) / "config.json" if Path(p).is_dir() else Path(p) for p in inputs if p]
+    write_manifest(run_dir / "manifest.json", config, [tokenizer, *files])
+
+
 def record_evaluation(path: str | Path, name: str, results: dict[str, Any]) -> None:
     """Add an evaluation's results to a run's manifest under evaluations/<name> (written to a
     temporary file and renamed: the manifest is never left half written)."""
@@ -116,13 +132,3 @@ def record_evaluation(path: str | Path, name: str, results: dict[str, Any]) -> N
     data = json.loads(path.read_text())
     data.setdefault("evaluations", {})[name] = results
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to a temporary file beside `path` and rename it over `path`: a reader (or a
-    crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
-    return path

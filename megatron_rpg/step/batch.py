@@ -1,5 +1,8 @@
-"""Rollout results -> the tensors of one RL step, and their split into length-bucketed
-micro-batches.
+"""The batch stage of an RL step: rollout results -> the step's tensors, cut into mini-batches (one
+optimizer step each) of length-bucketed micro-batches.
+
+    batch = build_batch(prompts, responses, rewards, pad_id)
+    minis = mini_batches(batch, advantages, mini_batch_size, micro_batch_size, layout, device)
 
 Layout (forward_backward.py's convention): tokens [B, S] hold prompt + response, right-padded;
 log-prob position i predicts token i+1, so a response of R tokens after a prompt of P tokens
@@ -14,7 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_rpg.parallel import ParallelLayout
 from megatron_rpg.rollout.protocol import Response
+
+Batch = dict[str, Tensor]
 
 
 @dataclass
@@ -47,29 +53,43 @@ class RolloutBatch:
         }
 
 
+def pack_sequences(
+    prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]], pad_id: int
+) -> tuple[Tensor, Tensor]:
+    """(tokens [B, S], continuation mask [B, S-1]) of prompt + continuation rows, right-padded to
+    the longest: the mask is True at the log-prob positions that predict a continuation token."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True))
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width - 1, dtype=torch.bool)
+    for b, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
+        p, c = len(prompt), len(continuation)
+        tokens[b, : p + c] = torch.tensor([*prompt, *continuation])
+        mask[b, p - 1 : p + c - 1] = True
+    return tokens, mask
+
+
 def build_batch(
     prompts: Sequence[Sequence[int]],
-    groups: Sequence[Sequence[Response]],
+    response_groups: Sequence[Sequence[Response]],
     rewards: Sequence[Sequence[float]],
     pad_id: int,
 ) -> RolloutBatch:
+    """The step's batch: every response of group g follows prompt g; rewards[g][i] is the
+    reward of response i of group g."""
     rows = [
-        (g, list(prompts[g]), r, rewards[g][i])
-        for g, group in enumerate(groups)
+        (g, prompts[g], r, rewards[g][i])
+        for g, group in enumerate(response_groups)
         for i, r in enumerate(group)
     ]
     if not rows:
         raise ValueError("build_batch: no responses")
-    width = max(len(p) + len(r.token_ids) for _, p, r, _ in rows)
-    count = len(rows)
-    tokens = torch.full((count, width), pad_id, dtype=torch.long)
-    mask = torch.zeros(count, width - 1, dtype=torch.bool)
-    rollout = torch.zeros(count, width - 1, dtype=torch.float32)
-    for b, (_, prompt, response, _) in enumerate(rows):
-        p, r = len(prompt), len(response.token_ids)
-        tokens[b, : p + r] = torch.tensor(prompt + response.token_ids)
-        mask[b, p - 1 : p + r - 1] = True
-        rollout[b, p - 1 : p + r - 1] = torch.tensor(response.logprobs)
+    tokens, mask = pack_sequences(
+        [p for _, p, _, _ in rows], [r.token_ids for _, _, r, _ in rows], pad_id
+    )
+    rollout = torch.zeros(mask.shape, dtype=torch.float32)
+    rollout[mask] = torch.tensor(
+        [x for _, _, r, _ in rows for x in r.logprobs], dtype=torch.float32
+    )
     return RolloutBatch(
         tokens=tokens,
         response_mask=mask,
@@ -134,3 +154,40 @@ def _cheapest_cuts(widths: list[int], most: int, fewest: int = 1) -> list[int]:
         sizes.append(run)
         start, k = start + run, max(k - 1, 0)
     return sizes
+
+
+@dataclass
+class MiniBatch:
+    micros: list[Batch]  # this rank's micro-batches
+    num_tokens: float  # response tokens of the whole mini-batch (every data-parallel rank)
+    num_sequences: float
+
+
+def mini_batches(
+    batch: RolloutBatch,
+    advantages: Tensor,
+    mini_batch_size: int,
+    micro_batch_size: int,
+    layout: ParallelLayout,
+    device: torch.device,
+) -> list[MiniBatch]:
+    """This rank's micro-batches per mini-batch, length-bucketed (length_bucketed) and each
+    trimmed to its longest sequence; the loss is a sum over tokens with the mini-batch's counts,
+    so the grouping leaves it unchanged."""
+    lengths = batch.lengths()
+    minis = []
+    for start in range(0, len(batch), mini_batch_size):
+        micros = []
+        for rows in length_bucketed(
+            lengths[start : start + mini_batch_size],
+            micro_batch_size,
+            layout.dp_rank,
+            layout.data_parallel,
+            fewest=2 * layout.pipeline_parallel if layout.pipeline_parallel > 1 else 1,
+        ):
+            index = start + rows
+            micro = {**batch.rows(index), "advantages": advantages[index]}
+            micros.append({k: v.to(device) for k, v in micro.items()})
+        tokens = batch.response_mask[start : start + mini_batch_size].sum()
+        minis.append(MiniBatch(micros, float(tokens), float(mini_batch_size)))
+    return minis

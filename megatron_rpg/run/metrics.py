@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rpg.config import ConfigError, LoggingConfig
-from megatron_rpg.manifest import write_text_atomic
-from megatron_rpg.plot import write_curves_png
+from megatron_rpg.data.records import write_text_atomic
+from megatron_rpg.run.plot import write_curves_png
 
 CURVES = ("reward/mean", "kl/k3", "entropy/mean", "eval/accuracy")
 

@@ -1,4 +1,4 @@
-"""Length-bucketed micro-batches (rl_batch.length_bucketed) against exact enumeration."""
+"""Length-bucketed micro-batches (step/batch.py: length_bucketed) against exact enumeration."""
 
 import itertools
 import random
@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from megatron_rpg.rl_batch import MICRO_BATCH_COST_SLOTS, length_bucketed
+from megatron_rpg.step.batch import MICRO_BATCH_COST_SLOTS, length_bucketed
 
 
 def cost(lengths, micros):

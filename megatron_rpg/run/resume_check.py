@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from megatron_rpg.checkpoint.train_state import MARKER, complete_checkpoints
 from megatron_rpg.config import ConfigError, RunConfig, config_to_dict
+from megatron_rpg.run.run_dir import MARKER, complete_checkpoints
 
 REFUSED = {
     "seed": "the run's random streams (sampling, data order) derive from it",

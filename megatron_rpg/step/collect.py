@@ -1,11 +1,12 @@
-"""One step's rollout: sample n responses per prompt, grade them, shape the rewards, and (DAPO
-dynamic sampling) replace the groups that carry no signal. No process groups here: the
-trainer passes `generate` and `grade`, which on several ranks are collective and return the
-same on every rank, so every rank runs this loop in lockstep and ends with the same groups.
+"""The collect stage of an RL step: sample n responses per prompt, grade them, shape the rewards,
+and (DAPO dynamic sampling) replace the response groups that carry no signal. No process groups
+here: the trainer passes `generate` and `grade` (rollout/service.py), which on several ranks are
+collective and return the same on every rank, so every rank runs this loop in lockstep and ends
+with the same response groups.
 
-    groups, metrics, position = collect_groups(task, tokenizer, generate, grade, settings,
-                                               seed=..., position=...)
-    batch = groups_to_batch(groups, tokenizer.pad_id)  # the update's batch
+    settings = CollectSettings.of(config.rollout, config.data, config.algorithm, eos_id)
+    collected = collect(task, tokenizer, generate, grade, settings, seed=..., step=...,
+                        position=...)   # .batch (step/batch.py), .metrics, .position
 
 With dynamic sampling, a group whose task scores are all equal (all right or all wrong, as
 DAPO's filter on accuracy; the overlong shaping may still differ) carries no signal: it is
@@ -24,11 +25,11 @@ import torch
 
 from megatron_rpg.data.task import Task
 from megatron_rpg.rewards import overlong_penalty, task_reward
-from megatron_rpg.rl_batch import RolloutBatch, build_batch
 from megatron_rpg.rollout.protocol import Response, SamplingParams
+from megatron_rpg.step.batch import RolloutBatch, build_batch
 
 if TYPE_CHECKING:
-    from megatron_rpg.config import RunConfig
+    from megatron_rpg.config import AlgorithmConfig, DataConfig, RolloutConfig
 
 Generate = Callable[[Sequence[Sequence[int]], SamplingParams], list[list[Response]]]
 Grade = Callable[[list[tuple[str, Any]]], list[float]]
@@ -49,31 +50,32 @@ class CollectSettings:
     incorrect_reward: float = 0.0  # the task reward of a wrong answer (right: 1)
     max_prompt_tokens: int | None = None  # longer prompts are skipped (and counted)
 
-
-def collect_settings(config: RunConfig, eos_id: int) -> CollectSettings:
-    """The run config's rollout (data, rollout and algorithm sections)."""
-    c, a = config, config.algorithm
-    return CollectSettings(
-        prompts=c.data.prompts_per_step,
-        params=SamplingParams(
-            n=c.rollout.n,
-            temperature=c.rollout.temperature,
-            top_p=c.rollout.top_p,
-            top_k=c.rollout.top_k,
-            max_tokens=c.rollout.max_tokens,
-            stop_token_ids=(eos_id,),
-        ),
-        dynamic_sampling=a.dynamic_sampling,
-        max_rounds=a.dynamic_sampling_max_rounds,
-        overlong_buffer=a.overlong_buffer,
-        overlong_penalty=a.overlong_penalty,
-        incorrect_reward=a.incorrect_reward,
-        max_prompt_tokens=c.data.max_prompt_tokens,
-    )
+    @classmethod
+    def of(
+        cls, rollout: RolloutConfig, data: DataConfig, algorithm: AlgorithmConfig, eos_id: int
+    ) -> CollectSettings:
+        """The settings of the rollout, data and algorithm sections."""
+        return cls(
+            prompts=data.prompts_per_step,
+            params=SamplingParams(
+                n=rollout.n,
+                temperature=rollout.temperature,
+                top_p=rollout.top_p,
+                top_k=rollout.top_k,
+                max_tokens=rollout.max_tokens,
+                stop_token_ids=(eos_id,),
+            ),
+            dynamic_sampling=algorithm.dynamic_sampling,
+            max_rounds=algorithm.dynamic_sampling_max_rounds,
+            overlong_buffer=algorithm.overlong_buffer,
+            overlong_penalty=algorithm.overlong_penalty,
+            incorrect_reward=algorithm.incorrect_reward,
+            max_prompt_tokens=data.max_prompt_tokens,
+        )
 
 
 @dataclass
-class Group:
+class ResponseGroup:
     prompt: list[int]
     responses: list[Response]
     rewards: list[float]  # scores on the reward scale plus the overlong shaping
@@ -88,7 +90,7 @@ def round_seed(seed: int, step: int, round_: int) -> int:
 
 def grade_groups(
     problems: list[Any],
-    groups: list[list[Response]],
+    response_groups: list[list[Response]],
     task: Task,
     tokenizer: Any,
     grade: Grade,
@@ -98,13 +100,13 @@ def grade_groups(
     DAPO's overlong shaping), per response."""
     items = [
         (tokenizer.decode(r.token_ids), task.answer(problem))
-        for problem, group in zip(problems, groups, strict=True)
+        for problem, group in zip(problems, response_groups, strict=True)
         for r in group
     ]
     scores = iter(grade(items))
     limit = settings.params.max_tokens
     out = []
-    for group in groups:
+    for group in response_groups:
         group_scores = [next(scores) for _ in group]
         shaping = [
             overlong_penalty(
@@ -160,13 +162,13 @@ def collect_groups(
     step: int,
     position: int,
     stop_requested: Callable[[], bool] | None = None,
-) -> tuple[list[Group], dict[str, float], int]:
+) -> tuple[list[ResponseGroup], dict[str, float], int]:
     """`settings.prompts` groups from the task's problems starting at `position`; the rollout
     metrics and the position after the prompts consumed. `stop_requested` (collective, like
     the rest) is asked after each sampling round: True raises RolloutStopped, so that a signal
     during a step of many dynamic-sampling rounds is acted on after the round, not the step."""
-    kept: list[Group] = []
-    dropped: list[Group] = []
+    kept: list[ResponseGroup] = []
+    dropped: list[ResponseGroup] = []
     sampled: list[float] = []
     grades: list[float] = []
     rounds = skipped = 0
@@ -186,7 +188,7 @@ def collect_groups(
             grades.extend(scores)
             uniform = len(set(scores)) == 1
             target = dropped if settings.dynamic_sampling and uniform else kept
-            target.append(Group(prompt, group, rewards, scores))
+            target.append(ResponseGroup(prompt, group, rewards, scores))
         rounds += 1
         if stop_requested is not None and stop_requested():
             raise RolloutStopped(f"stopped after sampling round {rounds}")
@@ -202,15 +204,40 @@ def collect_groups(
     return kept + fillers, metrics, position
 
 
-def groups_to_batch(groups: list[Group], pad_id: int) -> RolloutBatch:
-    """The update's batch (rl_batch.py) of collected groups: a filler group's tokens are masked
-    out of the loss and its token mean."""
+def groups_to_batch(response_groups: list[ResponseGroup], pad_id: int) -> RolloutBatch:
+    """The update's batch (step/batch.py) of collected response groups: a filler group's tokens
+    are masked out of the loss and its token mean."""
     batch = build_batch(
-        [g.prompt for g in groups],
-        [g.responses for g in groups],
-        [g.rewards for g in groups],
+        [g.prompt for g in response_groups],
+        [g.responses for g in response_groups],
+        [g.rewards for g in response_groups],
         pad_id,
     )
-    fillers = torch.tensor([g.filler for g in groups for _ in g.responses])
+    fillers = torch.tensor([g.filler for g in response_groups for _ in g.responses])
     batch.response_mask[fillers] = False
     return batch
+
+
+@dataclass(frozen=True)
+class Collected:
+    batch: RolloutBatch  # the update's batch
+    metrics: dict[str, float]
+    position: int  # the task's data position after the prompts drawn
+
+
+def collect(
+    task: Task,
+    tokenizer: Any,
+    generate: Generate,
+    grade: Grade,
+    settings: CollectSettings,
+    seed: int,
+    step: int,
+    position: int,
+    stop_requested: Callable[[], bool] | None = None,
+) -> Collected:
+    """collect_groups, as the update's batch (a filler group's tokens masked out)."""
+    response_groups, metrics, position = collect_groups(
+        task, tokenizer, generate, grade, settings, seed, step, position, stop_requested
+    )
+    return Collected(groups_to_batch(response_groups, tokenizer.pad_id), metrics, position)
