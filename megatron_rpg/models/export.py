@@ -9,7 +9,9 @@ pipeline stage and TP split, from metadata all-gathered once. Execution walks th
 buckets of at most `bucket_bytes` (one tensor larger than that travels alone), each holding
 tensors of one pipeline stage: that stage's ranks all-gather their TP shards into the full tensor
 (TP group), then the bucket is broadcast from the owning stage over the pipeline group. Every rank
-then yields the same stream; no rank holds more than one bucket beyond its own shards.
+then yields the same stream; no rank holds more than one bucket beyond its own shards. A model
+on one rank (TP1 x PP1) has nothing to gather: its stream is views of the parameters themselves,
+no bytes copied (the consumer copies them where they go).
 """
 
 from __future__ import annotations
@@ -148,6 +150,12 @@ class WeightStream:
         plan, arch = self.plan, self.arch
         params = {name: p for c in self.model_chunks for name, p, _, _ in sharded_parameters(c)}
         my_stage, pp_group = self.groups.pp_rank, self.groups.pp
+        if self.groups.tp_size == 1 and dist.get_world_size(pp_group) == 1:
+            for bucket in _buckets(plan, self.bucket_bytes):
+                yield [
+                    pair for t in bucket for pair in to_hf(t.name, params[t.name].detach(), arch)
+                ]
+            return
         device = next(iter(params.values())).device
         dtype = plan[0].dtype
         if any(t.dtype != dtype for t in plan):

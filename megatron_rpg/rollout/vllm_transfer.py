@@ -3,8 +3,8 @@ own nccl / ipc engines (init once; start -> update_weights -> finish per sync), 
 
     mrpg_local   the engine lives in the trainer's process (vLLM's `external_launcher`: one
                  engine per group of trainer ranks). Every rank hands the full HF tensors of the
-                 export stream to its own engine by reference; the engine's weight loaders
-                 take their TP shard. No bytes cross a process boundary.
+                 export stream to its own engine by reference, not copied; the engine's weight
+                 loaders take their TP shard. No bytes cross a process boundary.
     mrpg_gloo    the engine is another process (`vllm serve`, other nodes). Trainer rank 0 and
                  every engine worker form a gloo group (TCPStore on the trainer); each bucket
                  of the export stream is one broadcast of its flat buffer.
@@ -177,8 +177,9 @@ class LocalWeightTransferEngine(_LayerwiseEngine):
                     f"weight transfer {LOCAL!r} received {name!r} as {type(tensor).__name__}: "
                     "it needs the engine in the trainer's process (external_launcher)"
                 )
-            # the trainer reuses its bucket buffer; the layerwise reload may hold this tensor
-            weights.append((name, tensor.to(self.device, copy=True)))  # then cast by load()
+            # by reference: the export stream's tensors stay valid through the sync (a fresh
+            # buffer per bucket, or the parameters themselves); load() casts and copies
+            weights.append((name, tensor.to(self.device)))
         self.load(weights)
 
     def shutdown(self) -> None:
