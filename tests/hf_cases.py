@@ -105,6 +105,26 @@ def export_from_layout(name, hf_state, tp, pp, bucket_bytes, layer_spec="local")
     return exported, bucket_sizes, max(buffers)
 
 
+def export_shards_from_layout(name, hf_state, tp, pp, layout, bucket_bytes):
+    """Load at TP x PP, stream the weights out in a shard layout: (TP rank, PP rank, what this
+    rank yields (copies), the stream's bytes for this rank, the names of the tensors it yielded
+    that are not views of its parameters)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rpg.models.export import iter_hf_weights
+
+    arch, chunks = load_in_layout(name, hf_state, tp, pp)
+    stream = iter_hf_weights(chunks, arch, bucket_bytes, layout=layout)
+    storages = {p.untyped_storage().data_ptr() for c in chunks for p in c.parameters()}
+    exported, copied = {}, set()
+    for hf_name, tensor in stream:
+        exported[hf_name] = tensor.clone()
+        if tensor.untyped_storage().data_ptr() not in storages:
+            copied.add(hf_name)
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    return tp_rank, pp_rank, exported, stream.nbytes, copied
+
+
 def verify_against(name, hf_dir):
     """Seed-0 weights at TP2 checked against another model's directory: (the message or None,
     how many model chunks the caller still holds after the check, which releases them)."""

@@ -10,7 +10,14 @@ import torch
 from megatron_rpg.models import ModelArch
 from megatron_rpg.models.hf_mapping import hf_names, megatron_names, to_hf, to_megatron
 
-from hf_cases import FAMILIES, TOKENS, export_from_layout, hf_model, megatron_logits
+from hf_cases import (
+    FAMILIES,
+    TOKENS,
+    export_from_layout,
+    export_shards_from_layout,
+    hf_model,
+    megatron_logits,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +73,61 @@ def test_export_stream_from_tp2_pp2_is_bit_identical_and_respects_buckets(
     reloaded.load_state_dict(results[0][0])
     with torch.no_grad():
         assert torch.equal(reloaded(TOKENS).logits, models[name](TOKENS).logits)
+
+
+def tp_split(key):
+    """The dim along which vLLM's parallel linear layers split an HF tensor (independently of
+    the Megatron mapping: column-parallel projections by rows, o_proj and down_proj by columns)."""
+    if key.endswith(("o_proj.weight", "down_proj.weight")):
+        return 1
+    return 0 if key.endswith(("proj.weight", "proj.bias")) else None
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (2, 2)], ids=["tp2", "tp2xpp2"])
+def test_sharded_export_yields_each_ranks_own_hf_shards(pool4, models, tp, pp):
+    """tp_shards: every rank yields its TP shard of every projection (the row or column block
+    vLLM's layer at that rank holds; the q, k, v heads of its query groups), the norms and the
+    vocabulary whole, bit-identical, at half the projections' bytes; at PP1 the shards are the
+    parameters themselves. own_shards: a rank yields only its own stage's shards (the padded
+    vocabulary's rows too), a norm from TP rank 0 only; joined over the TP ranks they are the
+    HF model."""
+    name = "qwen2"  # QKV bias
+    state = models[name].state_dict()
+    if ModelArch.from_hf(FAMILIES[name]).tie_word_embeddings:
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    ranks = tp * pp
+    vocab = ("model.embed_tokens.weight", "lm_head.weight")
+    qkv = {k for k in state if any(f"{p}_proj." in k for p in "qkv")}
+    results = pool4.run(export_shards_from_layout, name, state, tp, pp, "tp_shards", 50_000)
+    for tp_rank, _, exported, nbytes, copied in results[:ranks]:
+        assert exported.keys() == state.keys()
+        for key, tensor in exported.items():
+            split = tp_split(key)
+            want = state[key] if split is None else state[key].chunk(tp, split)[tp_rank]
+            assert torch.equal(tensor, want), key
+        assert nbytes == sum(t.numel() * t.element_size() for t in exported.values())
+        assert nbytes < sum(t.numel() * t.element_size() for t in state.values())
+        # PP1: the vocabulary is gathered in the TP group, q, k and v are cut out of Megatron's
+        # per-group interleaving; the rest are the parameters themselves
+        assert copied == (state.keys() if pp > 1 else (set(vocab) | qkv) & state.keys())
+    results = pool4.run(export_shards_from_layout, name, state, tp, pp, "own_shards", 50_000)
+    joined: dict[str, list] = {}
+    for _, _, exported, nbytes, copied in sorted(results[:ranks], key=lambda r: r[0]):
+        assert copied == qkv & exported.keys()  # the rest: views of its own parameters
+        assert nbytes == sum(t.numel() * t.element_size() for t in exported.values())
+        for key, tensor in exported.items():
+            joined.setdefault(key, []).append(tensor)
+    assert all(r[2] == {} and r[3] == 0 for r in results[ranks:])  # DP replica 1 sends nothing
+    assert joined.keys() == state.keys()
+    for key, shards in joined.items():
+        split = 0 if key in vocab else tp_split(key)
+        if split is None:
+            assert len(shards) == 1, key  # from TP rank 0 only
+            whole = shards[0]
+        else:
+            assert len(shards) == tp, key
+            whole = torch.cat(shards, split).narrow(split, 0, state[key].shape[split])
+        assert torch.equal(whole, state[key]), key
 
 
 def test_wrong_vocabulary_rows_are_named(models):

@@ -40,12 +40,23 @@ def pool4():
         yield pool
 
 
-def check_sync(results, name):
-    """Log-probs equal the trainer's after the sync (fp32: 1e-4), not before; every sync moves
-    the HF model's bytes; returns every prompt's responses."""
+def shard_bytes(name, tp):
+    """The fp32 bytes of one TP shard of the HF model: the projections split in tp, the norms
+    and the vocabulary tensors whole."""
+    parameters = hf_model(name, families=VLLM_FAMILIES).named_parameters()  # tied ones once
+    return sum(
+        t.numel() * 4 // (tp if k.endswith(("proj.weight", "proj.bias")) else 1)
+        for k, t in parameters
+    )
+
+
+def check_sync(results, name, sharded_tp=1):
+    """Log-probs equal the trainer's after the sync (fp32: 1e-4), not before; every sync hands
+    each engine the HF model's bytes, or its TP shard's (`sharded_tp`); returns every prompt's
+    responses."""
     last_stage = [r for r in results if r is not None]
     assert len(last_stage) == 2
-    hf_bytes = sum(p.numel() * 4 for p in hf_model(name, families=VLLM_FAMILIES).parameters())
+    hf_bytes = shard_bytes(name, sharded_tp)
     for r in last_stage:
         assert r["before"] > 1e-3  # the engine still has the old weights
         assert r["after"] < 1e-4
@@ -54,12 +65,17 @@ def check_sync(results, name):
 
 
 @pytest.mark.parametrize(("name", "engine_tp"), [("llama", 1), ("llama", 2), ("qwen2", 2)])
-def test_colocated_engines_sync_from_tp2_pp2(pool4, tmp_path, name, engine_tp):
-    """4 ranks: TP1 gives 4 engines, TP2 two; each samples its share of the prompts."""
+def test_colocated_weight_sync_from_tp2_pp2_sharded_where_the_tp_layouts_match(
+    pool4, tmp_path, name, engine_tp
+):
+    """4 ranks: TP1 gives 4 engines, TP2 two; each samples its share of the prompts. An engine
+    of TP2 receives each rank's own shards (no all-gather: tp_shards, the QKV bias included):
+    half the projections' bytes."""
     directory = model_dir(tmp_path, VLLM_FAMILIES[name])
     make = partial(colocated_engine, model_dir=directory, tensor_parallel=engine_tp)
     state = hf_model(name, families=VLLM_FAMILIES).state_dict()
-    check_sync(pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name)
+    results = pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES)
+    check_sync(results, name, sharded_tp=engine_tp)
 
 
 @pytest.mark.parametrize(

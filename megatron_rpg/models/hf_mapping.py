@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -37,6 +38,7 @@ from megatron_rpg.models.arch import ModelArch
 from megatron_rpg.models.builder import padded_vocab_size
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")  # padded rows
 
 # Megatron suffix -> HF suffix for one-to-one tensors inside a layer.
 _LAYER_DIRECT = {
@@ -161,7 +163,7 @@ def pad_vocab(weight: Tensor, arch: ModelArch) -> Tensor:
 def to_megatron(name: str, get: Callable[[str], Tensor], arch: ModelArch) -> Tensor:
     """The full Megatron tensor `name`, built from HF tensors fetched by `get(hf_name)`."""
     sources = [get(s) for s in hf_sources(name)]
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    if name in VOCAB_TENSORS:
         return pad_vocab(sources[0], arch)
     if len(sources) == 3:  # linear_qkv's weight or bias
         q, k, v = sources
@@ -174,13 +176,28 @@ def to_megatron(name: str, get: Callable[[str], Tensor], arch: ModelArch) -> Ten
 def to_hf(name: str, tensor: Tensor, arch: ModelArch) -> list[tuple[str, Tensor]]:
     """The HF tensors of the full Megatron tensor `name`."""
     sources = hf_sources(name)
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+    if name in VOCAB_TENSORS:
         return [(sources[0], tensor[: arch.vocab_size])]
     if len(sources) == 3:  # linear_qkv's weight or bias
         return list(zip(sources, split_qkv(tensor, arch), strict=True))
     if len(sources) == 2:  # linear_fc1's [gate; up]
         return list(zip(sources, tensor.chunk(2, dim=0), strict=True))
     return [(sources[0], tensor)]
+
+
+def to_hf_shard(name: str, shard: Tensor, arch: ModelArch, tp: int) -> list[tuple[str, Tensor]]:
+    """The HF tensors' TP shards within Megatron's TP shard of `name` (one of tp): the q, k and v
+    heads of the shard's query groups, its gate and up rows, its row or column block of the
+    others. They are the shards vLLM's parallel linear layers hold at the same TP rank. Not for
+    the vocabulary tensors, whose padding differs between Megatron and vLLM."""
+    if name in VOCAB_TENSORS:
+        raise ValueError(f"{name!r} is padded differently by Megatron and vLLM: export it whole")
+    local = replace(
+        arch,
+        num_attention_heads=arch.num_attention_heads // tp,
+        num_query_groups=arch.num_query_groups // tp,
+    )
+    return to_hf(name, shard, local)
 
 
 def hf_names(arch: ModelArch) -> list[str]:

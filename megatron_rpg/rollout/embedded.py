@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megatron_rpg.models.export import FULL
+from megatron_rpg.parallel.groups import ProcessGroups
 from megatron_rpg.rollout.protocol import Response, SamplingParams, check_prompts
 
 
@@ -51,6 +53,10 @@ class EmbeddedEngine:
     # weights ------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    def weight_layout(self, groups: ProcessGroups) -> str:
+        """Full tensors: the engine is one process."""
+        return FULL
+
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:
         """Copy every parameter from the stream (each exactly once); returns the bytes received.
         A stream that misses a parameter or names an unknown one raises, and the engine then

@@ -1,7 +1,7 @@
 """What every rollout engine offers the trainer (embedded on CPU, vLLM on GPUs).
 
     engine.generate(prompts, SamplingParams(n=8, max_tokens=256, seed=1))  -> list[list[Response]]
-    engine.update_weights(iter_hf_weights(chunks, arch))                   # after every update
+    engine.update_weights(iter_hf_weights(chunks, arch, layout=engine.weight_layout(groups)))
     engine.sleep(); ...train...; engine.wake()                             # colocated memory
 
 Log-probs are those of the distribution the token was sampled from: log_softmax(logits / T) in
@@ -18,6 +18,7 @@ from typing import Protocol
 from torch import Tensor
 
 from megatron_rpg.config import ConfigError
+from megatron_rpg.parallel.groups import ProcessGroups
 
 FINISH_REASONS = ("stop", "length")
 
@@ -64,8 +65,13 @@ class RolloutEngine(Protocol):
         """`params.n` responses for each prompt, in prompt order."""
         ...
 
+    def weight_layout(self, groups: ProcessGroups) -> str:
+        """The layout of the export stream it takes from a trainer with `groups`
+        (models/export.py: full, tp_shards or own_shards); the same answer on every rank."""
+        ...
+
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:
-        """Load full HF-named tensors (the export stream); returns the bytes received."""
+        """Load the export stream's HF-named tensors; returns the bytes this rank handed over."""
         ...
 
     def sleep(self) -> None: ...

@@ -1,9 +1,10 @@
-"""Weight sync: the policy's export stream into a rollout engine.
+"""Weight sync: the policy's export stream into a rollout engine, in the layout the engine
+takes (full tensors, or each rank's own shards: models/export.py).
 
     stats = sync_weights(chunks, arch, engine if rank == 0 else None)
 
 Collective over the trainer's world: every rank walks the stream (its TP all-gathers and PP
-broadcasts), the ranks holding an engine feed it.
+broadcasts, where its layout has them), the ranks holding an engine feed it.
 """
 
 from __future__ import annotations
@@ -13,14 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_rpg.models import ModelArch
-from megatron_rpg.models.export import iter_hf_weights
+from megatron_rpg.models.export import FULL, iter_hf_weights
 from megatron_rpg.parallel.groups import ProcessGroups
 from megatron_rpg.rollout.protocol import RolloutEngine
 
 
 @dataclass(frozen=True)
 class SyncStats:
-    bytes: int
+    bytes: int  # what this rank handed to its engine (or sent to the remote one)
     seconds: float
 
 
@@ -32,7 +33,9 @@ def sync_weights(
     groups: ProcessGroups | None = None,
 ) -> SyncStats:
     start = time.perf_counter()
-    stream = iter_hf_weights(model_chunks, arch, bucket_bytes, groups)
+    groups = groups or ProcessGroups.current()
+    layout = engine.weight_layout(groups) if engine is not None else FULL
+    stream = iter_hf_weights(model_chunks, arch, bucket_bytes, groups, layout)
     if engine is None:
         nbytes = sum(t.numel() * t.element_size() for _, t in stream)
     else:

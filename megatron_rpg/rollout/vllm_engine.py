@@ -40,8 +40,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_rpg.models.export import WeightStream
+from megatron_rpg.models.export import FULL, TP_SHARDS, WeightStream
 from megatron_rpg.parallel import free_port
+from megatron_rpg.parallel.groups import ProcessGroups
 from megatron_rpg.rollout.protocol import EngineError, Response, SamplingParams, check_prompts
 from megatron_rpg.rollout.server_fleet import FleetSyncClient, fan_out, parse_server_urls
 
@@ -125,16 +126,22 @@ class _Transfer:
         )
 
     def send(self, weights: Iterable[tuple[str, Tensor]]) -> int:
-        if not isinstance(weights, WeightStream):
-            raise TypeError(
-                "vLLM engines take the export stream (iter_hf_weights), which "
-                "announces its metadata first"
-            )
-        if self.source.stream is not None and self.source.stream.metadata != weights.metadata:
+        stream = _stream(weights)
+        last = self.source.stream
+        if last is not None and (last.metadata, last.layout) != (stream.metadata, stream.layout):
             raise ValueError("the exported tensors changed between syncs")
-        self.source.stream = weights
+        self.source.stream = stream
         self.engine.send_weights()
-        return weights.nbytes
+        return stream.nbytes
+
+
+def _stream(weights: Iterable[tuple[str, Tensor]]) -> WeightStream:
+    if not isinstance(weights, WeightStream):
+        raise TypeError(
+            "vLLM engines take the export stream (iter_hf_weights), which announces its "
+            "metadata first"
+        )
+    return weights
 
 
 class LLMClient:
@@ -269,12 +276,31 @@ class VLLMEngine:
         )
         return [[response_from_completion(c) for c in out.outputs] for out in outputs]
 
+    def weight_layout(self, groups: ProcessGroups) -> str:
+        """tp_shards where this rank's engine holds the trainer's TP layout (the same TP size,
+        the trainer's TP group being the engine's block of ranks), full tensors otherwise."""
+        block = self.rank // self.tensor_parallel * self.tensor_parallel
+        same = dist.get_process_group_ranks(groups.tp) == list(
+            range(block, block + self.tensor_parallel)
+        )
+        agreed = torch.tensor(int(same and self.tensor_parallel > 1))
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # one layout on every rank
+        return TP_SHARDS if agreed.item() else FULL
+
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:
-        """Collective: every rank loads the full tensors into its own engine."""
+        """Collective: every rank loads its tensors (full, or its TP shards) into its own
+        engine."""
         if self._transfer is None:
             from megatron_rpg.rollout.vllm_transfer import LocalTrainerInitInfo
 
-            self._transfer = _Transfer(LocalTrainerInitInfo(rank=self.rank), LLMClient(self.llm))
+            stream = _stream(weights)
+            info = LocalTrainerInitInfo(
+                rank=self.rank,
+                tp_shards=stream.layout == TP_SHARDS,
+                tp_rank=stream.groups.tp_rank,
+                tp_size=stream.groups.tp_size,
+            )
+            self._transfer = _Transfer(info, LLMClient(self.llm))
         nbytes = self._transfer.send(weights)
         self.llm.reset_prefix_cache()
         return nbytes
@@ -414,6 +440,9 @@ class VLLMServerEngine:
 
         with ThreadPoolExecutor(max_workers=min(len(prompts), self.max_concurrency)) as pool:
             return list(pool.map(one, range(len(prompts))))
+
+    def weight_layout(self, groups: ProcessGroups) -> str:
+        return FULL
 
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:
         """Collective over the trainer's ranks: rank 0 pauses the servers, sends, resets their

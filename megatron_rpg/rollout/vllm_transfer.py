@@ -2,9 +2,11 @@
 own nccl / ipc engines (init once; start -> update_weights -> finish per sync), on both sides.
 
     mrpg_local   the engine lives in the trainer's process (vLLM's `external_launcher`: one
-                 engine per group of trainer ranks). Every rank hands the full HF tensors of the
-                 export stream to its own engine by reference, not copied; the engine's weight
-                 loaders take their TP shard. No bytes cross a process boundary.
+                 engine per group of trainer ranks). Every rank hands the tensors of the export
+                 stream to its own engine by reference, not copied: full HF tensors, whose TP
+                 shard the engine's loaders cut, or, where the engine has the trainer's TP
+                 layout, the rank's own shards (`tp_shards`), which they take as they are. No
+                 bytes cross a process boundary.
     mrpg_gloo    the engine is another process (`vllm serve`, other nodes). Trainer rank 0 and
                  every engine worker form a gloo group (TCPStore on the trainer); each bucket
                  of the export stream is one broadcast of its flat buffer.
@@ -107,17 +109,24 @@ class BucketSource(WeightSource):
 
 class _LayerwiseEngine(WeightTransferEngine):
     """Start/finish as vLLM's nccl engine: buffer a layer's tensors until it is complete, then
-    process and copy into the original storage (CUDA graphs stay valid)."""
+    process and copy into the original storage (CUDA graphs stay valid). With `tp_shards` the
+    tensor-parallel linear layers receive this rank's shards (see take_tp_shards)."""
+
+    tp_shards = False
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         initialize_layerwise_reload(self.model)
+        self._undo = take_tp_shards(self.model) if self.tp_shards else []
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         finalize_layerwise_reload(self.model, self.model_config)
+        for param, attribute, value in self._undo:
+            setattr(param, attribute, value)
+        self._undo = []
         reprocess_shared_weights(self.model)
 
     def load(self, weights: Bucket) -> None:
@@ -132,6 +141,32 @@ class _LayerwiseEngine(WeightTransferEngine):
         self.receive_weights(self.parse_update_info(update_info))
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # vLLM's base uses torch.accelerator, absent on CPUs
+
+
+def take_tp_shards(model: torch.nn.Module) -> list[tuple[Any, str, Any]]:
+    """Make the loaders of every tensor-parallel linear layer take what they receive as this
+    rank's shard instead of cutting it from a full tensor: vLLM's `is_sharded_weight` for the
+    plain parameters (v1 loaders), rank 0's offset for its v2 parameters (which cut at
+    `param.tp_rank` x the shard size). Call after initialize_layerwise_reload: the parameters it
+    puts in place are the ones the reload loads. Returns (parameter, attribute, old value) to
+    restore on those that outlive the reload (a bias stays in place)."""
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from vllm.model_executor.parameter import BasevLLMParameter
+
+    undo: list[tuple[Any, str, Any]] = []
+    for module in model.modules():
+        if not isinstance(module, ColumnParallelLinear | RowParallelLinear) or module.tp_size < 2:
+            continue
+        for param in module._parameters.values():
+            if isinstance(param, BasevLLMParameter):
+                undo.append((param, "tp_rank", param.tp_rank))
+                param.tp_rank = 0
+            elif param is not None:
+                undo.append(
+                    (param, "is_sharded_weight", getattr(param, "is_sharded_weight", False))
+                )
+                setattr(param, "is_sharded_weight", True)  # noqa: B010 (read by vLLM)
+    return undo
 
 
 def reprocess_shared_weights(model: torch.nn.Module) -> None:
@@ -152,7 +187,9 @@ def reprocess_shared_weights(model: torch.nn.Module) -> None:
 
 @dataclass
 class LocalInitInfo(WeightTransferInitInfo):
-    pass
+    tp_shards: bool = False  # the tensor-parallel layers receive this rank's own shards
+    tp_rank: int = 0  # the trainer's TP rank, which must be the engine's (tp_shards)
+    tp_size: int = 1
 
 
 @dataclass
@@ -167,7 +204,21 @@ class LocalWeightTransferEngine(_LayerwiseEngine):
     update_info_cls = LocalUpdateInfo
 
     def init_transfer_engine(self, init_info: LocalInitInfo) -> None:
-        """Nothing to open: the trainer is this process."""
+        """Nothing to open: the trainer is this process. With tp_shards, check that the engine
+        holds the trainer's TP layout."""
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        if init_info.tp_shards:
+            mine = (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+            if mine != (init_info.tp_rank, init_info.tp_size):
+                raise ValueError(
+                    f"weight transfer {LOCAL!r}: the trainer sends TP shard {init_info.tp_rank} "
+                    f"of {init_info.tp_size}, the engine holds shard {mine[0]} of {mine[1]}"
+                )
+        self.tp_shards = init_info.tp_shards
 
     def receive_weights(self, update_info: LocalUpdateInfo) -> None:
         weights = []
@@ -281,6 +332,9 @@ class LocalTrainerInitInfo(TrainerInitInfo):
     """Every rank feeds the engine in its own process, so every rank is a sender."""
 
     backend: ClassVar[str] = LOCAL
+    tp_shards: bool = False  # the stream's layout is tp_shards (see LocalInitInfo)
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @property
     def is_sender(self) -> bool:
@@ -296,7 +350,8 @@ class LocalTrainerEngine(TrainerWeightTransferEngine):
     ) -> LocalTrainerEngine:
         if not isinstance(source, BucketSource):
             raise TypeError(f"weight transfer {LOCAL!r} takes a BucketSource")
-        client.init_weight_transfer_engine(asdict(LocalInitInfo()))
+        worker = LocalInitInfo(init_info.tp_shards, init_info.tp_rank, init_info.tp_size)
+        client.init_weight_transfer_engine(asdict(worker))
         return cls(client=client, source=source, is_sender=True)
 
     def send_weights(self) -> None:
