@@ -64,8 +64,9 @@ def _rollout(engine, params):
 
 def sync_after_step(name, hf_state, tp, pp, make_engine=embedded_engine, families=FAMILIES):
     """Initial weights synced; one Adam step; engine log-probs vs the trainer's before and after
-    the second sync. Returns, on the last stage, the max |difference| before and after, the
-    bytes of both syncs and every prompt's responses; None elsewhere."""
+    the second sync. Returns the bytes this rank handed over in both syncs and, on the last
+    stage (None elsewhere), the max |difference| before and after and every prompt's
+    responses."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_rpg.forward_backward import LogprobOptions, forward_backward
@@ -97,11 +98,9 @@ def sync_after_step(name, hf_state, tp, pp, make_engine=embedded_engine, familie
     finally:
         if engine is not None:
             engine.close()
-    if trainer is None:
-        return None
-    return {
-        "before": (trainer[:, response] - stale).abs().max().item(),
-        "after": (trainer_fresh[:, response] - fresh).abs().max().item(),
-        "bytes": (first.bytes, second.bytes),
-        "responses": tokens[:, len(PROMPTS[0]) :].tolist(),
-    }
+    result = {"bytes": (first.bytes, second.bytes), "before": None}
+    if trainer is not None:
+        result["before"] = (trainer[:, response] - stale).abs().max().item()
+        result["after"] = (trainer_fresh[:, response] - fresh).abs().max().item()
+        result["responses"] = tokens[:, len(PROMPTS[0]) :].tolist()
+    return result

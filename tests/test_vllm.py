@@ -1,5 +1,6 @@
 """vLLM (the CPU build) as the rollout engine: weight sync from a TP2 x PP2 policy into colocated
-engines (external_launcher, engine TP 1 and 2) and into a `vllm serve` (TP 1 and 2), training
+engines (external_launcher, engine TP 1 and 2: full tensors, or each rank's own shards) and into
+`vllm serve`s (TP 1 and 2, from every trainer rank), training
 runs that learn (colocated; the server samples what colocated engines do), a bf16 engine against
 the fp32 trainer, and a server that dies mid-run."""
 
@@ -50,17 +51,28 @@ def shard_bytes(name, tp):
     )
 
 
-def check_sync(results, name, sharded_tp=1):
+def check_sync(results, name, sharded_tp=1, served=False):
     """Log-probs equal the trainer's after the sync (fp32: 1e-4), not before; every sync hands
-    each engine the HF model's bytes, or its TP shard's (`sharded_tp`); returns every prompt's
-    responses."""
-    last_stage = [r for r in results if r is not None]
+    each colocated engine the HF model's bytes, or its TP shard's (`sharded_tp`); served, the
+    four ranks (TP2 x PP2) together send the model once (with Megatron's padded vocabulary
+    rows), each about a quarter. Returns every prompt's responses."""
+    last_stage = [r for r in results if r["before"] is not None]
     assert len(last_stage) == 2
-    hf_bytes = shard_bytes(name, sharded_tp)
     for r in last_stage:
         assert r["before"] > 1e-3  # the engine still has the old weights
         assert r["after"] < 1e-4
-        assert r["bytes"] == (hf_bytes, hf_bytes)
+    if not served:
+        hf_bytes = shard_bytes(name, sharded_tp)
+        assert all(r["bytes"] == (hf_bytes, hf_bytes) for r in results)
+    else:
+        config = VLLM_FAMILIES[name]
+        vocab, hidden = config["vocab_size"], config["hidden_size"]
+        tables = 1 if config.get("tie_word_embeddings") else 2
+        padding = (-(-vocab // 128) * 128 - vocab) * hidden * 4 * tables  # Megatron's, TP2
+        sent = [r["bytes"][0] for r in results]
+        assert [r["bytes"][1] for r in results] == sent
+        assert sum(sent) == shard_bytes(name, 1) + padding
+        assert max(sent) < 0.4 * sum(sent)  # no funnel: a quarter each, give or take a norm
     return last_stage[0]["responses"]
 
 
@@ -81,16 +93,19 @@ def test_colocated_weight_sync_from_tp2_pp2_sharded_where_the_tp_layouts_match(
 @pytest.mark.parametrize(
     ("name", "engine_tp", "servers"), [("llama", 1, 2), ("qwen2", 2, 1)], ids=str
 )
-def test_server_engine_syncs_from_tp2_pp2(pool4, tmp_path, name, engine_tp, servers):
-    """One server of TP2, or two servers (as two engine nodes) that share the prompts: both get
-    every sync in one transfer group, and together sample what the colocated engines do."""
+def test_served_weight_sync_sharded_from_every_tp2_pp2_rank(
+    pool4, tmp_path, name, engine_tp, servers
+):
+    """One server of TP2, or two servers (as two engine nodes) that share the prompts: every
+    trainer rank sends its own shards straight to every worker (own_shards, a group per
+    source), and together they sample what the colocated engines do."""
     state = hf_model(name, families=VLLM_FAMILIES).state_dict()
     directory = model_dir(tmp_path, VLLM_FAMILIES[name])
     with running_servers(directory, servers, engine_tp) as running:
         urls = ",".join(url for url, _ in running)
         make = partial(server_engine, url=urls)
         responses = check_sync(
-            pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name
+            pool4.run(sync_after_step, name, state, 2, 2, make, VLLM_FAMILIES), name, served=True
         )
         # prompt p on server p mod S; three rollouts of n = 2 each
         shares = [len(PROMPTS[k :: len(running)]) for k in range(len(running))]

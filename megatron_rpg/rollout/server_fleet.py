@@ -3,9 +3,10 @@
     urls = parse_server_urls("http://10.0.0.7:8000,http://10.0.0.8:8000")   # rollout.server_url
     client = FleetSyncClient([HTTPVLLMWeightSyncClient(u) for u in urls], workers=[8, 8])
 
-One weight-transfer group joins trainer rank 0 (group rank 0) and every worker of every server:
-server k's workers take the ranks after those of servers 0..k-1, so with W_j workers on server
-j, server k's rank offset is 1 + W_0 + ... + W_{k-1} and the group has 1 + sum_j W_j ranks.
+A weight-transfer group joins a trainer rank (group rank 0: rank 0 over vLLM's nccl, each
+source over mrpg_gloo, a group each) and every worker of every server: server k's workers take
+the ranks after those of servers 0..k-1, so with W_j workers on server j, server k's rank
+offset is 1 + W_0 + ... + W_{k-1} and a group has 1 + sum_j W_j ranks.
 Each control call of a sync goes to all servers at once (their workers block in the same
 collective) and returns when all have answered; the first failure is raised at once, naming
 its server, instead of waiting on the others, which would block in the broadcast.

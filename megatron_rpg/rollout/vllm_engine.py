@@ -14,8 +14,10 @@
 
 Weights travel through vLLM's weight-transfer protocol (init once; start -> update -> finish
 per sync): `mrpg_local` for the colocated engine (the tensors of the export stream, by
-reference, in the rank's own process), `nccl` (CUDA) or `mrpg_gloo` (CPU) to a server; see
-vllm_transfer.py. The prefix cache is reset after every sync (vLLM does not do it).
+reference, in the rank's own process: each rank's own TP shards where the engine has the
+trainer's TP layout), `nccl` (CUDA, full tensors from rank 0) or `mrpg_gloo` (each trainer
+rank's own shards) to a server; see vllm_transfer.py. The prefix cache is reset after every
+sync (vLLM does not do it).
 
 Log-probs are vLLM's `processed_logprobs` with the lm_head in fp32: those of the distribution
 the token was drawn from, equal to the trainer's at the same temperature when top_k=0 and
@@ -40,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_rpg.models.export import FULL, TP_SHARDS, WeightStream
+from megatron_rpg.models.export import FULL, OWN_SHARDS, TP_SHARDS, WeightStream
 from megatron_rpg.parallel import free_port
 from megatron_rpg.parallel.groups import ProcessGroups
 from megatron_rpg.rollout.protocol import EngineError, Response, SamplingParams, check_prompts
@@ -343,8 +345,9 @@ class VLLMServerEngine:
     and VLLM_SERVER_DEV_MODE=1; B is nccl on GPUs, mrpg_gloo on CPUs (see `server_command`).
 
     Every trainer rank builds this: rank 0 generates (prompt p on server p mod S) and drives
-    the servers; every rank walks the export stream at a sync, which reaches every server's
-    workers in one transfer group (server_fleet.py). A request that fails (connection refused
+    the servers; at a sync over mrpg_gloo every rank of DP replica 0 sends its own shards to
+    every server's workers in a transfer group of its own (vllm_transfer.py, server_fleet.py);
+    over vLLM's nccl, rank 0 sends the full tensors. A request that fails (connection refused
     or reset, a 5xx, a timeout) is retried `retries` times with backoff; then EngineError
     names the server."""
 
@@ -442,13 +445,15 @@ class VLLMServerEngine:
             return list(pool.map(one, range(len(prompts))))
 
     def weight_layout(self, groups: ProcessGroups) -> str:
-        return FULL
+        """own_shards over mrpg_gloo (every rank sends its own shards), full tensors from rank
+        0 over vLLM's nccl."""
+        return OWN_SHARDS if self.backend == "mrpg_gloo" else FULL
 
     def update_weights(self, weights: Iterable[tuple[str, Tensor]]) -> int:
-        """Collective over the trainer's ranks: rank 0 pauses the servers, sends, resets their
-        prefix caches and resumes them."""
+        """Collective over the trainer's ranks: rank 0 pauses the servers, every source sends
+        its part, rank 0 resets their prefix caches and resumes them."""
         if self._transfer is None:
-            self._transfer = self._connect()
+            self._transfer = self._connect(_stream(weights))
         if self.rank == 0:
             self._call_all("/pause?mode=wait", {})
         nbytes = self._transfer.send(weights)
@@ -457,13 +462,18 @@ class VLLMServerEngine:
             self._call_all("/resume", {})
         return nbytes
 
-    def _connect(self) -> _Transfer:
+    def _connect(self, stream: WeightStream) -> _Transfer:
+        """Collective: rank 0 asks the servers for their workers and picks the port, every
+        rank learns them."""
         from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient
 
-        workers, port = [0] * len(self.urls), 0
+        settings: list[Any] = [None]
         if self.rank == 0:
             replies = self._call_all("/get_world_size?include_dp=true")
-            workers, port = [int(r["world_size"]) for r in replies], free_port()
+            settings = [([int(r["world_size"]) for r in replies], free_port())]
+        if dist.is_initialized():
+            dist.broadcast_object_list(settings, src=0)
+        workers, port = settings[0]
         client = FleetSyncClient(
             [HTTPVLLMWeightSyncClient(u, timeout=self.timeout_s) for u in self.urls], workers
         )
@@ -479,10 +489,13 @@ class VLLMServerEngine:
         else:
             from megatron_rpg.rollout.vllm_transfer import GlooTrainerInitInfo
 
+            groups, tp = stream.groups, stream.tp
             info = GlooTrainerInitInfo(
                 master_address=self.trainer_address,
                 master_port=port,
                 world_size=1 + sum(workers),
+                sources=tp * dist.get_world_size(groups.pp),
+                source=groups.pp_rank * tp + groups.tp_rank if stream.is_source else None,
                 rank=self.rank,
                 timeout_s=self.timeout_s,
             )

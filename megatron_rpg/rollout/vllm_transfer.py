@@ -7,9 +7,13 @@ own nccl / ipc engines (init once; start -> update_weights -> finish per sync), 
                  shard the engine's loaders cut, or, where the engine has the trainer's TP
                  layout, the rank's own shards (`tp_shards`), which they take as they are. No
                  bytes cross a process boundary.
-    mrpg_gloo    the engine is another process (`vllm serve`, other nodes). Trainer rank 0 and
-                 every engine worker form a gloo group (TCPStore on the trainer); each bucket
-                 of the export stream is one broadcast of its flat buffer.
+    mrpg_gloo    the engine is another process (`vllm serve`, other nodes). Every trainer rank
+                 of DP replica 0 is a source: it and every engine worker form a gloo group of
+                 their own (all meet in a TCPStore on trainer rank 0), and it broadcasts its own
+                 shards of its stage's buckets (models/export.py: own_shards), one flat buffer
+                 each; the workers join the shards into HF tensors. Nothing is gathered on the
+                 trainer and no rank funnels another's bytes: each sends about the model's
+                 bytes / (TP x PP).
 
 Both load through vLLM's layerwise reload (start/finish), as the nccl engine does, so what
 runs here is the GPU path but for the transport. vLLM finds them through the
@@ -239,35 +243,65 @@ class LocalWeightTransferEngine(_LayerwiseEngine):
 
 @dataclass(kw_only=True)
 class GlooInitInfo(WeightTransferInitInfo):
-    master_address: str
+    master_address: str  # trainer rank 0's: it hosts the store every group meets in
     master_port: int
-    rank_offset: int  # the trainer is rank 0 of the group; workers follow
-    world_size: int  # 1 + every worker of every engine
+    rank_offset: int  # this engine's first worker in each group (rank 0 is the source)
+    world_size: int  # of each group: 1 + every worker of every engine
+    sources: int = 1  # the trainer ranks that send, one group each
     timeout_s: float = 300.0
 
 
 @dataclass
 class GlooUpdateInfo(WeightTransferUpdateInfo):
+    """One sync's stream as the sources send it (models/export.py, own_shards): per tensor its
+    shape as sent (a TP shard's, or whole), its full HF shape and the dim its shards join along
+    (-1: whole, sent by TP rank 0 only); per bucket its size and owning stage. The source of
+    stage s, TP rank r is s x tensor_parallel + r."""
+
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
-    bucket_sizes: list[int]  # tensors per broadcast, in order
+    full_shapes: list[list[int]]
+    splits: list[int]
+    bucket_sizes: list[int]  # tensors per bucket, in order
+    bucket_stages: list[int]
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         n = len(self.names)
-        if len(self.dtype_names) != n or len(self.shapes) != n or sum(self.bucket_sizes) != n:
+        lengths = [len(x) for x in (self.dtype_names, self.shapes, self.full_shapes, self.splits)]
+        if lengths != [n] * 4 or sum(self.bucket_sizes) != n:
             raise ValueError(
-                f"update_info: {n} names, {len(self.dtype_names)} dtypes, {len(self.shapes)} "
-                f"shapes, buckets of {sum(self.bucket_sizes)} tensors in all"
+                f"update_info: {n} names, {lengths} dtypes, shapes, full shapes and splits, "
+                f"buckets of {sum(self.bucket_sizes)} tensors in all"
+            )
+        if len(self.bucket_stages) != len(self.bucket_sizes):
+            raise ValueError(
+                f"update_info: {len(self.bucket_sizes)} buckets, {len(self.bucket_stages)} stages"
             )
 
+    def sent_by(self, bucket: range, tp_rank: int) -> list[int]:
+        """The tensors of `bucket` that TP rank `tp_rank` of its stage sends, in order."""
+        return [i for i in bucket if self.splits[i] >= 0 or tp_rank == 0]
 
-def gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: float) -> Any:
-    """A gloo process group outside torch.distributed's world (its own TCPStore, hosted by
-    rank 0), so an engine and a trainer that have worlds of their own can join it."""
-    timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(address, port, world_size, rank == 0, timeout=timeout)
-    return dist.ProcessGroupGloo(dist.PrefixStore("mrpg_weights", store), rank, world_size, timeout)
+
+def weight_store(address: str, port: int, host: bool, timeout_s: float) -> Any:
+    """The store the transfer groups meet in (hosted by trainer rank 0)."""
+    return dist.TCPStore(
+        address,
+        port,
+        is_master=host,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+
+
+def source_group(store: Any, source: int, rank: int, world_size: int, timeout_s: float) -> Any:
+    """The gloo group of trainer source `source` (its rank 0) and every engine worker, outside
+    torch.distributed's world, so that an engine and a trainer with worlds of their own can
+    join it."""
+    prefixed = dist.PrefixStore(f"mrpg_weights/{source}", store)
+    return dist.ProcessGroupGloo(prefixed, rank, world_size, timedelta(seconds=timeout_s))
 
 
 def broadcast(group: Any, tensor: torch.Tensor) -> None:
@@ -278,50 +312,67 @@ def broadcast(group: Any, tensor: torch.Tensor) -> None:
 
 
 class GlooWeightTransferEngine(_LayerwiseEngine):
-    """Worker side of mrpg_gloo: one broadcast per bucket into a fresh flat buffer."""
+    """Worker side of mrpg_gloo: every trainer source sends its own shards of each of its
+    stage's buckets in one broadcast, in its own group; the worker joins each tensor's shards
+    (cut to its HF shape: Megatron pads the vocabulary) and loads the bucket. It holds the
+    bucket's shards and the joined tensors, about two buckets, beyond vLLM's own buffers."""
 
     init_info_cls = GlooInitInfo
     update_info_cls = GlooUpdateInfo
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.group: Any = None
+        self.groups: list[Any] = []
+        self.store: Any = None
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         p = self.parallel_config
         rank = init_info.rank_offset + p.data_parallel_index * p.world_size + p.rank
-        self.group = gloo_group(
-            init_info.master_address,
-            init_info.master_port,
-            rank,
-            init_info.world_size,
-            init_info.timeout_s,
-        )
+        info = init_info
+        store = weight_store(info.master_address, info.master_port, False, info.timeout_s)
+        self.store = store
+        self.groups = [
+            source_group(store, k, rank, info.world_size, info.timeout_s)
+            for k in range(info.sources)
+        ]
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
-        if self.group is None:
+        if not self.groups:
             raise RuntimeError(f"weight transfer {GLOO!r}: init_weight_transfer_engine first")
-        start = 0
-        for size in update_info.bucket_sizes:
-            names = update_info.names[start : start + size]
-            dtypes = [getattr(torch, d) for d in update_info.dtype_names[start : start + size]]
-            shapes = update_info.shapes[start : start + size]
+        info, start, tp = update_info, 0, update_info.tensor_parallel
+        for size, stage in zip(info.bucket_sizes, info.bucket_stages, strict=True):
+            bucket = range(start, start + size)
             start += size
-            if len(set(dtypes)) != 1:
-                raise ValueError(f"a bucket mixes dtypes {sorted(set(map(str, dtypes)))}")
-            numels = [int(torch.Size(s).numel()) for s in shapes]
-            flat = torch.empty(sum(numels), dtype=dtypes[0])
-            broadcast(self.group, flat)
-            views = flat.split(numels)
-            self.load(
-                [
-                    (n, v.view(s).to(self.device))
-                    for n, v, s in zip(names, views, shapes, strict=True)
-                ]
+            dtypes = {info.dtype_names[i] for i in bucket}
+            if len(dtypes) != 1:
+                raise ValueError(f"a bucket mixes dtypes {sorted(dtypes)}")
+            dtype = getattr(torch, dtypes.pop())
+            parts: dict[int, list[torch.Tensor]] = {i: [] for i in bucket}
+            for tp_rank in range(tp):
+                sent = info.sent_by(bucket, tp_rank)
+                if not sent:
+                    continue
+                numels = [int(torch.Size(info.shapes[i]).numel()) for i in sent]
+                flat = torch.empty(sum(numels), dtype=dtype)
+                broadcast(self.groups[stage * tp + tp_rank], flat)
+                for i, view in zip(sent, flat.split(numels), strict=True):
+                    parts[i].append(view.view(info.shapes[i]))
+            self.load([(info.names[i], self._joined(info, i, parts[i])) for i in bucket])
+
+    def _joined(self, info: GlooUpdateInfo, i: int, parts: list[torch.Tensor]) -> torch.Tensor:
+        split = info.splits[i]
+        if split < 0:
+            return parts[0].to(self.device)
+        whole = torch.cat(parts, split).narrow(split, 0, info.full_shapes[i][split])
+        if list(whole.shape) != info.full_shapes[i]:
+            raise ValueError(
+                f"{info.names[i]}: joined shards of shape {list(whole.shape)}, expected "
+                f"{info.full_shapes[i]}"
             )
+        return whole.to(self.device)
 
     def shutdown(self) -> None:
-        self.group = None
+        self.groups, self.store = [], None
 
 
 # ------------------------------------------------------------------------------ trainer side
@@ -363,23 +414,30 @@ class LocalTrainerEngine(TrainerWeightTransferEngine):
 
 @dataclass
 class GlooTrainerInitInfo(TrainerInitInfo):
+    """Every rank builds it (with the same address, port and sizes: rank 0's); `source` is this
+    rank's index among the sources (None: a DP replica other than 0, which sends nothing)."""
+
     backend: ClassVar[str] = GLOO
 
     master_address: str
     master_port: int
-    world_size: int  # 1 + the engine's workers
+    world_size: int  # of each group: 1 + the engines' workers
+    sources: int
+    source: int | None
     timeout_s: float = 300.0
 
 
 class GlooTrainerEngine(TrainerWeightTransferEngine):
-    """Rank 0 broadcasts every bucket while the engine's update_weights call (a thread: an
-    HTTP request to `vllm serve`) receives them; the other ranks only walk the stream."""
+    """Every source rank broadcasts its own shards of its stage's buckets in its group; rank 0
+    also drives the engines (start, update_weights in a thread: an HTTP request to each
+    `vllm serve`, which returns once every source's bytes have arrived, finish). No byte
+    passes through rank 0 that is not its own."""
 
     init_info_cls = GlooTrainerInitInfo
 
-    def __init__(self, *, group: Any = None, **kwargs: Any):
+    def __init__(self, *, group: Any = None, store: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.group = group
+        self.group, self.store = group, store  # rank 0's store serves every group: keep it
 
     @classmethod
     def trainer_init(
@@ -387,64 +445,80 @@ class GlooTrainerEngine(TrainerWeightTransferEngine):
     ) -> GlooTrainerEngine:
         if not isinstance(source, BucketSource):
             raise TypeError(f"weight transfer {GLOO!r} takes a BucketSource")
-        if not init_info.is_sender:
-            return cls(client=client, source=source, is_sender=False)
+        info = init_info
+        if info.source is None:
+            return cls(client=client, source=source, is_sender=info.is_sender)
+        store = weight_store(info.master_address, info.master_port, info.rank == 0, info.timeout_s)
         worker_info = GlooInitInfo(
-            master_address=init_info.master_address,
-            master_port=init_info.master_port,
+            master_address=info.master_address,
+            master_port=info.master_port,
             rank_offset=1,
-            world_size=init_info.world_size,
-            timeout_s=init_info.timeout_s,
+            world_size=info.world_size,
+            sources=info.sources,
+            timeout_s=info.timeout_s,
         )
-        with ThreadPoolExecutor(max_workers=1) as pool:  # both sides rendezvous together
-            reply = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
-            group = gloo_group(
-                init_info.master_address,
-                init_info.master_port,
-                0,
-                init_info.world_size,
-                init_info.timeout_s,
-            )
-            reply.result()
-        return cls(client=client, source=source, is_sender=True, group=group)
+        if not info.is_sender:
+            group = source_group(store, info.source, 0, info.world_size, info.timeout_s)
+        else:
+            with ThreadPoolExecutor(max_workers=1) as pool:  # both sides rendezvous together
+                reply = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
+                group = source_group(store, info.source, 0, info.world_size, info.timeout_s)
+                reply.result()
+        return cls(client=client, source=source, is_sender=info.is_sender, group=group, store=store)
 
     def send_weights(self) -> None:
         source = cast(BucketSource, self.source)
-        buckets = source.bucket_metadata
         if not self.is_sender:
-            for _ in source.buckets():
-                pass
+            self._broadcast(source)
             return
-        meta = [m for bucket in buckets for m in bucket]
-        info = GlooUpdateInfo(
-            names=[m.name for m in meta],
-            dtype_names=[str(m.dtype).removeprefix("torch.") for m in meta],
-            shapes=[list(m.shape) for m in meta],
-            bucket_sizes=[len(b) for b in buckets],
-        )
         self.client.start_weight_update()
         pool = ThreadPoolExecutor(max_workers=1)
         try:
-            reply = pool.submit(self.client.update_weights, asdict(info))
-            for want, bucket in zip(buckets, source.buckets(), strict=True):
-                if reply.done():
-                    reply.result()  # the engine refused or died: say so instead of blocking
-                _check_bucket(want, bucket)
-                tensors = [t for _, t in bucket]
-                flat = (
-                    tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
-                )
-                broadcast(self.group, flat.contiguous().cpu())
+            reply = pool.submit(self.client.update_weights, asdict(update_info(source.stream)))
+            self._broadcast(source, reply)
             reply.result()
         finally:
             pool.shutdown(wait=False)  # a worker stuck in a broadcast must not hang us here
         self.client.finish_weight_update()
 
+    def _broadcast(self, source: BucketSource, reply: Any = None) -> None:
+        """Send this rank's buckets (own_shards: its stage's, its shards), one flat each."""
+        stream = source.stream
+        if self.group is None:  # a DP replica other than 0
+            return
+        mine = [b for b in stream.export_buckets if b.stage == stream.groups.pp_rank]
+        for want, bucket in zip(mine, source.buckets(), strict=True):
+            if reply is not None and reply.done():
+                reply.result()  # the engine refused or died: say so instead of blocking
+            first = stream.groups.tp_rank == 0
+            _check_bucket([t for t in want.tensors if first or t.split is not None], bucket)
+            if bucket:
+                tensors = [t for _, t in bucket]
+                flat = (
+                    torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0]
+                )
+                broadcast(self.group, flat.contiguous().cpu())
+
     def shutdown(self) -> None:
-        self.group = None
+        self.group = self.store = None
 
 
-def _check_bucket(want: list[ParamMeta], bucket: Bucket) -> None:
+def update_info(stream: Any) -> GlooUpdateInfo:
+    """The update info of an own_shards stream (models/export.py), for every worker."""
+    tensors = [t for b in stream.export_buckets for t in b.tensors]
+    return GlooUpdateInfo(
+        names=[t.name for t in tensors],
+        dtype_names=[str(t.dtype).removeprefix("torch.") for t in tensors],
+        shapes=[list(t.shape) for t in tensors],
+        full_shapes=[list(t.full_shape) for t in tensors],
+        splits=[-1 if t.split is None else t.split for t in tensors],
+        bucket_sizes=[len(b.tensors) for b in stream.export_buckets],
+        bucket_stages=[b.stage for b in stream.export_buckets],
+        tensor_parallel=stream.tp,
+    )
+
+
+def _check_bucket(want: list[Any], bucket: Bucket) -> None:
     got = [(n, t.dtype, tuple(t.shape)) for n, t in bucket]
     if got != [(m.name, m.dtype, tuple(m.shape)) for m in want]:
         raise ValueError(f"the export stream disagrees with its metadata: {got[:2]} vs {want[:2]}")
