@@ -32,10 +32,12 @@ def colocated_engine(hf_config, model_dir, tensor_parallel):
     return engine
 
 
-def server_engine(hf_config, url):
+def server_engine(hf_config, url, full_sync_every=1):
     from megatron_rpg.rollout.vllm_engine import VLLMServerEngine
 
-    return VLLMServerEngine(url, hf_config, "mrpg_gloo", timeout_s=120)
+    return VLLMServerEngine(
+        url, hf_config, "mrpg_gloo", timeout_s=120, full_sync_every=full_sync_every
+    )
 
 
 def _trainer_logprobs(chunks, arch, tokens):
@@ -104,3 +106,54 @@ def sync_after_step(name, hf_state, tp, pp, make_engine=embedded_engine, familie
         result["after"] = (trainer_fresh[:, response] - fresh).abs().max().item()
         result["responses"] = tokens[:, len(PROMPTS[0]) :].tolist()
     return result
+
+
+def delta_syncs(name, hf_state, tp, pp, make_engine, families):
+    """A served engine with full_sync_every=3. Sync 1 is full; after an update that moves every
+    10th element of every weight (as a small step in bf16 leaves most elements' bits alone),
+    sync 2 is a delta. Then rank 0 changes one weight the prompts use and records it as sent
+    (the engine misses it): sync 3's checksums disagree and everything is sent again. Syncs 4
+    and 5 are deltas of nothing, 6 is full. Returns each rank's (kind, bytes) history and, on
+    the last stage, the max |engine - trainer| log-prob difference after syncs 2 and 3."""
+    from megatron_rpg.rollout import SamplingParams, sync_weights
+
+    arch, chunks = load_in_layout(name, hf_state, tp, pp, families)
+    engine = make_engine(families[name])
+    params = SamplingParams(n=2, max_tokens=6, seed=7)
+    response = slice(len(PROMPTS[0]) - 1, None)
+
+    def difference():
+        tokens, engine_logprobs = _rollout(engine, params)
+        trainer = _trainer_logprobs(chunks, arch, tokens)
+        return None if trainer is None else (trainer[:, response] - engine_logprobs).abs().max()
+
+    try:
+        sync_weights(chunks, arch, engine)
+        from megatron.core import parallel_state
+
+        # one seed per stage: a weight replicated over the TP ranks stays the same on each
+        generator = torch.Generator().manual_seed(parallel_state.get_pipeline_model_parallel_rank())
+        with torch.no_grad():
+            for chunk in chunks:
+                for weight in chunk.parameters():
+                    every_tenth = weight.view(-1)[::10]
+                    every_tenth += 0.05 * torch.randn(every_tenth.shape, generator=generator)
+        sync_weights(chunks, arch, engine)
+        after_delta = difference()
+        if dist.get_rank() == 0:  # stage 0, TP rank 0: its first bucket starts with the embedding
+            transfer = engine._transfer
+            first = transfer.source.stream.export_buckets[0].tensors[0]
+            assert first.name == "model.embed_tokens.weight"
+            embedding = chunks[0].embedding.word_embeddings.weight
+            token, hidden = PROMPTS[0][0], embedding.shape[1]
+            with torch.no_grad():
+                embedding[token, 0] += 0.5
+            transfer.engine.sent[0][token * hidden] = embedding[token, 0].item()
+        sync_weights(chunks, arch, engine)
+        after_resync = difference()
+        for _ in range(3):
+            sync_weights(chunks, arch, engine)
+        history = engine.sync_history
+    finally:
+        engine.close()
+    return {"history": history, "after_delta": after_delta, "after_resync": after_resync}

@@ -10,7 +10,7 @@ import urllib.request
 from functools import partial
 
 import pytest
-from rollout_cases import PROMPTS, colocated_engine, server_engine, sync_after_step
+from rollout_cases import PROMPTS, colocated_engine, delta_syncs, server_engine, sync_after_step
 from servers import finished_requests, kill, model_dir, running_server, running_servers
 from test_trainer import CONFIG, ROOT, metrics, train
 
@@ -117,6 +117,32 @@ def test_served_weight_sync_sharded_from_every_tp2_pp2_rank(
         )
 
 
+def test_served_delta_sync_checksums_resync_and_a_full_sync_every_third(pool4, tmp_path):
+    """Two servers, full_sync_every=3, from TP2 x PP2 (rollout_cases.delta_syncs): a delta
+    of a tenth of the elements costs a fifth of the bytes (index and value) and gives the
+    trainer's log-probs; a weight the engine missed fails the checksum and everything is sent
+    again (then the log-probs agree); every third sync is full."""
+    name = "llama"
+    state = hf_model(name, families=VLLM_FAMILIES).state_dict()
+    directory = model_dir(tmp_path, VLLM_FAMILIES[name])
+    with running_servers(directory, 2, 1) as running:
+        urls = ",".join(url for url, _ in running)
+        make = partial(server_engine, url=urls, full_sync_every=3)
+        results = pool4.run(delta_syncs, name, state, 2, 2, make, VLLM_FAMILIES)
+    for r in results:
+        kinds, sent = zip(*r["history"], strict=True)
+        assert kinds == ("full", "delta", "resync", "delta", "delta", "full")
+        assert sent[5] == sent[0] > 0  # a full sync: this rank's shards
+        assert sent[2] > sent[0]  # the failed delta, then everything again
+        assert 0.15 * sent[0] < sent[1] < 0.25 * sent[0]  # 10% of the elements, 8 bytes each
+        assert sent[3] == sent[4] < 200  # nothing changed: a count per bucket
+    last_stage = [r for r in results if r["after_delta"] is not None]
+    assert len(last_stage) == 2
+    assert all(r["after_delta"] < 1e-4 and r["after_resync"] < 1e-4 for r in last_stage), [
+        (r["after_delta"], r["after_resync"]) for r in last_stage
+    ]
+
+
 def test_placement_refusals_name_the_key():
     arch = ModelArch.from_hf(VLLM_FAMILIES["llama"])  # 4 heads, 2 KV heads
     cases = [
@@ -129,6 +155,8 @@ def test_placement_refusals_name_the_key():
             "without CUDA",
         ),
         (["rollout.tensor_parallel=2"], 4, "rollout.engine=embedded"),
+        (["rollout.engine=vllm", "rollout.full_sync_every=3"], 4, "colocated"),
+        (["rollout.full_sync_every=3"], 4, "rollout.engine=embedded"),
     ]
     for overrides, ranks, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -67,6 +67,7 @@ def build_engine(
             timeout_s=rollout.request_timeout_s,
             retries=rollout.request_retries,
             api_key=os.environ.get(API_KEY),
+            full_sync_every=rollout.full_sync_every,
         )
     return VLLMEngine(
         engine_model_dir(hf_config, run_dir),

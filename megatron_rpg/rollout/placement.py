@@ -90,6 +90,7 @@ def rollout_placement(
             ("engine_nodes", rollout.engine_nodes, rollout.engine_nodes == 0),
             ("server_url", rollout.server_url, not rollout.server_url),
             ("weight_transfer", rollout.weight_transfer, rollout.weight_transfer == "auto"),
+            ("full_sync_every", rollout.full_sync_every, rollout.full_sync_every == 1),
         ]:
             if not ok:
                 raise ConfigError(
@@ -118,7 +119,19 @@ def rollout_placement(
                 f"one of {['auto', *allowed]} for a vllm serve"
                 f"{'' if cuda else ' from a trainer without CUDA'}",
             )
+        if rollout.full_sync_every > 1 and transfer != "mrpg_gloo":
+            raise ConfigError(
+                "rollout.full_sync_every",
+                rollout.full_sync_every,
+                "1 with rollout.weight_transfer=nccl (deltas travel over mrpg_gloo)",
+            )
         return RolloutPlacement("vllm", False, tp, 0, transfer, dtype)
+    if rollout.full_sync_every > 1:
+        raise ConfigError(
+            "rollout.full_sync_every",
+            rollout.full_sync_every,
+            "1 for a colocated engine (nothing travels: deltas are for vllm serves)",
+        )
     if transfer not in ("auto", "mrpg_local"):
         raise ConfigError(
             "rollout.weight_transfer",

@@ -134,7 +134,8 @@ class _Transfer:
             raise ValueError("the exported tensors changed between syncs")
         self.source.stream = stream
         self.engine.send_weights()
-        return stream.nbytes
+        history = getattr(self.engine, "history", None)  # mrpg_gloo: what it sent on the wire
+        return history[-1][1] if history else stream.nbytes
 
 
 def _stream(weights: Iterable[tuple[str, Tensor]]) -> WeightStream:
@@ -363,6 +364,7 @@ class VLLMServerEngine:
         retries: int = 2,
         max_concurrency: int = 256,
         api_key: str | None = None,
+        full_sync_every: int = 1,  # mrpg_gloo: > 1 sends deltas in between (vllm_transfer.py)
     ):
         self.urls = parse_server_urls(urls)  # one URL, or several comma-separated
         if not self.urls:
@@ -372,7 +374,8 @@ class VLLMServerEngine:
         if api_key:  # the servers' VLLM_API_KEY ($API_KEY in a job)
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.trainer_address, self.max_concurrency = trainer_address, max_concurrency
-        self.backend = backend
+        self.backend, self.full_sync_every = backend, full_sync_every
+        self.unverified = False  # a sync's checksums disagreed even after a full re-send
         self.vocab_size = int(hf_config["vocab_size"])
         self.max_len = int(hf_config["max_position_embeddings"])
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -422,7 +425,13 @@ class VLLMServerEngine:
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
     ) -> list[list[Response]]:
         """Every prompt in flight at once (one request each: each has its own seed), prompt p
-        on server p mod S: what a prompt samples does not depend on the number of servers."""
+        on server p mod S: what a prompt samples does not depend on the number of servers.
+        Refused after a sync whose checksums disagreed."""
+        if self.unverified:
+            raise EngineError(
+                "the servers' weights failed their checksum at the last sync: not generating "
+                "until a sync succeeds"
+            )
         check_prompts(prompts, self.vocab_size, self.max_len)
         if params.seed is None:
             params = SamplingParams(**{**params.__dict__, "seed": int(torch.randint(2**62, ()))})
@@ -456,7 +465,9 @@ class VLLMServerEngine:
             self._transfer = self._connect(_stream(weights))
         if self.rank == 0:
             self._call_all("/pause?mode=wait", {})
+        self.unverified = True
         nbytes = self._transfer.send(weights)
+        self.unverified = False
         if self.rank == 0:
             self._call_all("/reset_prefix_cache", {})
             self._call_all("/resume", {})
@@ -496,10 +507,16 @@ class VLLMServerEngine:
                 world_size=1 + sum(workers),
                 sources=tp * dist.get_world_size(groups.pp),
                 source=groups.pp_rank * tp + groups.tp_rank if stream.is_source else None,
+                full_sync_every=self.full_sync_every,
                 rank=self.rank,
                 timeout_s=self.timeout_s,
             )
         return _Transfer(info, client)
+
+    @property
+    def sync_history(self) -> list[tuple[str, int]]:
+        """Each sync's (kind: full, delta or resync; bytes this rank sent) over mrpg_gloo."""
+        return list(getattr(self._transfer.engine, "history", [])) if self._transfer else []
 
     def sleep(self) -> None:
         """An engine on nodes of its own keeps its memory."""

@@ -48,6 +48,9 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
+from megatron_rpg.rollout.deltas import agree, broadcast, checksum, receive_delta, send_delta
+from megatron_rpg.rollout.protocol import EngineError
+
 LOCAL, GLOO = "mrpg_local", "mrpg_gloo"
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -248,6 +251,7 @@ class GlooInitInfo(WeightTransferInitInfo):
     rank_offset: int  # this engine's first worker in each group (rank 0 is the source)
     world_size: int  # of each group: 1 + every worker of every engine
     sources: int = 1  # the trainer ranks that send, one group each
+    deltas: bool = False  # keep what each source sent: syncs may be deltas, checksums agreed
     timeout_s: float = 300.0
 
 
@@ -266,6 +270,7 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
     bucket_sizes: list[int]  # tensors per bucket, in order
     bucket_stages: list[int]
     tensor_parallel: int = 1
+    delta: bool = False  # each source sends what changed since the last sync (deltas.py)
 
     def __post_init__(self) -> None:
         n = len(self.names)
@@ -304,18 +309,16 @@ def source_group(store: Any, source: int, rank: int, world_size: int, timeout_s:
     return dist.ProcessGroupGloo(prefixed, rank, world_size, timedelta(seconds=timeout_s))
 
 
-def broadcast(group: Any, tensor: torch.Tensor) -> None:
-    """Broadcast from rank 0 of `group` (gloo, CPU tensors)."""
-    options = dist.BroadcastOptions()
-    options.rootRank = 0
-    group.broadcast([tensor], options).wait()
-
-
 class GlooWeightTransferEngine(_LayerwiseEngine):
     """Worker side of mrpg_gloo: every trainer source sends its own shards of each of its
     stage's buckets in one broadcast, in its own group; the worker joins each tensor's shards
     (cut to its HF shape: Megatron pads the vocabulary) and loads the bucket. It holds the
-    bucket's shards and the joined tensors, about two buckets, beyond vLLM's own buffers."""
+    bucket's shards and the joined tensors, about two buckets, beyond vLLM's own buffers.
+
+    With deltas it keeps every source's buckets as last received (host memory: the model,
+    once), applies each delta to them, loads every bucket (the layerwise reload needs whole
+    layers: deltas cut the bytes on the wire, not the load), then agrees a checksum with each
+    source; a disagreement leaves `verified` False, and the trainer re-sends everything."""
 
     init_info_cls = GlooInitInfo
     update_info_cls = GlooUpdateInfo
@@ -324,6 +327,8 @@ class GlooWeightTransferEngine(_LayerwiseEngine):
         super().__init__(*args, **kwargs)
         self.groups: list[Any] = []
         self.store: Any = None
+        self.deltas, self.verified = False, True
+        self.received: dict[tuple[int, int], torch.Tensor] = {}  # (bucket, TP rank) -> flat
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         p = self.parallel_config
@@ -335,12 +340,15 @@ class GlooWeightTransferEngine(_LayerwiseEngine):
             source_group(store, k, rank, info.world_size, info.timeout_s)
             for k in range(info.sources)
         ]
+        self.deltas, self.received = info.deltas, {}
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         if not self.groups:
             raise RuntimeError(f"weight transfer {GLOO!r}: init_weight_transfer_engine first")
         info, start, tp = update_info, 0, update_info.tensor_parallel
-        for size, stage in zip(info.bucket_sizes, info.bucket_stages, strict=True):
+        if info.delta and not self.deltas:
+            raise ValueError(f"weight transfer {GLOO!r}: a delta to an engine that keeps none")
+        for b, (size, stage) in enumerate(zip(info.bucket_sizes, info.bucket_stages, strict=True)):
             bucket = range(start, start + size)
             start += size
             dtypes = {info.dtype_names[i] for i in bucket}
@@ -353,11 +361,33 @@ class GlooWeightTransferEngine(_LayerwiseEngine):
                 if not sent:
                     continue
                 numels = [int(torch.Size(info.shapes[i]).numel()) for i in sent]
-                flat = torch.empty(sum(numels), dtype=dtype)
-                broadcast(self.groups[stage * tp + tp_rank], flat)
+                group = self.groups[stage * tp + tp_rank]
+                if info.delta:
+                    flat = self.received[b, tp_rank]
+                    receive_delta(group, flat)
+                else:
+                    flat = torch.empty(sum(numels), dtype=dtype)
+                    broadcast(group, flat)
+                    if self.deltas:
+                        self.received[b, tp_rank] = flat
                 for i, view in zip(sent, flat.split(numels), strict=True):
                     parts[i].append(view.view(info.shapes[i]))
             self.load([(info.names[i], self._joined(info, i, parts[i])) for i in bucket])
+        if self.deltas:
+            self.verified = self._agree(info)
+
+    def _agree(self, info: GlooUpdateInfo) -> bool:
+        """Gather each source's checksum with ours, source by source; True if all agree."""
+        tp, agreed = info.tensor_parallel, True
+        for source, group in enumerate(self.groups):
+            flats = [
+                flat
+                for (b, tp_rank), flat in sorted(self.received.items())
+                if info.bucket_stages[b] * tp + tp_rank == source
+            ]
+            values = agree(group, checksum(flats))
+            agreed &= len(set(values)) == 1
+        return agreed
 
     def _joined(self, info: GlooUpdateInfo, i: int, parts: list[torch.Tensor]) -> torch.Tensor:
         split = info.splits[i]
@@ -372,7 +402,7 @@ class GlooWeightTransferEngine(_LayerwiseEngine):
         return whole.to(self.device)
 
     def shutdown(self) -> None:
-        self.groups, self.store = [], None
+        self.groups, self.store, self.received = [], None, {}
 
 
 # ------------------------------------------------------------------------------ trainer side
@@ -424,6 +454,7 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     world_size: int  # of each group: 1 + the engines' workers
     sources: int
     source: int | None
+    full_sync_every: int = 1  # > 1: the syncs in between send deltas (deltas.py)
     timeout_s: float = 300.0
 
 
@@ -431,13 +462,29 @@ class GlooTrainerEngine(TrainerWeightTransferEngine):
     """Every source rank broadcasts its own shards of its stage's buckets in its group; rank 0
     also drives the engines (start, update_weights in a thread: an HTTP request to each
     `vllm serve`, which returns once every source's bytes have arrived, finish). No byte
-    passes through rank 0 that is not its own."""
+    passes through rank 0 that is not its own.
+
+    With full_sync_every = N > 1, a sync is full, then N - 1 deltas follow; each source keeps
+    what it last sent (host memory: its own shards), and after every sync each source and
+    every worker agree a checksum. If any disagrees, everything is sent again at once; if
+    that disagrees too, EngineError. `history` lists each sync's (kind, bytes this rank sent):
+    kind full, delta, or resync (a delta that failed its checksum, then a full sync)."""
 
     init_info_cls = GlooTrainerInitInfo
 
-    def __init__(self, *, group: Any = None, store: Any = None, **kwargs: Any):
+    def __init__(
+        self, *, group: Any = None, store: Any = None, full_sync_every: int = 1, **kwargs: Any
+    ):
         super().__init__(**kwargs)
         self.group, self.store = group, store  # rank 0's store serves every group: keep it
+        self.full_sync_every = full_sync_every
+        self.sent: dict[int, torch.Tensor] = {}  # own bucket -> its flat as last sent
+        self.since_full: int | None = None  # syncs since the last full one (None: none yet)
+        self.history: list[tuple[str, int]] = []
+
+    @property
+    def deltas(self) -> bool:
+        return self.full_sync_every > 1
 
     @classmethod
     def trainer_init(
@@ -446,8 +493,9 @@ class GlooTrainerEngine(TrainerWeightTransferEngine):
         if not isinstance(source, BucketSource):
             raise TypeError(f"weight transfer {GLOO!r} takes a BucketSource")
         info = init_info
+        every = info.full_sync_every
         if info.source is None:
-            return cls(client=client, source=source, is_sender=info.is_sender)
+            return cls(client=client, source=source, is_sender=False, full_sync_every=every)
         store = weight_store(info.master_address, info.master_port, info.rank == 0, info.timeout_s)
         worker_info = GlooInitInfo(
             master_address=info.master_address,
@@ -455,6 +503,7 @@ class GlooTrainerEngine(TrainerWeightTransferEngine):
             rank_offset=1,
             world_size=info.world_size,
             sources=info.sources,
+            deltas=every > 1,
             timeout_s=info.timeout_s,
         )
         if not info.is_sender:
@@ -464,46 +513,90 @@ class GlooTrainerEngine(TrainerWeightTransferEngine):
                 reply = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
                 group = source_group(store, info.source, 0, info.world_size, info.timeout_s)
                 reply.result()
-        return cls(client=client, source=source, is_sender=info.is_sender, group=group, store=store)
+        return cls(
+            client=client,
+            source=source,
+            is_sender=info.is_sender,
+            group=group,
+            store=store,
+            full_sync_every=every,
+        )
 
     def send_weights(self) -> None:
+        """Collective over the trainer's ranks (they agree on the checksums)."""
+        n = self.full_sync_every
+        delta = self.deltas and self.since_full is not None and self.since_full < n - 1
+        nbytes, agreed = self._send(delta)
+        kind = "delta" if delta else "full"
+        if self.deltas and not _everyone(agreed):
+            resent, agreed = self._send(False)
+            kind, nbytes = "resync", nbytes + resent
+            if not _everyone(agreed):
+                raise EngineError(
+                    f"weight transfer {GLOO!r}: the engines' checksums disagree with the "
+                    "trainer's after a full sync; refusing to generate from those weights"
+                )
+        self.since_full = 0 if kind != "delta" else (self.since_full or 0) + 1
+        self.history.append((kind, nbytes))
+
+    def _send(self, delta: bool) -> tuple[int, bool]:
+        """One pass over this rank's buckets: (bytes it sent, whether its checksum agreed with
+        every worker's)."""
         source = cast(BucketSource, self.source)
         if not self.is_sender:
-            self._broadcast(source)
-            return
+            return self._send_own(source, delta)
         self.client.start_weight_update()
         pool = ThreadPoolExecutor(max_workers=1)
         try:
-            reply = pool.submit(self.client.update_weights, asdict(update_info(source.stream)))
-            self._broadcast(source, reply)
+            info = update_info(source.stream, delta)
+            reply = pool.submit(self.client.update_weights, asdict(info))
+            result = self._send_own(source, delta, reply)
             reply.result()
         finally:
             pool.shutdown(wait=False)  # a worker stuck in a broadcast must not hang us here
         self.client.finish_weight_update()
+        return result
 
-    def _broadcast(self, source: BucketSource, reply: Any = None) -> None:
-        """Send this rank's buckets (own_shards: its stage's, its shards), one flat each."""
+    def _send_own(self, source: BucketSource, delta: bool, reply: Any = None) -> tuple[int, bool]:
+        """Send this rank's buckets (own_shards: its stage's, its shards), one flat each, or
+        their deltas; then agree the checksum (with deltas on)."""
         stream = source.stream
         if self.group is None:  # a DP replica other than 0
-            return
+            return 0, True
         mine = [b for b in stream.export_buckets if b.stage == stream.groups.pp_rank]
-        for want, bucket in zip(mine, source.buckets(), strict=True):
+        first, nbytes = stream.groups.tp_rank == 0, 0
+        for index, (want, bucket) in enumerate(zip(mine, source.buckets(), strict=True)):
             if reply is not None and reply.done():
                 reply.result()  # the engine refused or died: say so instead of blocking
-            first = stream.groups.tp_rank == 0
             _check_bucket([t for t in want.tensors if first or t.split is not None], bucket)
-            if bucket:
-                tensors = [t for _, t in bucket]
-                flat = (
-                    torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0]
-                )
-                broadcast(self.group, flat.contiguous().cpu())
+            if not bucket:
+                continue
+            tensors = [t for _, t in bucket]
+            flat = torch.cat([t.reshape(-1).cpu() for t in tensors])
+            if delta:
+                nbytes += send_delta(self.group, flat, self.sent[index])
+                continue
+            broadcast(self.group, flat)
+            nbytes += flat.numel() * flat.element_size()
+            if self.deltas:
+                self.sent[index] = flat
+        if not self.deltas:
+            return nbytes, True
+        values = agree(self.group, checksum(list(self.sent.values())))
+        return nbytes, len(set(values)) == 1
 
     def shutdown(self) -> None:
         self.group = self.store = None
 
 
-def update_info(stream: Any) -> GlooUpdateInfo:
+def _everyone(agreed: bool) -> bool:
+    """Whether every trainer rank's checksums agreed (collective over the trainer's world)."""
+    flag = torch.tensor([0 if agreed else 1])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not int(flag)
+
+
+def update_info(stream: Any, delta: bool = False) -> GlooUpdateInfo:
     """The update info of an own_shards stream (models/export.py), for every worker."""
     tensors = [t for b in stream.export_buckets for t in b.tensors]
     return GlooUpdateInfo(
@@ -515,6 +608,7 @@ def update_info(stream: Any) -> GlooUpdateInfo:
         bucket_sizes=[len(b.tensors) for b in stream.export_buckets],
         bucket_stages=[b.stage for b in stream.export_buckets],
         tensor_parallel=stream.tp,
+        delta=delta,
     )
 
 
