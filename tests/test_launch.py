@@ -40,9 +40,9 @@ def test_70b_plan_matches_the_hand_calculation():
         "activations": activations,
         "engine": 0.35 * 80e9,
         "runtime": 1.5e9,  # CUDA context, workspaces, NCCL buffers
-        # the weight sync: the embedding travels alone in its bucket (128,256 x 8,192 bf16),
-        # and linear_fc1's TP shards are gathered through a copy (2 x 28,672 x 8,192 bf16)
-        "export": 128_256 * 8_192 * 2 + 2 * 28_672 * 8_192 * 2,
+        # the weight sync into engines of the trainer's TP: each rank's own shards (views) but
+        # the embedding, gathered whole in the TP group (128,256 x 8,192 bf16)
+        "export": 128_256 * 8_192 * 2,
         "engine_weights": 2 * total / 8,
         "kv_cache": 0.35 * 80e9 - 2 * total / 8,
     }
@@ -52,7 +52,7 @@ def test_70b_plan_matches_the_hand_calculation():
     for key, value in want.items():
         assert plan.gb[key] == pytest.approx(value / 1e9, rel=1e-9), key
     assert plan.training_gb == pytest.approx(29.14 + 1.5, abs=0.01)
-    assert plan.rollout_gb == pytest.approx(27.25 + 1.5 + 28.0 + 3.04, abs=0.01)
+    assert plan.rollout_gb == pytest.approx(27.25 + 1.5 + 28.0 + 2.10, abs=0.01)
     assert plan.gb["kv_tokens"] == pytest.approx(
         (0.35 * 80e9 - 2 * total / 8) / (2 * 80 * 8 * 128 * 2 / 8)
     )
@@ -64,13 +64,14 @@ def test_dry_run_prints_the_plan(cli):
     done = cli("launch", "--config", RECIPE_70B, "--nodes", 8, "--dry-run", hf, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "trainer TP 8 x PP 4 x DP 2" in done.stdout and "plan: fits" in done.stdout
-    assert "training peak   30.64   rollout peak   59.79" in done.stdout
+    assert "training peak   30.64   rollout peak   58.85" in done.stdout
+    assert "weight sync: tp_shards layout, buckets of 512 MiB" in done.stdout
 
 
 @pytest.mark.parametrize(
     "nodes, overrides, key, reason",
     [
-        (1, ["parallel.pipeline_parallel=1"], "layout", "rollout peak (191.3 GB per GPU)"),
+        (1, ["parallel.pipeline_parallel=1"], "layout", "rollout peak (190.3 GB per GPU)"),
         (
             8,
             [
@@ -114,9 +115,23 @@ def test_engines_on_nodes_of_their_own():
     plan.check()
     assert (plan.tp, plan.pp, plan.dp) == (8, 4, 2)  # the trainer keeps 8 nodes
     states = sum(plan.gb[k] for k in ("weights", "gradients", "optimizer", "reference"))
-    # no engine on the trainer's GPUs; its sync to the server packs as vLLM's NCCL engine does
+    # no engine on the trainer's GPUs; its sync to the server packs as vLLM's NCCL engine does:
+    # full tensors (the embedding's bucket, linear_fc1's TP shards gathered through a copy)
     trainer, engine = states + 1.5 + 3.04 + 2 * 2**30 / 1e9, 0.9 * 80 + 1.5
     assert plan.rollout_gb == pytest.approx(max(trainer, engine), abs=0.01)
+    assert plan.gb["export"] == pytest.approx(
+        (128_256 * 8_192 * 2 + 2 * 28_672 * 8_192 * 2 + 2 * 2**30) / 1e9
+    )
+    # over mrpg_gloo every rank sends its own shards: one bucket (of rollout.sync_bucket_mb)
+    gloo = memory_plan(
+        config(
+            RECIPE_70B, *separate, "rollout.weight_transfer=mrpg_gloo", "rollout.sync_bucket_mb=256"
+        ),
+        nodes=9,
+        gpus_per_node=8,
+    )
+    assert gloo.gb["export"] == pytest.approx(256 * 2**20 / 1e9)
+    assert "weight sync: own_shards layout, buckets of 256 MiB" in gloo.render()
     assert "1 vLLM engines of TP 8 on 1 node(s) of their own" in plan.render()
     with pytest.raises(ConfigError, match="the trainer needs one"):
         memory_plan(config(RECIPE_70B, "rollout.engine_nodes=1"), nodes=1, gpus_per_node=8)

@@ -23,14 +23,21 @@ over TP; the replicated norms are negligible), D = data-parallel size:
     runtime      1.5 GB                   CUDA context, cuBLAS workspaces, allocator slack
                                           (~1 GB on an H100) and NCCL's buffers for the
                                           TP/PP/DP/weight-transfer communicators (~0.5 GB)
-    export       B + F (+ 2 GiB)          the weight sync, while the engine is awake: the export
-                                          stream's bucket buffer B = max(512 MiB, the largest
-                                          tensor: the embedding at 70B, one bucket alone), the
-                                          gathered TP shards of linear_fc1 F = 2 f h bytes (the
-                                          largest tensor gathered through a copy), and to a
-                                          served engine over NCCL vLLM's packing (a 1 GiB pack of
-                                          views that keeps its buckets alive, and their 1 GiB
-                                          concatenation)
+    export       by the stream's layout   the weight sync, while the engine is awake, with
+                                          buckets of B = rollout.sync_bucket_mb (a larger tensor
+                                          travels alone); the export stream's layout
+                                          (models/export.py) is the engine's:
+                                          full (engine TP != trainer TP, or vLLM's nccl to a
+                                          server): max(B, the largest tensor: the embedding at
+                                          70B) + the gathered TP shards of linear_fc1 F = 2 f h
+                                          bytes (gathered through a copy) + to a served engine
+                                          vLLM's packing (a 1 GiB pack of views that keeps its
+                                          buckets alive, and their 1 GiB concatenation);
+                                          tp_shards (a colocated engine of the trainer's TP):
+                                          max(B, the embedding, gathered whole in the TP group);
+                                          own_shards (mrpg_gloo to a server): B, one bucket's
+                                          shards concatenated (its deltas' record of what it
+                                          sent is in host memory)
 
 Colocated (rollout.engine_nodes = 0): training holds weights + gradients + optimizer +
 reference + activations + runtime; rollout and the weight sync hold the same states (they stay
@@ -49,23 +56,38 @@ from pathlib import Path
 from megatron_rpg.config import ConfigError, RunConfig
 from megatron_rpg.models import ModelArch
 from megatron_rpg.models.builder import check_layout, padded_vocab_size
+from megatron_rpg.models.export import FULL, OWN_SHARDS, TP_SHARDS
 from megatron_rpg.rollout.placement import rollout_placement
 
 GB = 1e9
 KV_BYTES = 2  # bf16 KV cache
 RUNTIME_GB = 1.5  # CUDA context + cuBLAS workspaces + allocator slack (~1) + NCCL buffers (~0.5)
-EXPORT_BUCKET_BYTES = 512 * 2**20  # rollout/sync.py's bucket
 VLLM_PACKED_BYTES = 2**30  # vLLM's packed NCCL transfer buffer (DEFAULT_PACKED_BUFFER_SIZE_BYTES)
 
 
-def export_bytes(arch: ModelArch, element_bytes: int, served: bool) -> float:
-    """What the weight sync holds beyond the trainer's states (the module docstring's export)."""
+def export_bytes(arch: ModelArch, element_bytes: int, bucket_bytes: int, layout: str) -> float:
+    """What the weight sync holds beyond the trainer's states (the module docstring's export),
+    in the stream's layout: full (+ "packed": vLLM's nccl to a server), tp_shards, own_shards."""
     h = arch.hidden_size
+    embedding = padded_vocab_size(arch.vocab_size, 1) * h * element_bytes
+    if layout == OWN_SHARDS:
+        return bucket_bytes
+    if layout == TP_SHARDS:
+        return max(bucket_bytes, embedding)
     qkv_rows = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
-    largest = max(padded_vocab_size(arch.vocab_size, 1), 2 * arch.ffn_hidden_size, qkv_rows) * h
-    bucket = max(EXPORT_BUCKET_BYTES, largest * element_bytes)
+    largest = max(embedding, max(2 * arch.ffn_hidden_size, qkv_rows) * h * element_bytes)
     gathered = 2 * arch.ffn_hidden_size * h * element_bytes
-    return bucket + gathered + (2 * VLLM_PACKED_BYTES if served else 0)
+    packed = 2 * VLLM_PACKED_BYTES if layout == "full+packed" else 0
+    return max(bucket_bytes, largest) + gathered + packed
+
+
+def sync_layout(engine: str, colocated: bool, transfer: str, engine_tp: int, tp: int) -> str:
+    """The export stream's layout the placement's engine takes (the engines' weight_layout)."""
+    if engine != "vllm":
+        return FULL
+    if colocated:
+        return TP_SHARDS if engine_tp == tp > 1 else FULL
+    return OWN_SHARDS if transfer == "mrpg_gloo" else "full+packed"
 
 
 def layer_parameters(arch: ModelArch) -> int:
@@ -105,6 +127,8 @@ class MemoryPlan:
     micro_batch: int
     in_flight: int
     gb: dict[str, float]
+    sync_layout: str = FULL  # the export stream's layout at a weight sync
+    sync_bucket_mb: int = 512  # rollout.sync_bucket_mb
 
     @property
     def training_gb(self) -> float:
@@ -153,6 +177,10 @@ class MemoryPlan:
             f"  engine: weights {g['engine_weights']:.2f}, KV cache {g['kv_cache']:.2f} "
             f"= {g['kv_tokens']:,.0f} tokens per engine"
         )
+        lines.append(
+            f"  weight sync: {self.sync_layout.replace('+packed', '')} layout, buckets of "
+            f"{self.sync_bucket_mb} MiB (rollout.sync_bucket_mb): export {g['export']:.2f}"
+        )
         return "\n".join(lines)
 
     def check(self) -> None:
@@ -196,10 +224,12 @@ def memory_plan(
     if gpus % (tp * pp):
         raise ConfigError("parallel", f"TP{tp} x PP{pp}", f"a divisor of the {gpus} GPUs")
     engine_tp = c.rollout.tensor_parallel
+    layout = FULL
     if c.rollout.engine == "vllm":  # the trainer's own check (rollout/placement.py)
-        rollout_placement(
+        placement = rollout_placement(
             c.rollout, arch, gpus, c.model.params_dtype, gpus_per_node=gpus_per_node, cuda=True
         )
+        layout = sync_layout("vllm", placement.colocated, placement.transfer, engine_tp, tp)
     if gpus_per_node % engine_tp:
         raise ConfigError(
             "rollout.tensor_parallel",
@@ -215,6 +245,7 @@ def memory_plan(
         else 0
     )
     bf16 = c.model.params_dtype in ("auto", "bfloat16")
+    bucket = c.rollout.sync_bucket_mb * 2**20
     distributed = True  # the trainer uses Megatron's distributed optimizer on GPUs
     s = c.data.max_prompt_tokens + c.rollout.max_tokens
     b, h = c.optimizer.micro_batch_size, arch.hidden_size
@@ -240,7 +271,7 @@ def memory_plan(
         "activations": (activations + 64 * 2**20) / GB,  # + one 64 MiB block of log-prob logits
         "engine": engine / GB,
         "runtime": RUNTIME_GB,
-        "export": export_bytes(arch, 2 if bf16 else 4, c.rollout.engine_nodes > 0) / GB,
+        "export": export_bytes(arch, 2 if bf16 else 4, bucket, layout) / GB,
         "engine_weights": engine_weights / GB,
         "kv_cache": kv_cache / GB,
         "kv_tokens": max(kv_cache, 0) / kv_per_token,
@@ -260,6 +291,8 @@ def memory_plan(
         b,
         in_flight,
         gb,
+        layout,
+        c.rollout.sync_bucket_mb,
     )
 
 

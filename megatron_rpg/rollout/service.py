@@ -34,8 +34,15 @@ from megatron_rpg.rollout.sync import SyncStats, sync_weights
 
 
 class RolloutService:
-    def __init__(self, engine: RolloutEngine | None, grader: TaskGrader, rank: int):
+    def __init__(
+        self,
+        engine: RolloutEngine | None,
+        grader: TaskGrader,
+        rank: int,
+        bucket_bytes: int = 512 * 2**20,
+    ):
         self._engine, self._grader, self.rank = engine, grader, rank
+        self.bucket_bytes = bucket_bytes  # the weight sync's (rollout.sync_bucket_mb)
 
     @classmethod
     def start(
@@ -55,7 +62,7 @@ class RolloutService:
         rank = dist.get_rank()
         longest = engine_max_model_len(max_prompt_tokens, rollout.max_tokens, hf_config)
         engine = build_engine(rollout, placement, hf_config, run_dir, rank, seed, longest)
-        return cls(engine, TaskGrader(grader), rank)
+        return cls(engine, TaskGrader(grader), rank, rollout.sync_bucket_mb * 2**20)
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
@@ -76,7 +83,7 @@ class RolloutService:
 
     def sync_weights(self, chunks: list[Any], arch: ModelArch, groups: ProcessGroups) -> SyncStats:
         """Collective: the policy's export stream into every engine of the placement."""
-        return sync_weights(chunks, arch, self._engine, groups=groups)
+        return sync_weights(chunks, arch, self._engine, self.bucket_bytes, groups)
 
     def sleep(self) -> None:
         """A colocated engine frees its memory for the update (the others keep theirs)."""
