@@ -41,6 +41,7 @@ from megatron_rpg.models.sharding import full_name, sharded_parameters, tp_join
 from megatron_rpg.parallel.groups import ProcessGroup, ProcessGroups
 
 FULL, TP_SHARDS, OWN_SHARDS = "full", "tp_shards", "own_shards"
+VLLM_VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE (tp_shards: where its shards start)
 LAYOUTS = (FULL, TP_SHARDS, OWN_SHARDS)
 
 
@@ -131,8 +132,10 @@ class WeightStream:
                     another TP layout): TP all-gathers, PP broadcasts
         tp_shards   every rank yields its own TP shard of every tensor (a colocated vLLM engine
                     with the trainer's TP layout, whose loaders take them as they are): no
-                    all-gather, shards broadcast over the pipeline group; the vocabulary
-                    tensors whole (Megatron and vLLM pad it differently: gathered in the TP group)
+                    all-gather, shards broadcast over the pipeline group. The vocabulary
+                    tensors go whole, as vLLM's loaders cut them: holding only this rank's
+                    rows where Megatron's and vLLM's padded vocabularies agree (their shards
+                    are the same rows), else gathered in the TP group
         own_shards  each rank yields only its own shards of its own stage's tensors, views of
                     its parameters (a remote engine assembles them: every rank a source); a
                     replicated tensor from TP rank 0 only, nothing from DP replicas other than 0
@@ -166,10 +169,12 @@ class WeightStream:
         return dist.get_rank(self.groups.dp) == 0
 
     def _held(self, planned: PlannedTensor) -> bool:
-        """Whether this layout yields `planned` as its TP shards (else whole)."""
+        """Whether this rank yields `planned` from its own TP shard (else gathered whole)."""
         if planned.split is None or self.tp == 1 or self.layout == FULL:
             return False
-        return self.layout == OWN_SHARDS or planned.name not in VOCAB_TENSORS
+        if self.layout == TP_SHARDS and planned.name in VOCAB_TENSORS:
+            return planned.shape[0] == _vllm_padded(self.arch.vocab_size)
+        return True
 
     def _whole_here(self, planned: PlannedTensor) -> bool:
         """Whether this rank yields `planned` without communication (a parameter as it is)."""
@@ -179,8 +184,11 @@ class WeightStream:
         """The HF tensors (or their shards) of the Megatron tensor (or its shard) `held`."""
         if not self._held(planned):
             return to_hf(planned.name, held, self.arch)
-        if planned.name in VOCAB_TENSORS:  # own_shards: rows of the padded vocabulary
-            return [(hf_sources(planned.name)[0], held)]
+        if planned.name in VOCAB_TENSORS:
+            name = hf_sources(planned.name)[0]
+            if self.layout == OWN_SHARDS:  # rows of the padded vocabulary
+                return [(name, held)]
+            return [(name, _placed(held, self.groups.tp_rank, self.arch.vocab_size))]
         return to_hf_shard(planned.name, held, self.arch, self.tp)
 
     def _held_shape(self, planned: PlannedTensor) -> tuple[int, ...]:
@@ -196,9 +204,14 @@ class WeightStream:
 
         full = to_hf(planned.name, meta(planned.shape), self.arch)
         pieces = self._pieces(planned, meta(self._held_shape(planned)))
-        split = planned.split if self._held(planned) else None
         return [
-            ExportedTensor(name, tuple(piece.shape), piece.dtype, tuple(whole.shape), split)
+            ExportedTensor(
+                name,
+                tuple(piece.shape),
+                piece.dtype,
+                tuple(whole.shape),
+                None if piece.shape == whole.shape else planned.split,
+            )
             for (name, piece), (_, whole) in zip(pieces, full, strict=True)
         ]
 
@@ -312,6 +325,24 @@ class WeightStream:
             for view, t in zip(views, bucket.planned, strict=True)
             for pair in self._pieces(t, view)
         ]
+
+
+def _vllm_padded(vocab_size: int) -> int:
+    """vLLM's padded vocabulary (a multiple of its DEFAULT_VOCAB_PADDING_SIZE, 64), which it
+    splits evenly over its TP ranks: where it equals Megatron's, their vocabulary shards agree."""
+    return -(-vocab_size // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
+
+
+def _placed(shard: Tensor, tp_rank: int, vocab_size: int) -> Tensor:
+    """A vocabulary-shaped tensor holding only this TP rank's rows of a vocabulary shard (the
+    rows vLLM's layer at that rank cuts out, and all it reads; the others stay unwritten, and
+    on the CPU never take memory)."""
+    rows = shard.shape[0]
+    start = tp_rank * rows
+    end = min(start + rows, vocab_size)
+    full = shard.new_empty((vocab_size, *shard.shape[1:]))
+    full[start:end] = shard[: max(end - start, 0)]
+    return full
 
 
 def iter_hf_weights(
