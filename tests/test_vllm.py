@@ -187,15 +187,18 @@ def test_colocated_bf16_engine_learns_and_truncated_is_corrects(tmp_path):
     assert max(abs(r["rollout/is_weight_mean"] - 1) for r in records) > 1e-4
 
 
-def test_colocated_tp2_dp2_learns(tmp_path):
-    """4 ranks (trainer TP2 x DP2), four vLLM engines (each a quarter of the prompts), fp32:
-    engine = trainer. (Engines of TP2 in a 4-rank world: the sync tests above.)"""
+def test_colocated_tp2_dp2_learns_with_sharded_weight_sync(tmp_path):
+    """4 ranks (trainer TP2 x DP2), two vLLM engines of TP2 (each half of the prompts), each
+    rank handing its own shards over at every sync (tp_shards at PP1: views of its
+    parameters), fp32: engine = trainer at every step. (Engines of TP1 in a 4-rank world, full
+    tensors: the sync tests above.)"""
     run_dir = tmp_path / "tp2dp2"
     done = train(
         "--nproc",
         "4",
         *LEARNS,
         "parallel.tensor_parallel=2",
+        "rollout.tensor_parallel=2",
         "optimizer.micro_batch_size=32",
         f"logging.run_dir={run_dir}",
     )

@@ -375,7 +375,7 @@ class VLLMServerEngine:
             self.headers["Authorization"] = f"Bearer {api_key}"
         self.trainer_address, self.max_concurrency = trainer_address, max_concurrency
         self.backend, self.full_sync_every = backend, full_sync_every
-        self.unverified = False  # a sync's checksums disagreed even after a full re-send
+        self.unverified = False  # the last sync failed (or its checksums disagreed twice)
         self.vocab_size = int(hf_config["vocab_size"])
         self.max_len = int(hf_config["max_position_embeddings"])
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -426,11 +426,11 @@ class VLLMServerEngine:
     ) -> list[list[Response]]:
         """Every prompt in flight at once (one request each: each has its own seed), prompt p
         on server p mod S: what a prompt samples does not depend on the number of servers.
-        Refused after a sync whose checksums disagreed."""
+        Refused after a sync that failed."""
         if self.unverified:
             raise EngineError(
-                "the servers' weights failed their checksum at the last sync: not generating "
-                "until a sync succeeds"
+                "the last weight sync to the servers failed (or its checksums disagreed): not "
+                "generating from those weights until a sync succeeds"
             )
         check_prompts(prompts, self.vocab_size, self.max_len)
         if params.seed is None:
