@@ -34,7 +34,9 @@ over TP; the replicated norms are negligible), D = data-parallel size:
                                           vLLM's packing (a 1 GiB pack of views that keeps its
                                           buckets alive, and their 1 GiB concatenation);
                                           tp_shards (a colocated engine of the trainer's TP):
-                                          max(B, the embedding, gathered whole in the TP group);
+                                          max(B, the embedding: vocabulary-shaped, holding the
+                                          rank's rows, or gathered whole in the TP group where
+                                          Megatron's and vLLM's paddings differ);
                                           own_shards (mrpg_gloo to a server): B, one bucket's
                                           shards concatenated (its deltas' record of what it
                                           sent is in host memory)
